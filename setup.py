@@ -1,0 +1,53 @@
+"""sparkml_mnist: the Keras MNIST lab's ConvNets trained data-parallel on Apache Spark."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = {}
+exec((HERE / "sparkml_mnist" / "__init__.py").read_text(), VERSION)
+
+setup(
+    name="sparkml-mnist",
+    version=VERSION["__version__"],
+    description="Distributed training of the Keras MNIST lab's ConvNets on Apache Spark",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=[
+        "sparkml_mnist",
+        "sparkml_mnist.data",
+        "sparkml_mnist.distributed",
+        "sparkml_mnist.conf",
+    ],
+    # The repository's top-level conf/ ships inside the package, so a wheel on a cluster has it.
+    package_dir={"sparkml_mnist.conf": "conf"},
+    package_data={
+        "sparkml_mnist.conf": ["*.yaml", "*/*.yaml"],
+        "sparkml_mnist.data": ["sample/*.bz2", "sample/SHA256SUMS"],
+    },
+    # What a Databricks ML runtime already has is only bounded here; Spark and TensorFlow come from
+    # the runtime there, and from the `local` extra on a machine without them.
+    install_requires=[
+        "numpy>=1.23,<3",
+        "pyarrow>=11",
+        "PyYAML>=6,<7",
+        "scikit-learn>=1.2,<2",
+        "matplotlib>=3.6,<4",
+    ],
+    extras_require={
+        "local": [
+            "pyspark>=4.0,<4.4",
+            "pandas>=2.2,<3",  # pyspark 4.3 warns that pandas 3 is not yet supported
+            "tensorflow-cpu>=2.21,<2.22",
+            "tf-keras>=2.21,<2.22",
+        ],
+        "test": [
+            "pytest>=8,<10",
+            "jsonschema>=4.20,<5",
+            "regex>=2024.4",
+        ],
+    },
+    entry_points={"console_scripts": ["sparkml-mnist=sparkml_mnist.cli:main"]},
+)

@@ -1,0 +1,96 @@
+"""``sparkml-mnist``: thin command line over the library; bad input exits 2 with one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from sparkml_mnist.errors import SparkMnistError
+
+PROGRAM = "sparkml-mnist"
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description="Train the Keras MNIST lab's ConvNets on Spark.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser(
+        "data",
+        help="read, validate and shard the input; print what each worker would get",
+        description="Preview the data stage: LIBSVM on Spark -> validated rows -> equal shards.",
+    )
+    _add_data_arguments(data)
+    data.add_argument("--np", type=int, default=2, help="number of shards (workers), default 2")
+    data.add_argument(
+        "--validation-split", type=float, default=0.1, help="last fraction of training rows held out (default 0.1)"
+    )
+    data.add_argument("--master", help="Spark master (default: spark-submit's, else local[*])")
+    data.set_defaults(handler=_run_data_preview)
+    return parser
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("input (default: the bundled sample)")
+    source.add_argument("--data", metavar="DIR", help="folder with mnist-digits-{train,test}.txt[.bz2]")
+    source.add_argument("--train", metavar="PATH", help="training file (any Hadoop path)")
+    source.add_argument("--test", metavar="PATH", help="test file (any Hadoop path)")
+
+
+def _input_paths(args: argparse.Namespace):
+    from sparkml_mnist.data.paths import DatasetPaths, dataset_paths, sample_paths
+
+    if args.data and (args.train or args.test):
+        raise SparkMnistError("give either --data DIR or --train/--test PATH, not both")
+    if args.data:
+        return dataset_paths(args.data)
+    default = sample_paths()
+    return DatasetPaths(train=args.train or default.train, test=args.test or default.test)
+
+
+def _run_data_preview(args: argparse.Namespace) -> None:
+    from sparkml_mnist.data.shards import plan_shards
+    from sparkml_mnist.session import create_spark
+
+    if args.np < 1:
+        raise SparkMnistError(f"--np must be a positive number of shards, got {args.np}")
+    paths = _input_paths(args)
+    spark = create_spark(f"{PROGRAM} data", master=args.master)
+    train = _preview_file(spark, "train", paths.train)
+    _preview_file(spark, "test", paths.test)
+    plan = plan_shards(train.num_rows, args.np, args.validation_split, paths.train)
+    print(
+        f"shards (np={plan.num_shards}, validation_split={plan.validation_split}): "
+        f"{plan.train_per_shard:,} training + {plan.validation_per_shard:,} validation rows per worker; "
+        f"left out to keep shards equal: {plan.dropped_train_rows} training, "
+        f"{plan.dropped_validation_rows} validation rows"
+    )
+
+
+def _preview_file(spark, split: str, path: str):
+    from sparkml_mnist.data.libsvm import load_libsvm
+
+    started = time.perf_counter()
+    data = load_libsvm(spark, path)
+    seconds = time.perf_counter() - started
+    counts = data.frame.groupBy("label").count().orderBy("label").collect()
+    print(f"{split}: {path}")
+    print(f"  {data.num_rows:,} valid rows, read and checked in {seconds:.1f} s")
+    print("  labels: " + "  ".join(f"{int(r['label'])}:{r['count']}" for r in counts))
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except SparkMnistError as error:
+        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The data stage: LIBSVM files on Spark -> validated DataFrames -> evenly sharded tensors."""

@@ -1,0 +1,39 @@
+"""One local[2] SparkSession for the whole test session, made the way the entry points make it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sparkml_mnist.data.paths import DATA_DIR_ENV
+
+# Two slots, as CI's two cores: barrier stages of two tasks fit, three do not.
+TEST_MASTER = "local[2]"
+TEST_CONF = {
+    "spark.ui.enabled": "false",
+    "spark.sql.shuffle.partitions": "4",
+    "spark.driver.memory": "2g",
+}
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from sparkml_mnist.session import create_spark
+
+    session = create_spark("sparkml-mnist-tests", master=TEST_MASTER, conf=TEST_CONF)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def full_data_dir() -> Path:
+    """The full MNIST files (../shared/data/mnist-digits), when SPARKML_MNIST_DATA names them."""
+    value = os.environ.get(DATA_DIR_ENV)
+    if not value:
+        pytest.skip(f"{DATA_DIR_ENV} is not set: the full-MNIST checks need it (.ci/run sets it)")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.fail(f"{DATA_DIR_ENV}={value} is not a folder")
+    return path
