@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from pyspark import SparkConf
 from pyspark.sql import SparkSession
@@ -17,10 +18,13 @@ DEFAULT_CONF = {"spark.ui.showConsoleProgress": "false"}
 def create_spark(app_name: str, master: str | None = None, conf: dict[str, str] | None = None) -> SparkSession:
     """Get or create the session; ``local[*]`` only when neither the caller nor spark-submit set a master."""
     builder = SparkSession.builder.appName(app_name)
-    if master:
-        builder = builder.master(master)
-    elif not SparkConf().contains("spark.master") and not os.environ.get("MASTER"):
-        builder = builder.master(LOCAL_MASTER)
+    submitted_master = SparkConf().get("spark.master", None) or os.environ.get("MASTER")
+    chosen = master or submitted_master or LOCAL_MASTER
+    if not submitted_master or master:
+        builder = builder.master(chosen)
+    if chosen.startswith("local") and not os.environ.get("PYSPARK_PYTHON"):
+        # Local Python workers must run this interpreter (its venv has pyarrow, TF), not "python3".
+        os.environ["PYSPARK_PYTHON"] = sys.executable
     for key, value in {**DEFAULT_CONF, **(conf or {})}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

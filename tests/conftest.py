@@ -18,6 +18,12 @@ TEST_CONF = {
 }
 
 
+# Functions defined in test modules run in Spark's Python workers, which import them by module
+# name: the workers (started from the JVM that this process launches) need this folder on their path.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+
+
 @pytest.fixture(scope="session")
 def spark():
     from sparkml_mnist.session import create_spark
