@@ -1,0 +1,265 @@
+"""The report folder: complete or absent, every section in report.json, plots that show something."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sparkml_mnist import report
+from sparkml_mnist.errors import SparkMnistError
+from sparkml_mnist.evaluate import Evaluation, evaluate
+from sparkml_mnist.report import (
+    COMPARISON_PNG,
+    REPORT_JSON,
+    REPORT_MD,
+    ReportError,
+    VariantResult,
+    format_summary_table,
+    write_report,
+)
+
+CLASSES = 10
+EXAMPLES = 300
+EPOCHS = 3
+CONFIG = {"run": "test", "global_batch": 128, "data": Path("/data/mnist"), "split": (0.9, 0.1)}
+TIMINGS = {"spark_start": 3.5, "read": 1.25}
+
+
+def make_evaluation(hit_rate: float, seed: int) -> Evaluation:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, EXAMPLES)
+    favoured = np.where(rng.random(EXAMPLES) < hit_rate, labels, rng.integers(0, CLASSES, EXAMPLES))
+    logits = rng.normal(0.0, 1.0, (EXAMPLES, CLASSES))
+    logits[np.arange(EXAMPLES), favoured] += 6.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return evaluate(labels, probs)
+
+
+def make_result(name: str, seed: int, tmp_path: Path, reference: float | None = 0.95) -> VariantResult:
+    model = tmp_path / "models-in" / name / "model.keras"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    model.write_bytes(f"weights of {name}".encode())
+    return VariantResult(
+        name=name,
+        description=f"{name}: conv | pool | dense",  # a pipe, which report.md must escape
+        np=2,
+        epochs=EPOCHS,
+        history={
+            "loss": [0.5, 0.2, 0.1],
+            "accuracy": [0.85, 0.93, 0.96],
+            "val_loss": [0.3, 0.15, 0.12],
+            "val_accuracy": [0.9, 0.95, 0.96],
+        },
+        evaluation=make_evaluation(0.95, seed),
+        parameter_count=149_010 + seed,
+        rank_records=[
+            {"rank": rank, "host": "127.0.0.1", "pid": 100 + rank, "steps": 30, "error": None} for rank in range(2)
+        ],
+        seconds={"train": 12.5, "evaluate": 1.5, "total": 14.0},
+        lab_reference_accuracy=reference,
+        model_files=[model],
+    )
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> tuple[Path, list[VariantResult]]:
+    """One complete report of two variants, shared by the read-only checks (drawing plots is the slow part)."""
+    base = tmp_path_factory.mktemp("report")
+    results = [make_result("variant1", 1, base), make_result("variant3", 3, base, reference=None)]
+    folder = write_report(base / "run-1", results, config=CONFIG, versions={"extra": "1.0"}, timings=TIMINGS)
+    return folder, results
+
+
+def test_every_file_is_written(written):
+    folder, results = written
+    expected = {REPORT_JSON, REPORT_MD, COMPARISON_PNG, "models"}
+    for r in results:
+        expected |= {f"{r.name}-loss.png", f"{r.name}-confusion.png"}
+    assert {p.name for p in folder.iterdir()} == expected
+    for r in results:
+        copied = folder / "models" / r.name / "model.keras"
+        assert copied.read_bytes() == r.model_files[0].read_bytes()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
+
+
+def test_report_json_round_trips_and_holds_every_section(written):
+    folder, results = written
+    data = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
+    assert {"config", "versions", "timings", "variants", "created", "schema_version"} <= set(data)
+    assert data["config"] == {"run": "test", "global_batch": 128, "data": "/data/mnist", "split": [0.9, 0.1]}
+    assert data["timings"] == TIMINGS
+    assert data["versions"]["extra"] == "1.0" and data["versions"]["numpy"] == np.__version__
+    assert [v["name"] for v in data["variants"]] == [r.name for r in results]
+    for entry, result in zip(data["variants"], results):
+        assert entry["history"] == result.history
+        assert Evaluation.from_dict(entry["test"]) == result.evaluation
+        assert np.array_equal(entry["test"]["confusion_matrix"], result.evaluation.confusion_matrix)
+        assert entry["rank_records"] == result.rank_records
+        assert entry["seconds"] == result.seconds
+        assert entry["parameter_count"] == result.parameter_count
+        assert entry["lab_reference_accuracy"] == result.lab_reference_accuracy
+        assert entry["files"]["models"] == [f"models/{result.name}/model.keras"]
+
+
+TAB_BLUE, TAB_ORANGE, TAB_RED, DARKEST_BLUE = (31, 119, 180), (255, 127, 14), (214, 39, 40), (8, 48, 107)
+
+
+@pytest.mark.parametrize(
+    "name,colours",
+    [
+        (COMPARISON_PNG, [TAB_BLUE, TAB_RED]),  # the bars and the lab's reference marks
+        ("variant1-loss.png", [TAB_BLUE, TAB_ORANGE]),  # training and validation loss
+        ("variant3-confusion.png", [DARKEST_BLUE]),  # the diagonal
+    ],
+)
+def test_plots_open_and_are_not_blank(written, name, colours):
+    folder, _ = written
+    with Image.open(folder / name) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB")).astype(np.int64)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 200
+    assert pixels.var() > 0
+    packed = (pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]
+    assert len(np.unique(packed)) > 2  # more than a background and one colour
+    for red, green, blue in colours:  # what was plotted is there, not just empty axes
+        assert np.count_nonzero(packed == (red << 16) | (green << 8) | blue) > 100, (red, green, blue)
+
+
+def test_report_md_has_the_table_and_links_that_resolve(written):
+    folder, results = written
+    text = (folder / REPORT_MD).read_text(encoding="utf-8")
+    assert "| variant | np | epochs | params | test accuracy | test loss | lab reference | vs lab | wall time |" in text
+    for r in results:
+        accuracy = f"{r.evaluation.accuracy * 100:.2f}%"
+        assert f"| {r.name} | 2 | 3 | {r.parameter_count:,} | {accuracy} |" in text
+        assert f"## {r.name}" in text
+        assert r"conv \| pool \| dense" in text
+    links = [line.split("](", 1)[1].rstrip(")") for line in text.splitlines() if "](" in line]
+    assert COMPARISON_PNG in links and "variant3-confusion.png" in links
+    for link in links:
+        assert (folder / link).is_file(), link
+
+
+def test_console_table_lists_every_variant_in_aligned_columns(written):
+    _, results = written
+    lines = format_summary_table(results).splitlines()
+    assert lines[0].split() == [
+        "variant", "np", "epochs", "params", "test", "accuracy", "test", "loss", "lab", "reference", "vs", "lab",
+        "wall", "time",
+    ]
+    assert set(lines[1]) == {"-", " "}
+    assert [line.split()[0] for line in lines[2:]] == ["variant1", "variant3"]
+    assert lines[2].split()[6:9] == ["95.00%", "{:+.2f}".format((results[0].evaluation.accuracy - 0.95) * 100), "pt"]
+    assert lines[3].split()[6:8] == ["-", "-"]  # no lab figure for this one
+    assert lines[2].index("14.0 s") == lines[3].index("14.0 s")
+
+
+def test_a_crash_while_plotting_leaves_no_folder_at_all(tmp_path, monkeypatch):
+    results = [make_result("variant1", 1, tmp_path), make_result("variant2", 2, tmp_path)]
+    out = tmp_path / "out"
+    out.mkdir()
+    drawn = []
+
+    def confusion_then_crash(result):
+        if drawn:
+            raise RuntimeError("plotting failed")
+        drawn.append(result.name)
+        return real_confusion(result)
+
+    real_confusion = report.confusion_figure
+    monkeypatch.setattr(report, "confusion_figure", confusion_then_crash)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        write_report(out / "run", results)
+    assert drawn == ["variant1"]  # files had been written when it crashed
+    assert list(out.iterdir()) == []
+
+
+def test_a_crash_while_overwriting_keeps_the_old_report(tmp_path, monkeypatch):
+    results = [make_result("variant1", 1, tmp_path)]
+    folder = write_report(tmp_path / "out" / "run", results)
+    before = (folder / REPORT_JSON).read_bytes()
+
+    def crash(result):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report, "loss_figure", crash)
+    with pytest.raises(RuntimeError):
+        write_report(folder, results, overwrite=True)
+    assert (folder / REPORT_JSON).read_bytes() == before
+    assert [p.name for p in folder.parent.iterdir()] == ["run"]
+
+
+def test_a_non_empty_folder_is_refused_unless_overwrite(tmp_path):
+    results = [make_result("variant1", 1, tmp_path)]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ReportError, match="output folder exists and is not empty") as caught:
+        write_report(folder, results)
+    assert isinstance(caught.value, SparkMnistError) and str(folder) in str(caught.value)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+    write_report(folder, results, overwrite=True)
+    assert not (folder / "notes.txt").exists() and (folder / REPORT_JSON).is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_empty_folder_or_a_missing_parent_is_fine(tmp_path):
+    results = [make_result("variant1", 1, tmp_path)]
+    (tmp_path / "empty").mkdir()
+    assert (write_report(tmp_path / "empty", results) / REPORT_JSON).is_file()
+    assert (write_report(tmp_path / "a" / "b" / "run", results) / REPORT_JSON).is_file()
+
+
+def test_a_file_in_the_way_is_refused(tmp_path):
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(ReportError, match="exists and is not a folder"):
+        write_report(tmp_path / "run", [make_result("variant1", 1, tmp_path)], overwrite=True)
+
+
+def test_nan_in_history_becomes_null_in_json(tmp_path, monkeypatch):
+    result = make_result("variant1", 1, tmp_path)
+    result.history["loss"][1] = math.nan
+    for slow in ("loss_figure", "confusion_figure", "comparison_figure"):  # the plots are checked above
+        monkeypatch.setattr(report, slow, lambda *args: report.Figure())
+    folder = write_report(tmp_path / "run", [result])
+    data = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
+    assert data["variants"][0]["history"]["loss"] == [0.5, None, 0.1]
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        ({"name": "../escape"}, "name must be letters"),
+        ({"np": 0}, "field 'np' must be a non-zero integer"),
+        ({"epochs": 0}, "field 'epochs' must be a positive integer"),
+        ({"history": {"loss": [1.0, 0.5], "val_loss": [1.0]}}, "series differ in length"),
+        ({"history": {"loss": [1.0] * (EPOCHS + 1)}}, "more entries than its 3 epochs"),
+        ({"lab_reference_accuracy": 99.1}, "must be a fraction in [0, 1]"),
+        ({"evaluation": {"accuracy": 0.9}}, "must be an Evaluation"),
+    ],
+)
+def test_bad_variant_results_name_the_field(tmp_path, change, words):
+    good = make_result("variant1", 1, tmp_path)
+    fields = {**good.__dict__, **change}
+    with pytest.raises(ReportError) as caught:
+        VariantResult(**fields)
+    assert words in str(caught.value)
+
+
+def test_bad_result_sets_are_refused_before_anything_is_written(tmp_path):
+    one = make_result("variant1", 1, tmp_path)
+    with pytest.raises(ReportError, match="more than once: variant1"):
+        write_report(tmp_path / "run", [one, one])
+    missing = make_result("variant2", 2, tmp_path)
+    missing.model_files = [tmp_path / "nowhere.keras"]
+    with pytest.raises(ReportError, match="nowhere.keras does not exist"):
+        write_report(tmp_path / "run", [missing])
+    with pytest.raises(ReportError, match="no variant results"):
+        write_report(tmp_path / "run", [])
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,35 @@
+"""Promises the repository makes: README's commands are what CI runs; the entry point exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quick_start_commands() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block, "README's Quick start has no ```sh block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_quick_start_has_exactly_two_commands():
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    assert "sparkml-mnist" in commands[0] and "pytest" in commands[1]
+
+
+def test_ci_runs_readmes_test_command_verbatim():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert quick_start_commands()[1] in ci
+
+
+def test_console_script_points_at_a_real_function():
+    setup = (REPO / "setup.py").read_text()
+    target = re.search(r'"sparkml-mnist=([\w.]+):(\w+)"', setup)
+    assert target
+    module = __import__(target.group(1), fromlist=[target.group(2)])
+    assert callable(getattr(module, target.group(2)))
