@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = {}
@@ -15,12 +15,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=[
-        "sparkml_mnist",
-        "sparkml_mnist.data",
-        "sparkml_mnist.distributed",
-        "sparkml_mnist.conf",
-    ],
+    packages=find_packages(include=["sparkml_mnist", "sparkml_mnist.*"]) + ["sparkml_mnist.conf"],
     # The repository's top-level conf/ ships inside the package, so a wheel on a cluster has it.
     package_dir={"sparkml_mnist.conf": "conf"},
     package_data={

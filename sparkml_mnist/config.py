@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -110,3 +110,153 @@ def load_data_spec(path: str | None = None) -> DataSpec:
     """The data layout from ``conf/data.yaml`` (or ``path``), read once per process."""
     source = Path(path) if path is not None else default_conf_file(DATA_CONF_FILE)
     return DataSpec.from_mapping(load_yaml(source), str(source))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model variants (conf/variants/*.yaml): a fifth variant is one more YAML file.
+# ---------------------------------------------------------------------------------------------
+
+VARIANTS_FOLDER = "variants"
+YAML_SUFFIX = ".yaml"
+
+# Layer type -> (required fields with their types, optional fields with their types).
+LAYER_FIELDS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
+    "conv2d": ({"filters": int, "kernel_size": list}, {"padding": str, "activation": str, "strides": list}),
+    "max_pooling2d": ({"pool_size": list}, {"strides": list, "padding": str}),
+    "dropout": ({"rate": float}, {}),
+    "flatten": ({}, {}),
+    "dense": ({"units": int}, {"activation": str}),
+}
+ACTIVATIONS = ("relu", "softmax", "sigmoid", "tanh", "linear", "elu", "selu", "gelu")
+PADDINGS = ("valid", "same")
+OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad", "adadelta", "adamax", "nadam")
+LOSSES = ("categorical_crossentropy",)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    type: str
+    options: tuple[tuple[str, Any], ...]  # frozen (name, value) pairs, in the file's order
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One ConvNet of the lab: its layers, optimiser and training settings."""
+
+    name: str
+    description: str
+    layers: tuple[LayerSpec, ...]
+    optimizer: str
+    loss: str
+    epochs: int
+    batch_size: int  # the global batch, split evenly across replicas
+    validation_split: float
+    lab_parameters: int | None
+    lab_test_accuracy: float | None
+    source: str
+
+    def check_replicas(self, replicas: int) -> None:
+        """The global batch must split evenly, or ranks would disagree on per-replica batches."""
+        if self.batch_size % replicas:
+            raise ConfigError(
+                f"{self.source}: field 'batch_size' ({self.batch_size}) is not divisible by the "
+                f"{replicas} replicas; choose a batch size that is a multiple of np"
+            )
+
+    def with_epochs(self, epochs: int | None) -> "VariantConfig":
+        if epochs is None:
+            return self
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+            raise ConfigError(f"--epochs must be a positive integer, got {epochs!r}")
+        return replace(self, epochs=epochs)
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any], source: str) -> "VariantConfig":
+        known = {"name", "description", "layers", "optimizer", "loss", "epochs", "batch_size", "validation_split", "lab"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {sorted(known)}")
+        layers = require_field(settings, "layers", list, source)
+        if not layers:
+            raise ConfigError(f"{source}: field 'layers' must list at least one layer")
+        optimizer = require_field(settings, "optimizer", str, source)
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{source}: field 'optimizer' is {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        loss = require_field(settings, "loss", str, source)
+        if loss not in LOSSES:
+            raise ConfigError(f"{source}: field 'loss' is {loss!r}; expected one of {', '.join(LOSSES)}")
+        validation_split = require_field(settings, "validation_split", float, source)
+        if not 0 <= validation_split < 1:
+            raise ConfigError(f"{source}: field 'validation_split' must be in [0, 1), got {validation_split}")
+        lab = settings.get("lab") or {}
+        if not isinstance(lab, dict):
+            raise ConfigError(f"{source}: field 'lab' must be a mapping (parameters, test_accuracy)")
+        return cls(
+            name=require_field(settings, "name", str, source),
+            description=str(settings.get("description", "")),
+            layers=tuple(_layer(layer, index, source) for index, layer in enumerate(layers)),
+            optimizer=optimizer,
+            loss=loss,
+            epochs=require_positive_int(settings, "epochs", source),
+            batch_size=require_positive_int(settings, "batch_size", source),
+            validation_split=float(validation_split),
+            lab_parameters=_optional(lab, "parameters", int, f"{source}: lab"),
+            lab_test_accuracy=_optional(lab, "test_accuracy", float, f"{source}: lab"),
+            source=source,
+        )
+
+
+def _optional(settings: Mapping[str, Any], name: str, kind: type, source: str) -> Any:
+    return None if settings.get(name) is None else require_field(settings, name, kind, source)
+
+
+def _layer(layer: Any, index: int, source: str) -> LayerSpec:
+    where = f"{source}: layers[{index}]"
+    if not isinstance(layer, dict) or not isinstance(layer.get("type"), str):
+        raise ConfigError(f"{where}: each layer must be a mapping with a 'type'")
+    kind = layer["type"]
+    if kind not in LAYER_FIELDS:
+        raise ConfigError(f"{where}: unknown layer type {kind!r}; expected one of {', '.join(LAYER_FIELDS)}")
+    required, optional = LAYER_FIELDS[kind]
+    unknown = sorted(set(layer) - {"type"} - set(required) - set(optional))
+    if unknown:
+        raise ConfigError(f"{where} ({kind}): unknown field(s) {', '.join(unknown)}")
+    options = {name: require_field(layer, name, typ, f"{where} ({kind})") for name, typ in required.items()}
+    options.update({name: require_field(layer, name, typ, f"{where} ({kind})") for name, typ in optional.items() if name in layer})
+    for name in ("filters", "units"):
+        if name in options and options[name] <= 0:
+            raise ConfigError(f"{where} ({kind}): field '{name}' must be positive, got {options[name]}")
+    for name in ("kernel_size", "pool_size", "strides"):
+        value = options.get(name)
+        if value is not None and (len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise ConfigError(f"{where} ({kind}): field '{name}' must be two positive integers, got {value!r}")
+    if "rate" in options and not 0 <= options["rate"] < 1:
+        raise ConfigError(f"{where} ({kind}): field 'rate' must be in [0, 1), got {options['rate']}")
+    if options.get("activation", "relu") not in ACTIVATIONS:
+        raise ConfigError(f"{where} ({kind}): activation {options['activation']!r} is not one of {', '.join(ACTIVATIONS)}")
+    if options.get("padding", "valid") not in PADDINGS:
+        raise ConfigError(f"{where} ({kind}): padding {options['padding']!r} is not one of {', '.join(PADDINGS)}")
+    return LayerSpec(type=kind, options=tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+
+
+def available_variants() -> list[str]:
+    """Names of the variants shipped in conf/variants, in name order."""
+    folder = default_conf_file(VARIANTS_FOLDER)
+    return sorted(path.stem for path in folder.glob(f"*{YAML_SUFFIX}"))
+
+
+def load_variant(name_or_path: str) -> VariantConfig:
+    """A shipped variant by name (``variant3``) or any variant YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix != YAML_SUFFIX:
+        path = default_conf_file(VARIANTS_FOLDER) / f"{name_or_path}{YAML_SUFFIX}"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown variant {name_or_path!r}; available: {', '.join(available_variants())} "
+                "(or give the path of a variant YAML file)"
+            )
+    variant = VariantConfig.from_mapping(load_yaml(path), str(path))
+    return variant
