@@ -128,6 +128,7 @@ def keras_categorical_crossentropy(label_ids: np.ndarray, probabilities: np.ndar
     probs = np.asarray(probabilities)
     if not np.issubdtype(probs.dtype, np.floating):
         probs = probs.astype(np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
     epsilon = probs.dtype.type(KERAS_EPSILON)
     probs = np.clip(probs, epsilon, probs.dtype.type(1) - epsilon)
     true_class_probs = probs[np.arange(len(probs)), np.asarray(label_ids)].astype(np.float64)

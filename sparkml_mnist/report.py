@@ -71,14 +71,27 @@ COMPARISON_WIDTH_PER_VARIANT = 1.6
 COMPARISON_MIN_WIDTH = 6.0
 COMPARISON_HEIGHT = 4.5
 COMPARISON_BAR_WIDTH = 0.6
+# A bar shorter than this fraction of the axis gets its figure above it rather than inside.
+SHORT_BAR_FRACTION = 0.15
+REFERENCE_LINE_WIDTH = 3
+LABEL_OFFSET_POINTS = 3
+FONT_SIZE = 10
+SMALL_FONT_SIZE = 9
+# Confusion cells fit 3-digit counts at FONT_SIZE; each further digit takes a point off, down to this.
+DIGITS_AT_FULL_SIZE = 3
+SMALLEST_FONT_SIZE = 6
 # Up to this many epochs the loss plot labels every epoch; beyond, matplotlib picks integer ticks.
 MAX_EPOCH_TICKS = 20
 CONFUSION_CMAP = "Blues"
 # Text on a confusion cell darker than this fraction of the colour scale is drawn white.
 CONFUSION_DARK_CELL = 0.5
+# The log colour scale starts below 1 so that cells of a single image are visibly tinted, not white.
+CONFUSION_LOG_FLOOR = 0.5
 # The comparison plot's accuracy axis starts this far below the lowest figure (bars differ by tenths).
 COMPARISON_AXIS_MARGIN = 0.02
 COMPARISON_AXIS_STEP = 0.01
+# ... but only when every figure is well above chance; otherwise the axis starts at 0.
+COMPARISON_ZOOM_FLOOR = 0.5
 PERCENT = 100.0
 # Table cells show 4 decimals (losses, accuracies) below this, 1 above (timestamps, seconds).
 LARGE_NUMBER = 1e4
@@ -121,7 +134,8 @@ class VariantResult:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ReportError(f"{where}: field 'epochs' must be a positive integer, got {self.epochs!r}")
         if not isinstance(self.evaluation, Evaluation):
-            raise ReportError(f"{where}: field 'evaluation' must be an Evaluation, got {type(self.evaluation).__name__}")
+            got = type(self.evaluation).__name__
+            raise ReportError(f"{where}: field 'evaluation' must be an Evaluation, got {got}")
         self.history = {str(key): [float(v) for v in values] for key, values in self.history.items()}
         lengths = {key: len(values) for key, values in self.history.items()}
         if any(length > self.epochs for length in lengths.values()):
@@ -194,6 +208,7 @@ def write_report(
         _write_contents(partial, results, config, versions, timings)
         _move_into_place(partial, target)
     except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
 
@@ -515,7 +530,7 @@ def confusion_figure(result: VariantResult) -> Figure:
     figure = Figure(figsize=CONFUSION_FIGSIZE, layout="constrained")
     ax = figure.add_subplot()
     largest = max(int(matrix.max()), 1)
-    norm = LogNorm(vmin=1, vmax=max(largest, 2))
+    norm = LogNorm(vmin=CONFUSION_LOG_FLOOR, vmax=max(largest, 2))
     shown = np.ma.masked_equal(matrix, 0)
     image = ax.imshow(shown, cmap=CONFUSION_CMAP, norm=norm)
     colorbar = figure.colorbar(image, ax=ax)
@@ -547,9 +562,8 @@ def confusion_figure(result: VariantResult) -> Figure:
 
 def _annotation_font_size(largest: int) -> float:
     """Smaller text when counts have more digits, so 4-5 digit counts still fit a cell."""
-    digits = len(str(largest))
-    base, per_digit, smallest = 10.0, 1.0, 6.0
-    return max(smallest, base - per_digit * max(0, digits - 3))
+    extra_digits = max(0, len(str(largest)) - DIGITS_AT_FULL_SIZE)
+    return max(SMALLEST_FONT_SIZE, FONT_SIZE - extra_digits)
 
 
 def comparison_figure(results: Sequence[VariantResult]) -> Figure:
@@ -559,19 +573,40 @@ def comparison_figure(results: Sequence[VariantResult]) -> Figure:
     ax = figure.add_subplot()
     positions = np.arange(len(results))
     accuracies = [r.evaluation.accuracy for r in results]
-    bars = ax.bar(positions, accuracies, width=COMPARISON_BAR_WIDTH, color="tab:blue", label="this run (test accuracy)")
-    ax.bar_label(bars, labels=[_percent(a) for a in accuracies], label_type="center", color="white", fontsize=10)
+    ax.bar(positions, accuracies, width=COMPARISON_BAR_WIDTH, color="tab:blue", label="this run (test accuracy)")
     references = [(i, r.lab_reference_accuracy) for i, r in enumerate(results) if r.lab_reference_accuracy is not None]
     half = COMPARISON_BAR_WIDTH / 2
     for number, (i, value) in enumerate(references):
-        ax.hlines(value, i - half, i + half, colors="tab:red", linewidths=3, zorder=3,
-                  label="lab reference" if number == 0 else None)
-        ax.annotate(_percent(value), (i + half, value), xytext=(3, 0), textcoords="offset points",
-                    va="center", ha="left", fontsize=9, color="tab:red")
+        label = "lab reference" if number == 0 else None
+        ax.hlines(value, i - half, i + half, colors="tab:red", linewidths=REFERENCE_LINE_WIDTH, zorder=3, label=label)
+        ax.annotate(
+            _percent(value),
+            (i + half, value),
+            xytext=(LABEL_OFFSET_POINTS, 0),
+            textcoords="offset points",
+            va="center",
+            ha="left",
+            fontsize=SMALL_FONT_SIZE,
+            color="tab:red",
+        )
     figures = accuracies + [v for _, v in references]
-    bottom = max(0.0, math.floor((min(figures) - COMPARISON_AXIS_MARGIN) / COMPARISON_AXIS_STEP) * COMPARISON_AXIS_STEP)
-    top = min(1.0, max(figures) + COMPARISON_AXIS_MARGIN / 2) if bottom > 0 else 1.0
-    ax.set_ylim(bottom, max(top, bottom + COMPARISON_AXIS_STEP))
+    lowest = math.floor((min(figures) - COMPARISON_AXIS_MARGIN) / COMPARISON_AXIS_STEP) * COMPARISON_AXIS_STEP
+    bottom = lowest if lowest >= COMPARISON_ZOOM_FLOOR else 0.0
+    headroom = COMPARISON_AXIS_MARGIN / 2 if bottom > 0 else COMPARISON_AXIS_MARGIN
+    top = max(max(figures) + headroom, bottom + COMPARISON_AXIS_STEP)
+    ax.set_ylim(bottom, top)
+    for i, accuracy in zip(positions, accuracies):
+        # The figure goes inside its bar in white, or above a bar too short to hold it.
+        inside = (accuracy - bottom) / (top - bottom) >= SHORT_BAR_FRACTION
+        ax.text(
+            i,
+            (bottom + accuracy) / 2 if inside else accuracy,
+            _percent(accuracy),
+            ha="center",
+            va="center" if inside else "bottom",
+            fontsize=FONT_SIZE,
+            color="white" if inside else "black",
+        )
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
     ax.set_xticks(positions, labels=[r.name for r in results])
     ax.set_xlabel("variant")

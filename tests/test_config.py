@@ -64,3 +64,79 @@ def test_missing_and_non_mapping_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_yaml(listing)
+
+
+# --- variants --------------------------------------------------------------------------------------
+
+from sparkml_mnist.config import available_variants, load_variant  # noqa: E402
+
+VARIANT = """\
+name: variant5
+description: a fifth variant, added by this file alone
+layers:
+  - {type: conv2d, filters: 4, kernel_size: [3, 3], activation: relu}
+  - {type: flatten}
+  - {type: dense, units: 10, activation: softmax}
+optimizer: adam
+loss: categorical_crossentropy
+epochs: 3
+batch_size: 128
+validation_split: 0.1
+"""
+
+
+def test_the_four_lab_variants_ship_with_the_lab_settings():
+    assert available_variants() == ["variant1", "variant2", "variant3", "variant4"]
+    settings = {name: load_variant(name) for name in available_variants()}
+    assert [settings[n].epochs for n in available_variants()] == [20, 15, 15, 15]
+    assert [settings[n].optimizer for n in available_variants()] == ["adam", "adam", "adam", "sgd"]
+    assert [settings[n].validation_split for n in available_variants()] == [0.1, 0.1, 0.0, 0.0]
+    assert all(v.batch_size == 128 for v in settings.values())
+    assert settings["variant1"].lab_parameters == 149010 and settings["variant3"].lab_parameters == 600810
+
+
+def test_a_fifth_variant_is_a_yaml_file(tmp_path):
+    path = tmp_path / "variant5.yaml"
+    path.write_text(VARIANT)
+    variant = load_variant(str(path))
+    assert variant.name == "variant5" and len(variant.layers) == 3
+    assert variant.layers[0].option("kernel_size") == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "old,new,words",
+    [
+        ("{type: flatten}", "{type: flaten}", "layers[1]: unknown layer type 'flaten'"),
+        ("epochs: 3", "epochs: -3", "field 'epochs' must be a positive integer"),
+        ("epochs: 3\n", "", "missing required field 'epochs'"),
+        ("optimizer: adam", "optimizer: adamw2", "field 'optimizer' is 'adamw2'"),
+        ("filters: 4,", "filters: 0,", "layers[0] (conv2d): field 'filters' must be positive"),
+        ("kernel_size: [3, 3]", "kernel_size: [3]", "field 'kernel_size' must be two positive integers"),
+        ("{type: flatten}", "{type: flatten, units: 3}", "layers[1] (flatten): unknown field(s) units"),
+        ("validation_split: 0.1", "validation_split: 1.5", "field 'validation_split' must be in [0, 1)"),
+        ("batch_size: 128", "batch_size: many", "field 'batch_size' must be int"),
+    ],
+)
+def test_bad_variant_names_file_and_field(tmp_path, old, new, words):
+    path = tmp_path / "bad.yaml"
+    assert old in VARIANT
+    path.write_text(VARIANT.replace(old, new))
+    with pytest.raises(ConfigError) as caught:
+        load_variant(str(path))
+    assert str(caught.value).startswith(f"{path}: ")
+    assert words in str(caught.value)
+
+
+def test_unknown_variant_name_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="unknown variant 'variant9'; available: variant1, variant2"):
+        load_variant("variant9")
+
+
+def test_global_batch_must_split_evenly_across_replicas():
+    variant = load_variant("variant1")
+    variant.check_replicas(2)
+    with pytest.raises(ConfigError, match="field 'batch_size' \\(128\\) is not divisible by the 3 replicas"):
+        variant.check_replicas(3)
+    assert variant.with_epochs(2).epochs == 2 and variant.with_epochs(None).epochs == 20
+    with pytest.raises(ConfigError, match="--epochs must be a positive integer"):
+        variant.with_epochs(0)
