@@ -74,10 +74,14 @@ class DataSpec:
     max_pixel_value: int
     train_file: str
     test_file: str
+    databricks_data_dir: str
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any], source: str) -> "DataSpec":
-        known = {"num_features", "image_shape", "num_classes", "max_pixel_value", "train_file", "test_file"}
+        known = {
+            "num_features", "image_shape", "num_classes", "max_pixel_value", "train_file", "test_file",
+            "databricks_data_dir",
+        }
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {sorted(known)}")
@@ -97,6 +101,7 @@ class DataSpec:
             max_pixel_value=require_positive_int(settings, "max_pixel_value", source),
             train_file=require_field(settings, "train_file", str, source),
             test_file=require_field(settings, "test_file", str, source),
+            databricks_data_dir=require_field(settings, "databricks_data_dir", str, source),
         )
 
 
@@ -260,3 +265,104 @@ def load_variant(name_or_path: str) -> VariantConfig:
             )
     variant = VariantConfig.from_mapping(load_yaml(path), str(path))
     return variant
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configs (conf/runs/*.yaml): what to train, on which data, with how many workers.
+# ---------------------------------------------------------------------------------------------
+
+RUNS_FOLDER = "runs"
+DEFAULT_RUN = "sample"
+ALL_VARIANTS = "all"
+SAMPLE_DATA = "sample"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One job: its variants, data, worker count and output folder; CLI flags override fields."""
+
+    name: str
+    data: str | None  # "sample", a folder, or None for the environment's default
+    train: str | None  # explicit files win over ``data``
+    test: str | None
+    variants: tuple[str, ...]
+    np: int
+    epochs: int | None  # None keeps each variant's own epochs
+    output: str
+    seed: int
+    progress_timeout_s: float
+    source: str
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any], source: str) -> "RunConfig":
+        known = {"name", "data", "train", "test", "variants", "np", "epochs", "output", "seed", "progress_timeout_s"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {sorted(known)}")
+        run = cls(
+            name=require_field(settings, "name", str, source),
+            data=_optional(settings, "data", str, source),
+            train=_optional(settings, "train", str, source),
+            test=_optional(settings, "test", str, source),
+            variants=_variant_names(settings.get("variants", ALL_VARIANTS), source),
+            np=require_field(settings, "np", int, source),
+            epochs=_optional(settings, "epochs", int, source),
+            output=require_field(settings, "output", str, source),
+            seed=require_field(settings, "seed", int, source),
+            progress_timeout_s=float(require_field(settings, "progress_timeout_s", float, source)),
+            source=source,
+        )
+        run.validate()
+        return run
+
+    def validate(self) -> None:
+        """Checks that hold for the file and for command-line overrides alike."""
+        if self.np == 0:
+            raise ConfigError(f"{self.source}: field 'np' is 0; use np > 0 for executors or np < 0 for driver processes")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"{self.source}: field 'epochs' must be a positive integer or null, got {self.epochs}")
+        if self.progress_timeout_s <= 0:
+            raise ConfigError(f"{self.source}: field 'progress_timeout_s' must be positive, got {self.progress_timeout_s}")
+        if bool(self.train) != bool(self.test):
+            raise ConfigError(f"{self.source}: give both 'train' and 'test' files, or neither (then 'data')")
+        for name in self.variants:
+            load_variant(name)  # an unknown name or a bad file fails here, before Spark starts
+
+    def with_overrides(self, **overrides: Any) -> "RunConfig":
+        """Command-line values (None = not given) replace the file's; the result is re-validated."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if "variants" in given:
+            given["variants"] = _variant_names(given["variants"], "--variant")
+        if "train" in given or "test" in given:
+            given.setdefault("data", None)
+        if "data" in given and "train" not in given:
+            given.update(train=None, test=None)
+        run = replace(self, **given, source=f"{self.source} (with command-line overrides)" if given else self.source)
+        run.validate()
+        return run
+
+    def load_variants(self) -> list[VariantConfig]:
+        return [load_variant(name).with_epochs(self.epochs) for name in self.variants]
+
+
+def _variant_names(value: Any, source: str) -> tuple[str, ...]:
+    if value == ALL_VARIANTS or value == [ALL_VARIANTS]:
+        return tuple(available_variants())
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: field 'variants' must be 'all' or a list of variant names")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{source}: field 'variants' names a variant twice: {list(value)}")
+    return tuple(value)
+
+
+def load_run(name_or_path: str = DEFAULT_RUN) -> RunConfig:
+    """A shipped run config by name (``sample``, ``lab``) or any run YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix != YAML_SUFFIX:
+        path = default_conf_file(RUNS_FOLDER) / f"{name_or_path}{YAML_SUFFIX}"
+        if not path.exists():
+            shipped = sorted(p.stem for p in default_conf_file(RUNS_FOLDER).glob(f"*{YAML_SUFFIX}"))
+            raise ConfigError(f"unknown run config {name_or_path!r}; available: {', '.join(shipped)} (or a YAML path)")
+    return RunConfig.from_mapping(load_yaml(path), str(path))

@@ -14,6 +14,7 @@ GOOD = {
     "max_pixel_value": 255,
     "train_file": "mnist-digits-train.txt",
     "test_file": "mnist-digits-test.txt",
+    "databricks_data_dir": "dbfs:/databricks-datasets/mnist-digits/data-001/",
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from sparkml_mnist.config import DataSpec, load_data_spec
+from sparkml_mnist.errors import ConfigError
 
 DATA_DIR_ENV = "SPARKML_MNIST_DATA"
 SAMPLE_PACKAGE = "sparkml_mnist.data"
@@ -52,6 +53,29 @@ def _pick(data_dir: str, name: str) -> str:
     if not plain.exists() and compressed.exists():
         return str(compressed)
     return str(plain)  # a missing file is reported by the reader, naming this path
+
+
+DATABRICKS_RUNTIME_ENV = "DATABRICKS_RUNTIME_VERSION"
+
+
+def resolve_inputs(
+    data: str | None, train: str | None = None, test: str | None = None, spec: DataSpec | None = None
+) -> DatasetPaths:
+    """Explicit files, else a folder ("sample" = the bundled sample), else the environment's default:
+    ``SPARKML_MNIST_DATA``, or on Databricks the runtime's copy of the dataset."""
+    spec = spec or load_data_spec()
+    if train and test:
+        return DatasetPaths(train=train, test=test)
+    if data == SAMPLE_FOLDER:
+        return sample_paths()
+    if data:
+        return dataset_paths(data, spec)
+    folder = data_dir_from_env() or (spec.databricks_data_dir if os.environ.get(DATABRICKS_RUNTIME_ENV) else None)
+    if folder is None:
+        raise ConfigError(
+            f"no input data: give --data DIR (or 'sample'), --train/--test PATH, or set {DATA_DIR_ENV}"
+        )
+    return dataset_paths(folder, spec)
 
 
 def data_dir_from_env() -> str | None:
