@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Sequence
 
+from sparkml_mnist.config import DEFAULT_RUN
 from sparkml_mnist.errors import SparkMnistError
 
 PROGRAM = "sparkml-mnist"
@@ -29,6 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--master", help="Spark master (default: spark-submit's, else local[*])")
     data.set_defaults(handler=_run_data_preview)
+
+    train = commands.add_parser(
+        "train",
+        help="train the lab's ConvNets data-parallel on Spark, evaluate, write the report",
+        description="Train variants through the launcher; write report.json/.md, plots and models to --output.",
+    )
+    train.add_argument("--conf", default=DEFAULT_RUN, metavar="FILE", help="run config: a name in conf/runs or a YAML path (default: sample)")
+    train.add_argument("--variant", action="append", metavar="NAME", help="variant(s): a name, a comma list, a YAML path, or 'all'; repeatable")
+    train.add_argument("--np", type=int, help="workers: > 0 barrier tasks on executors, < 0 processes on the driver")
+    train.add_argument("--epochs", type=int, help="epochs for every variant (default: the run config's, else each variant's)")
+    _add_data_arguments(train)
+    train.add_argument("--output", metavar="DIR", help="report folder (refused if not empty, unless --overwrite)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    train.add_argument("--seed", type=int, help="random seed (same on every rank)")
+    train.add_argument("--progress-timeout", type=float, metavar="SECONDS", help="end the run if a rank makes no progress this long")
+    train.add_argument("--master", help="Spark master (default: spark-submit's, else local[*])")
+    train.set_defaults(handler=_run_training)
     return parser
 
 
@@ -37,6 +56,32 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--data", metavar="DIR", help="folder with mnist-digits-{train,test}.txt[.bz2]")
     source.add_argument("--train", metavar="PATH", help="training file (any Hadoop path)")
     source.add_argument("--test", metavar="PATH", help="test file (any Hadoop path)")
+
+
+def _run_training(args: argparse.Namespace) -> None:
+    from sparkml_mnist.config import load_data_spec, load_run
+    from sparkml_mnist.data.paths import DATABRICKS_RUNTIME_ENV
+    from sparkml_mnist.job import run_job
+    from sparkml_mnist.session import create_spark
+
+    if args.data and (args.train or args.test):
+        raise SparkMnistError("give either --data DIR or --train/--test PATH, not both")
+    data = args.data
+    if not (args.data or args.train or args.test) and os.environ.get(DATABRICKS_RUNTIME_ENV):
+        data = load_data_spec().databricks_data_dir  # on Databricks the runtime's copy is the default
+    run = load_run(args.conf).with_overrides(
+        variants=",".join(args.variant) if args.variant else None,
+        np=args.np,
+        epochs=args.epochs,
+        data=data,
+        train=args.train,
+        test=args.test,
+        output=args.output,
+        seed=args.seed,
+        progress_timeout_s=args.progress_timeout,
+    )
+    spark = create_spark(f"{PROGRAM} train", master=args.master)
+    run_job(spark, run, overwrite=args.overwrite)
 
 
 def _input_paths(args: argparse.Namespace):
