@@ -1,0 +1,73 @@
+"""What one rank does: its shard -> distributed dataset -> ``fit`` -> history (and rank 0's weights).
+
+Runs inside the launcher's fresh child process for each rank, so TensorFlow is imported here, after
+the launcher set ``TF_CONFIG``, ``TF_USE_LEGACY_KERAS`` and the thread and device settings.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sparkml_mnist.config import VariantConfig
+from sparkml_mnist.distributed.context import RankContext
+from sparkml_mnist.errors import LaunchError
+from sparkml_mnist.keras_flavour import keras as keras_module
+
+CHIEF_RANK = 0
+
+
+def _epoch_logger(keras: Any, context: RankContext, variant: VariantConfig, steps: int) -> Any:
+    """Rank 0 prints one line per epoch; the launcher streams it to the driver's console."""
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            metrics = "  ".join(f"{name} {value:.4f}" for name, value in (logs or {}).items())
+            seconds = time.perf_counter() - self.started
+            print(
+                f"{variant.name} epoch {epoch + 1}/{variant.epochs}: {metrics}  "
+                f"({steps} steps, {seconds:.1f} s)",
+                flush=True,
+            )
+
+    return EpochLogger()
+
+
+def train_rank(context: RankContext, variant: VariantConfig, seed: int) -> dict[str, Any]:
+    """Train ``variant`` on this rank's shard; every rank returns the (identical) history."""
+    from sparkml_mnist.models import build_model
+
+    keras = keras_module()
+    keras.utils.set_random_seed(seed)  # the same initial weights on every rank
+    variant.check_replicas(context.size)
+    shard = context.shard
+    if shard is None:
+        raise LaunchError("train_rank needs the run's data: HorovodRunner(...).run(train_rank, data=shard_frame(...))")
+    steps = context.steps_per_epoch(variant.batch_size)
+    with context.strategy.scope():
+        model = build_model(variant)
+    fit_options: dict[str, Any] = {}
+    if len(shard.x_validation):
+        fit_options = {
+            "validation_data": context.validation_dataset(variant.batch_size),
+            "validation_steps": context.steps_per_epoch(variant.batch_size, validation=True),
+        }
+    callbacks = [_epoch_logger(keras, context, variant, steps)] if context.rank == CHIEF_RANK else []
+    history = model.fit(
+        context.train_dataset(variant.batch_size, shuffle=True, seed=seed + context.rank),
+        epochs=variant.epochs,
+        steps_per_epoch=steps,
+        callbacks=callbacks,
+        verbose=0,
+        **fit_options,
+    )
+    return {
+        "history": {name: [float(v) for v in values] for name, values in history.history.items()},
+        "weights": model.get_weights() if context.rank == CHIEF_RANK else None,
+        "steps_per_epoch": steps,
+        "train_rows": int(len(shard.x_train)),
+        "validation_rows": int(len(shard.x_validation)),
+    }
