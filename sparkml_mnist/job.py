@@ -21,7 +21,13 @@ from sparkml_mnist.data.libsvm import load_libsvm
 from sparkml_mnist.data.paths import resolve_inputs
 from sparkml_mnist.data.shards import ShardedFrame, collect_tensors, shard_frame
 from sparkml_mnist.evaluate import evaluate
-from sparkml_mnist.report import VariantResult, collect_versions, format_summary_table, write_report
+from sparkml_mnist.report import (
+    VariantResult,
+    check_output_folder,
+    collect_versions,
+    format_summary_table,
+    write_report,
+)
 
 MODEL_FILE_SUFFIX = ".keras"
 PREDICT_BATCH = 1024  # driver-side inference batch: large batches are faster, memory is small
@@ -39,6 +45,7 @@ def run_job(
     for variant in variants:
         variant.check_replicas(abs(run.np))
     paths = resolve_inputs(run.data, run.train, run.test)
+    check_output_folder(Path(run.output), overwrite)  # before any training, not after it
     timings: dict[str, float] = {}
 
     log(f"reading {paths.train} and {paths.test}")
@@ -93,8 +100,8 @@ def train_variant(
         f"{variant.batch_size}, {plan.train_per_shard:,} training + {plan.validation_per_shard:,} validation rows per rank"
     )
     clock = time.perf_counter()
-    runner = HorovodRunner(np=run.np, spark=spark, progress_timeout_s=run.progress_timeout_s)
-    records = runner.run_all(train_rank, data=sharded, variant=variant, seed=run.seed)
+    runner = HorovodRunner(np=run.np, spark=spark, data=sharded, progress_timeout_s=run.progress_timeout_s)
+    records = runner.run_all(train_rank, variant=variant, seed=run.seed)
     train_s = time.perf_counter() - clock
     chief = records[0].value
 

@@ -200,7 +200,7 @@ def write_report(
     results = list(results)
     _check_results(results)
     target = Path(output_dir).absolute()
-    _check_target(target, overwrite)
+    check_output_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     partial = _make_sibling_dir(target, PARTIAL_MARKER)
@@ -229,11 +229,11 @@ def _check_results(results: list[VariantResult]) -> None:
                 raise ReportError(f"variant {result.name!r}: model file {path} does not exist")
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_output_folder(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise ReportError(f"{target}: exists and is not a folder; choose another --output")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ReportError(f"{target}: output folder exists and is not empty; choose another or allow overwrite")
+        raise ReportError(f"{target}: output folder exists and is not empty; choose another (--output) or allow overwriting it (--overwrite)")
 
 
 def _make_sibling_dir(target: Path, marker: str) -> Path:
