@@ -1,0 +1,211 @@
+"""Entry point of one rank's training process: ``python -m sparkml_mnist.distributed.child WORKDIR``.
+
+A fresh process per rank and run, because TensorFlow's collective runtime cannot be set up
+twice in one process (a reused Spark Python worker hangs on the second run). The process is
+tied to its parent with ``PR_SET_PDEATHSIG``, so it dies with the Spark task that started it.
+It keeps its imports light until the user function runs: TensorFlow is imported only by the
+function (or the context's strategy), after the parent put TF_CONFIG and TF_USE_LEGACY_KERAS
+in this process's environment.
+
+Protocol with the parent: when the function returned or raised, write ``record.json`` (and
+``value.pkl``), write one byte to the status pipe, then wait until the parent closes stdin (all
+ranks finished: nobody leaves while others still drain collectives) and exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.abc
+import importlib.util
+import inspect
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+PARENT_PID_ENV = "SPARKML_MNIST_PARENT_PID"
+STATUS_FD_ENV = "SPARKML_MNIST_STATUS_FD"
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+_LIBC = "libc.so.6"
+DONE_BYTE = b"1"
+
+
+def die_with_parent(expected_parent: int | None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; exit now if it already has."""
+    try:
+        ctypes.CDLL(_LIBC, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the parent still kills this process on its way out
+        pass
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(1)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Run ``hook(module)`` right after ``name`` is first imported (by whoever imports it).
+
+    TensorFlow probes for tf_keras with ``find_spec`` several times before importing it, so the
+    hook is attached to every spec handed out and fires on the one actually executed.
+    """
+
+    def __init__(self, name: str, hook: Callable[[Any], None]) -> None:
+        self.name = name
+        self.hook = hook
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader.exec_module = self._wrap(spec.loader.exec_module)  # type: ignore[method-assign]
+                return spec
+        return None
+
+    def _wrap(self, execute: Callable[[Any], None]) -> Callable[[Any], None]:
+        def exec_module(module: Any) -> None:
+            execute(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            try:
+                self.hook(module)
+            except Exception as error:  # progress counting is a convenience, never a failure
+                sys.stderr.write(f"sparkml_mnist: could not hook Keras fit for progress ({error})\n")
+
+        return exec_module
+
+
+def count_fit_batches(context: Any) -> Callable[[Any], None]:
+    """A hook adding a progress callback to every tf_keras ``Model.fit`` call of this process."""
+
+    def hook(tf_keras: Any) -> None:
+        progress = context.progress
+
+        class ProgressCallback(tf_keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+                if progress.first_step_at is None:
+                    progress.first_step_at = time.time()
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                progress.advance(steps=1, examples=context.examples_per_step)
+
+            def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
+                progress.advance()
+
+        fit = tf_keras.Model.fit
+
+        def fit_with_progress(self: Any, *args: Any, **kwargs: Any) -> Any:
+            callbacks = list(kwargs.pop("callbacks", None) or [])
+            kwargs["callbacks"] = [*callbacks, ProgressCallback()]
+            return fit(self, *args, **kwargs)
+
+        tf_keras.Model.fit = fit_with_progress
+
+    return hook
+
+
+def _heartbeats(client: Any, context: Any, interval_s: float, finished: threading.Event) -> None:
+    """Beat every ``interval_s`` with the progress counters; a last beat says done."""
+    spec = context.spec
+    while True:
+        done = finished.is_set()
+        progress = context.progress
+        client.send({
+            "type": "heartbeat", "rank": spec.rank, "host": spec.host, "pid": os.getpid(),
+            "progress": progress.events, "steps": progress.steps, "done": done,
+        })
+        if done:
+            return
+        finished.wait(interval_s)
+
+
+def main(workdir: Path) -> None:
+    parent = os.environ.get(PARENT_PID_ENV)
+    die_with_parent(int(parent) if parent else None)
+    started_at = time.time()
+
+    from sparkml_mnist import keras_flavour  # sets TF_USE_LEGACY_KERAS before anything imports TF
+    from sparkml_mnist.distributed import context as context_module
+    from sparkml_mnist.distributed.backends import get_backend
+    from sparkml_mnist.distributed.channel import ChannelClient
+    from sparkml_mnist.distributed.records import EXCEPTION, RankError, RankRecord
+    from sparkml_mnist.distributed.spec import PAYLOAD_FILE, RECORD_FILE, SHARD_FILE, VALUE_FILE, RankSpec
+
+    spec = RankSpec.read(workdir)
+    context = context_module.RankContext(spec=spec, backend=get_backend(spec.backend))
+    context_module.set_context(context)
+    sys.meta_path.insert(0, _AfterImport("tf_keras", count_fit_batches(context)))
+    client = ChannelClient(spec.driver_host, spec.driver_port)
+    finished = threading.Event()
+    threading.Thread(
+        target=_heartbeats, args=(client, context, spec.heartbeat_interval_s, finished), daemon=True
+    ).start()
+
+    record = RankRecord(rank=spec.rank, host=spec.host, pid=os.getpid(), started_at=started_at)
+    value_bytes = b""
+    try:
+        from pyspark import cloudpickle
+
+        if (workdir / SHARD_FILE).exists():
+            context.shard = _read_shard(workdir / SHARD_FILE)
+        function, kwargs = cloudpickle.loads((workdir / PAYLOAD_FILE).read_bytes())
+        if wants_context(function, kwargs):
+            kwargs = {**kwargs, context_module.CONTEXT_PARAMETER: context}
+        value = function(**kwargs)
+        value_bytes = cloudpickle.dumps(value) if spec.keep_value else cloudpickle.dumps(None)
+    except BaseException as error:  # noqa: BLE001 - every failure must reach the driver with its traceback
+        record.error = RankError(
+            kind=EXCEPTION, error_type=type(error).__name__, message=str(error), traceback=traceback.format_exc()
+        )
+    record.ended_at = time.time()
+    record.steps = context.progress.steps
+    record.examples_seen = context.progress.examples
+    record.timings = {"process_started_at": started_at}
+    if keras_flavour.import_seconds() is not None:
+        record.timings["tf_import_s"] = keras_flavour.import_seconds()
+    if context.progress.first_step_at is not None:
+        record.timings["first_step_at"] = context.progress.first_step_at
+
+    (workdir / VALUE_FILE).write_bytes(value_bytes)
+    (workdir / RECORD_FILE).write_text(record.to_json())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    finished.set()
+    status_fd = int(os.environ[STATUS_FD_ENV])
+    os.write(status_fd, DONE_BYTE)
+    os.close(status_fd)
+    sys.stdin.buffer.read()  # released by the parent (EOF) once every rank has finished
+    client.close()
+    # Skip interpreter teardown: TensorFlow's runtime threads can make a normal exit slow or hang.
+    os._exit(0)
+
+
+def wants_context(function: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
+    """Pass the context only to functions that declare a ``context`` parameter (HorovodRunner's do not)."""
+    from sparkml_mnist.distributed.context import CONTEXT_PARAMETER
+
+    if CONTEXT_PARAMETER in kwargs:
+        return False
+    try:
+        return CONTEXT_PARAMETER in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _read_shard(path: Path) -> Any:
+    import pyarrow as pa
+
+    from sparkml_mnist.data.shards import shard_tensors
+
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    return shard_tensors(table.to_batches())
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

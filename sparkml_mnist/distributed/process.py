@@ -1,0 +1,178 @@
+"""Start one rank's training process, stream its output, and collect its record or its crash.
+
+Used by the barrier task (one per task) and by the driver-only mode (``-np`` of them). The
+process is killed on every way out of ``RankProcess`` (and dies by itself if its parent
+dies), so no trainer outlives its run.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from pyspark import cloudpickle
+
+from sparkml_mnist.distributed.child import PARENT_PID_ENV, STATUS_FD_ENV
+from sparkml_mnist.distributed.records import CRASH, RankError, RankRecord
+from sparkml_mnist.distributed.spec import PAYLOAD_FILE, RECORD_FILE, VALUE_FILE, RankSpec
+
+CHILD_MODULE = "sparkml_mnist.distributed.child"
+STDERR_TAIL_LINES = 40
+EXIT_GRACE_S = 5.0  # how long a released process may take to exit before it is killed
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+NO_GPUS = ""  # CUDA_VISIBLE_DEVICES="" hides every GPU: the rank trains on CPU
+THREAD_ENVS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+TF_LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
+TF_LOG_LEVEL_DEFAULT = "1"  # hide TensorFlow's C++ INFO lines; warnings and errors still show
+
+LineSink = Callable[[str, str], None]  # (stream name, line)
+
+
+@dataclass
+class RankOutcome:
+    """A finished rank: its record (with ``error`` set if it raised or crashed) and pickled value."""
+
+    record: RankRecord
+    value_bytes: bytes
+
+    def value(self) -> Any:
+        return cloudpickle.loads(self.value_bytes) if self.value_bytes else None
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now.
+
+    The socket is closed before the rank's gRPC server binds the port (TensorFlow's server does
+    not share ports, even with SO_REUSEPORT), so the window in which another program could take
+    it is kept short: the port is chosen just before the ranks exchange addresses.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def child_environment(spec: RankSpec, backend_env: dict[str, str]) -> dict[str, str]:
+    """This process's environment plus what the rank must have before TensorFlow is imported."""
+    env = dict(os.environ)
+    env.update(backend_env)
+    env[CUDA_VISIBLE_DEVICES] = ",".join(spec.gpus) if spec.gpus else NO_GPUS
+    if spec.threads and not spec.gpus:
+        for name in THREAD_ENVS:  # ranks sharing a machine split its cores instead of oversubscribing
+            env[name] = str(spec.threads)
+    env.setdefault(TF_LOG_LEVEL_ENV, TF_LOG_LEVEL_DEFAULT)
+    env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_PID_ENV] = str(os.getpid())
+    return env
+
+
+class RankProcess:
+    """One rank's fresh training process (a context manager: leaving it kills the process)."""
+
+    def __init__(self, spec: RankSpec, payload: bytes, env: dict[str, str], on_line: LineSink,
+                 workdir: Path | None = None) -> None:
+        self.spec = spec
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"sparkml-mnist-rank{spec.rank}-"))
+        self._payload = payload
+        self._env = env
+        self._on_line = on_line
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._readers: list[threading.Thread] = []
+        self._process: subprocess.Popen[bytes] | None = None
+        self._status_fd: int | None = None
+
+    def __enter__(self) -> RankProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def status_fd(self) -> int | None:
+        return self._status_fd
+
+    def start(self) -> None:
+        (self.workdir / PAYLOAD_FILE).write_bytes(self._payload)
+        self.spec.write(self.workdir)
+        read_end, write_end = os.pipe()
+        env = {**self._env, STATUS_FD_ENV: str(write_end)}
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", CHILD_MODULE, str(self.workdir)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=env, pass_fds=(write_end,), close_fds=True,
+            )
+        finally:
+            os.close(write_end)
+        self._status_fd = read_end
+        for stream, pipe in (("stdout", self._process.stdout), ("stderr", self._process.stderr)):
+            reader = threading.Thread(target=self._pump, args=(stream, pipe), daemon=True)
+            reader.start()
+            self._readers.append(reader)
+
+    def _pump(self, stream: str, pipe: IO[bytes]) -> None:
+        for raw in pipe:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if stream == "stderr":
+                self._stderr_tail.append(line)
+            self._on_line(stream, line)
+
+    def finished(self, timeout_s: float | None = None) -> RankOutcome | None:
+        """Wait up to ``timeout_s`` (None: until it happens) for the rank's result or its death."""
+        assert self._status_fd is not None and self._process is not None, "start() first"
+        ready, _, _ = select.select([self._status_fd], [], [], timeout_s)
+        if not ready:
+            return None
+        signalled = os.read(self._status_fd, 1)
+        if signalled:
+            record = RankRecord.from_json((self.workdir / RECORD_FILE).read_text())
+            value = (self.workdir / VALUE_FILE).read_bytes()
+            return RankOutcome(record=record, value_bytes=value)
+        # The pipe closed without the byte: the process died before it could report.
+        code = self._process.wait()
+        for reader in self._readers:
+            reader.join(EXIT_GRACE_S)
+        error = RankError(
+            kind=CRASH, error_type="ProcessExited", message=f"exit code {code}", exit_code=code,
+            output_tail="\n".join(self._stderr_tail),
+        )
+        record = RankRecord(rank=self.spec.rank, host=self.spec.host, pid=self._process.pid, error=error)
+        return RankOutcome(record=record, value_bytes=b"")
+
+    def release(self) -> None:
+        """Let a finished process exit (all ranks are done), then reap it."""
+        if self._process is None:
+            return
+        if self._process.stdin:
+            try:
+                self._process.stdin.close()
+            except OSError:
+                pass
+        try:
+            self._process.wait(EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        for reader in self._readers:
+            reader.join(EXIT_GRACE_S)
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        if self._status_fd is not None:
+            os.close(self._status_fd)
+            self._status_fd = None

@@ -1,0 +1,121 @@
+"""What each rank reports back, and the errors a run raises on the driver.
+
+A failing rank's details travel inside the Spark task's exception message as one base64 JSON
+marker, so the driver can name the rank and show its own traceback instead of Spark's Py4J
+wall, over classic Spark and Spark Connect alike (no side channel needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sparkml_mnist.errors import LaunchError
+
+_MARKER_PREFIX = "[sparkml-mnist-rank-failure:"
+_MARKER_SUFFIX = "]"
+_MARKER_PATTERN = re.compile(re.escape(_MARKER_PREFIX) + r"([A-Za-z0-9+/=]+)" + re.escape(_MARKER_SUFFIX))
+
+EXCEPTION = "exception"  # the user function (or the rank's set-up) raised
+CRASH = "crash"  # the rank's process died without reporting (signal, os._exit, out of memory)
+
+
+@dataclass
+class RankError:
+    """Why one rank failed, with the worker-side traceback or the crashed process's output tail."""
+
+    kind: str
+    error_type: str
+    message: str
+    traceback: str = ""
+    exit_code: int | None = None
+    output_tail: str = ""
+
+
+@dataclass
+class RankRecord:
+    """One rank's run: where it ran, its return value (or error), timings and how much it trained."""
+
+    rank: int
+    host: str
+    pid: int | None
+    value: Any = None
+    error: RankError | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    steps: int = 0
+    examples_seen: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> str:
+        """Everything but ``value`` (which travels pickled, beside it)."""
+        data = asdict(self)
+        data.pop("value")
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str, value: Any = None) -> RankRecord:
+        data = json.loads(text)
+        error = data.pop("error")
+        return cls(**data, value=value, error=RankError(**error) if error else None)
+
+
+class PreflightError(LaunchError):
+    """The run cannot start on this cluster as configured; nothing was launched."""
+
+
+class RankFailedError(LaunchError):
+    """A rank raised or crashed; ``rank``, ``host`` and ``error`` (with its traceback) say which and why."""
+
+    def __init__(self, rank: int, host: str, error: RankError) -> None:
+        self.rank = rank
+        self.host = host
+        self.error = error
+        super().__init__(describe_failure(rank, host, error))
+
+
+class RankStalledError(LaunchError):
+    """Ranks stopped making progress for longer than the run's progress timeout; the run was ended."""
+
+    def __init__(self, ranks: list[int], hosts: list[str], reason: str, timeout_s: float) -> None:
+        self.ranks = ranks
+        self.hosts = hosts
+        self.reason = reason
+        self.timeout_s = timeout_s
+        where = ", ".join(f"rank {rank} on {host}" for rank, host in zip(ranks, hosts))
+        super().__init__(
+            f"{where}: {reason}; the run was ended after progress_timeout_s={timeout_s:g}. If that rank is "
+            "legitimately slow (a long first step, rank-0-only work), raise progress_timeout_s"
+        )
+
+
+def describe_failure(rank: int, host: str, error: RankError) -> str:
+    """The driver-side message: which rank, where, what, and the worker's own traceback or output."""
+    if error.kind == CRASH:
+        head = f"rank {rank} on {host} crashed: its process exited with code {error.exit_code} without a result"
+        detail = f"Last lines of its stderr:\n{error.output_tail}" if error.output_tail else "It wrote nothing to stderr."
+        return f"{head}. {detail}"
+    head = f"rank {rank} on {host} failed: {error.error_type}: {error.message}"
+    return f"{head}\nTraceback from rank {rank}:\n{error.traceback}" if error.traceback else head
+
+
+def failure_marker(rank: int, host: str, error: RankError) -> str:
+    """A single line the driver finds in Spark's task-failure text and decodes back."""
+    payload = json.dumps({"rank": rank, "host": host, "error": asdict(error)})
+    return _MARKER_PREFIX + base64.b64encode(payload.encode("utf-8")).decode("ascii") + _MARKER_SUFFIX
+
+
+def find_failure(text: str) -> RankFailedError | None:
+    """The first rank failure marked in ``text`` (a Spark exception's message), if any."""
+    match = _MARKER_PATTERN.search(text)
+    if match is None:
+        return None
+    data = json.loads(base64.b64decode(match.group(1)).decode("utf-8"))
+    return RankFailedError(data["rank"], data["host"], RankError(**data["error"]))

@@ -1,0 +1,42 @@
+"""What a rank's training process is told by whoever starts it (a barrier task, or the driver)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SPEC_FILE = "spec.json"
+PAYLOAD_FILE = "payload.pkl"  # the pickled (function, kwargs)
+SHARD_FILE = "shard.arrow"  # this rank's hand-off partition, Arrow IPC
+RECORD_FILE = "record.json"  # written by the child when the function returned or raised
+VALUE_FILE = "value.pkl"  # the function's pickled return value
+
+
+@dataclass
+class RankSpec:
+    """One rank's identity, peers and settings; JSON, so the child needs nothing from Spark to read it."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    host: str
+    addresses: list[str]  # "host:port" of every rank, in rank order (the backend's rendezvous)
+    backend: str
+    driver_host: str
+    driver_port: int
+    min_train_rows: int | None = None
+    min_validation_rows: int | None = None
+    heartbeat_interval_s: float = 1.0
+    collective_timeout_s: float | None = None
+    keep_value: bool = True  # False: the return value is not needed (not rank 0, run() not run_all())
+    gpus: list[str] = field(default_factory=list)
+    threads: int | None = None
+
+    def write(self, workdir: Path) -> None:
+        (workdir / SPEC_FILE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, workdir: Path) -> RankSpec:
+        return cls(**json.loads((workdir / SPEC_FILE).read_text()))

@@ -1,0 +1,219 @@
+"""The launcher on local[2] (two barrier tasks) and on the driver alone (np=-2), CPU only.
+
+The functions below are what a user would write; they are pickled by value (as a notebook's
+would be), since the ranks' fresh processes cannot import this test module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pyspark import cloudpickle
+
+from sparkml_mnist import keras_flavour
+from sparkml_mnist.data.libsvm import load_libsvm
+from sparkml_mnist.data.shards import shard_frame
+from sparkml_mnist.distributed import HorovodRunner, get_context
+from sparkml_mnist.distributed.records import CRASH, PreflightError, RankFailedError, RankStalledError
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TRAIN_ROWS = 64
+GLOBAL_BATCH = 16
+SLEEP_FOREVER_S = 600  # "forever" for a test: the run must end long before
+STALL_TIMEOUT_S = 8.0
+GONE_WAIT_S = 30.0  # a killed process disappears within this (polled; not a timing assertion)
+
+
+# -- what the ranks run ---------------------------------------------------------------------------
+
+
+def all_reduce_main(offset: float, context: Any) -> dict[str, Any]:
+    """Sum (rank + 1 + offset) over all ranks with the context's strategy."""
+    tf = keras_flavour.tensorflow()
+    strategy = context.strategy
+    mine = tf.constant(float(context.rank + 1) + offset)
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: mine), axis=None)
+    return {"rank": context.rank, "pid": os.getpid(), "sum": float(total.numpy())}
+
+
+def horovod_style_main(offset: float) -> dict[str, Any]:
+    """Written for HorovodRunner: plain tf, tf.keras, its own strategy, no context parameter."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    rank = strategy.cluster_resolver.task_id
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(rank + 1.0 + offset)),
+                            axis=None)
+    return {"rank": rank, "pid": os.getpid(), "sum": float(total.numpy()), "keras": tf.keras.__name__}
+
+
+def train_main(global_batch: int, context: Any) -> dict[str, Any]:
+    """A tiny tf_keras model, one epoch on this rank's shard; also lists the rows its pipeline fed."""
+    keras = keras_flavour.keras()
+    strategy = context.strategy
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.layers.Input((28, 28, 1)), keras.layers.Flatten(),
+                                  keras.layers.Dense(10, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+    initial = [w.copy() for w in model.get_weights()]
+    steps = context.steps_per_epoch(global_batch)
+    model.fit(context.train_dataset(global_batch, seed=1), epochs=1, steps_per_epoch=steps, verbose=0)
+    fed = iter(context.dataset((context.shard.train_rows,), global_batch, steps))
+    seen: list[int] = []
+    for _ in range(steps):
+        (rows,) = next(fed)
+        for local in strategy.experimental_local_results(rows):
+            seen.extend(local.numpy().tolist())
+    return {
+        "weights": model.get_weights(), "initial": initial, "steps": steps,
+        "shard_rows": context.shard.train_rows.tolist(), "seen": seen,
+    }
+
+
+def write_pid(pid_dir: str) -> None:
+    Path(pid_dir, f"rank{get_context().rank}").write_text(str(os.getpid()))
+
+
+def failing_main(pid_dir: str) -> None:
+    write_pid(pid_dir)
+    if get_context().rank == 1:
+        raise ValueError("rank one broke on purpose")
+    time.sleep(SLEEP_FOREVER_S)  # as if blocked in a collective, waiting for rank 1
+
+
+def crashing_main(pid_dir: str) -> None:
+    write_pid(pid_dir)
+    if get_context().rank == 1:
+        sys.stderr.write("rank one about to crash\n")
+        sys.stderr.flush()
+        os._exit(7)
+    time.sleep(SLEEP_FOREVER_S)
+
+
+def stalling_main(pid_dir: str, how: str) -> None:
+    context = get_context()
+    write_pid(pid_dir)
+    context.report_progress()
+    if context.rank == 1:
+        if how == "stopped":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(SLEEP_FOREVER_S)  # hangs before its next step
+    context.report_progress()  # rank 0 takes its step, then waits for rank 1 "in a collective"
+    time.sleep(SLEEP_FOREVER_S)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def wait_until_gone(pids: list[int]) -> list[int]:
+    deadline = time.monotonic() + GONE_WAIT_S
+    while time.monotonic() < deadline and not all(process_gone(pid) for pid in pids):
+        time.sleep(0.2)
+    return [pid for pid in pids if not process_gone(pid)]
+
+
+def read_pids(pid_dir: Path) -> list[int]:
+    return [int(path.read_text()) for path in sorted(pid_dir.glob("rank*"))]
+
+
+@pytest.fixture(scope="module")
+def sharded(spark, tmp_path_factory):
+    """64 rows of a generated LIBSVM file, two equal shards (row i -> shard i % 2)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("libsvm") / "tiny.txt"
+    lines = []
+    for row in range(TRAIN_ROWS):
+        label = row % 10
+        pixels = sorted(rng.choice(np.arange(1, 785), size=20, replace=False))
+        lines.append(f"{label} " + " ".join(f"{p}:{int(rng.integers(1, 256))}" for p in pixels))
+    path.write_text("\n".join(lines) + "\n")
+    return shard_frame(load_libsvm(spark, str(path)), 2)
+
+
+# -- tests ------------------------------------------------------------------------------------------
+
+
+def test_three_runs_in_a_row_all_reduce_in_fresh_processes(spark) -> None:
+    """Default worker reuse; each run's two ranks are two fresh processes and all-reduce correctly."""
+    assert spark.conf.get("spark.python.worker.reuse", "true") == "true"
+    runner = HorovodRunner(np=2, spark=spark)
+    seen_pids: set[int] = set()
+    for offset, main in ((0.0, all_reduce_main), (10.0, horovod_style_main), (100.0, all_reduce_main)):
+        records = runner.run_all(main, offset=offset)
+        values = [record.value for record in records]
+        assert [value["rank"] for value in values] == [0, 1]
+        assert all(value["sum"] == 3.0 + 2 * offset for value in values), values
+        pids = {record.pid for record in records}
+        assert len(pids) == 2 and os.getpid() not in pids and not pids & seen_pids
+        seen_pids |= pids
+        assert wait_until_gone(sorted(pids)) == []  # no orphaned trainers
+        if main is horovod_style_main:
+            assert all(value["keras"].startswith("tf_keras") for value in values)
+    assert runner.run(all_reduce_main, offset=1.0)["sum"] == 5.0  # run(): rank 0's value
+
+
+@pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
+def test_training_gives_identical_weights_and_each_rank_only_its_shard(sharded, np_: int) -> None:
+    records = HorovodRunner(np=np_, data=sharded).run_all(train_main, global_batch=GLOBAL_BATCH)
+    first, second = (record.value for record in records)
+    expected_steps = TRAIN_ROWS // GLOBAL_BATCH  # what np=1 takes with the same global batch
+    for rank, value in enumerate((first, second)):
+        assert value["steps"] == expected_steps == records[rank].steps
+        assert records[rank].examples_seen == expected_steps * GLOBAL_BATCH // 2
+        assert value["shard_rows"] == list(range(rank, TRAIN_ROWS, 2))
+        assert sorted(value["seen"]) == value["shard_rows"]  # all of its shard, nothing else, once
+    for after, before, other in zip(first["weights"], first["initial"], second["weights"]):
+        np.testing.assert_array_equal(after, other)
+    assert any(not np.array_equal(after, before) for after, before in zip(first["weights"], first["initial"]))
+
+
+@pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
+def test_a_raising_rank_ends_the_run_naming_it(spark, tmp_path: Path, np_: int) -> None:
+    with pytest.raises(RankFailedError) as caught:
+        HorovodRunner(np=np_, spark=spark, log_sink=None).run(failing_main, pid_dir=str(tmp_path))
+    failure = caught.value
+    assert failure.rank == 1 and failure.host
+    message = str(failure)
+    assert message.startswith(f"rank 1 on {failure.host} failed: ValueError: rank one broke on purpose")
+    assert "Traceback" in message and "failing_main" in message and "Py4J" not in message
+    assert wait_until_gone(read_pids(tmp_path)) == []  # rank 0, still sleeping, was killed with its task
+
+
+def test_a_crashing_rank_reports_exit_code_and_stderr(spark, tmp_path: Path) -> None:
+    with pytest.raises(RankFailedError) as caught:
+        HorovodRunner(np=2, spark=spark, log_sink=None).run(crashing_main, pid_dir=str(tmp_path))
+    assert caught.value.rank == 1 and caught.value.error.kind == CRASH and caught.value.error.exit_code == 7
+    assert "rank one about to crash" in str(caught.value)
+    assert wait_until_gone(read_pids(tmp_path)) == []
+
+
+@pytest.mark.parametrize(("how", "reason"), [("sleeps", "no progress"), ("stopped", "heartbeat")])
+def test_a_stalled_rank_ends_the_run_with_a_timeout_naming_it(spark, tmp_path: Path, how: str, reason: str) -> None:
+    runner = HorovodRunner(np=2, spark=spark, log_sink=None, progress_timeout_s=STALL_TIMEOUT_S)
+    with pytest.raises(RankStalledError) as caught:
+        runner.run(stalling_main, pid_dir=str(tmp_path), how=how)
+    assert caught.value.ranks == [1] and reason in caught.value.reason
+    assert "rank 1 on" in str(caught.value) and "progress_timeout_s=8" in str(caught.value)
+    assert wait_until_gone(read_pids(tmp_path)) == []
+
+
+def test_np_above_the_slots_fails_before_any_task_starts(spark) -> None:
+    with pytest.raises(PreflightError, match=r"np=3 .* only 2 task slots"):
+        HorovodRunner(np=3, spark=spark).run(failing_main, pid_dir="/nonexistent")

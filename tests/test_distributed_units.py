@@ -1,0 +1,142 @@
+"""Fast checks of the launcher's pieces that need neither Spark tasks nor TensorFlow."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from sparkml_mnist.distributed.monitor import ProgressMonitor
+from sparkml_mnist.distributed.records import (
+    CRASH,
+    EXCEPTION,
+    PreflightError,
+    RankError,
+    RankRecord,
+    failure_marker,
+    find_failure,
+)
+from sparkml_mnist.distributed.resources import check_barrier_run, local_master_slots
+from sparkml_mnist.distributed.runner import HorovodRunner
+from sparkml_mnist.errors import ConfigError, LaunchError
+
+TIMEOUT_S = 10.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_monitor_names_the_rank_behind_when_nobody_progresses() -> None:
+    clock = FakeClock()
+    monitor = ProgressMonitor(size=2, timeout_s=TIMEOUT_S, clock=clock)
+    assert monitor.check() is None  # nothing judged before any rank reports
+    monitor.heartbeat(0, progress=0, host="a")
+    monitor.heartbeat(1, progress=0, host="b")
+    for second in range(1, 30):  # both alive; rank 0 moved on at 2 s, rank 1 stuck at 1
+        clock.now = float(second)
+        monitor.heartbeat(0, progress=min(second, 2), host="a")
+        monitor.heartbeat(1, progress=min(second, 1), host="b")
+        if clock.now - 2 <= TIMEOUT_S:
+            assert monitor.check() is None, f"judged too early at {second} s"
+    verdict = monitor.check()
+    assert verdict is not None and verdict.ranks == [1] and verdict.hosts == ["b"]
+    assert "no progress" in verdict.reason
+
+
+def test_monitor_names_a_rank_that_stopped_sending_heartbeats() -> None:
+    clock = FakeClock()
+    monitor = ProgressMonitor(size=3, timeout_s=TIMEOUT_S, clock=clock)
+    for rank in range(3):
+        monitor.heartbeat(rank, progress=0)
+    for second in range(1, 15):  # ranks 0 and 2 keep progressing; rank 2 then finishes
+        clock.now = float(second)
+        monitor.heartbeat(0, progress=second)
+        monitor.heartbeat(2, progress=second, done=second > 5)
+    verdict = monitor.check()
+    assert verdict is not None and verdict.ranks == [1]
+    assert "heartbeat" in verdict.reason
+
+
+def test_monitor_keeps_a_progressing_run_and_ignores_finished_ranks() -> None:
+    clock = FakeClock()
+    monitor = ProgressMonitor(size=2, timeout_s=TIMEOUT_S, clock=clock)
+    monitor.heartbeat(0, progress=0)
+    monitor.heartbeat(1, progress=0, done=True)  # finished early, stays quiet: not stalled
+    for second in range(1, 60):
+        clock.now = float(second)
+        monitor.heartbeat(0, progress=second)
+        assert monitor.check() is None
+
+
+def test_failure_marker_survives_a_spark_message_round_trip() -> None:
+    error = RankError(EXCEPTION, "ValueError", "bad [value]", traceback="Traceback (most recent call last):\n  x\n")
+    text = f"py4j noise\n  at org.apache...\nLaunchError: rank 1 failed\n{failure_marker(1, 'host-b', error)}\n more"
+    failure = find_failure(text)
+    assert failure is not None and failure.rank == 1 and failure.host == "host-b"
+    assert failure.error == error
+    assert "rank 1 on host-b failed: ValueError: bad [value]" in str(failure)
+    assert find_failure("no marker here") is None
+
+
+def test_crash_message_carries_exit_code_and_stderr_tail() -> None:
+    failure = find_failure(failure_marker(0, "h", RankError(CRASH, "ProcessExited", "", exit_code=-9,
+                                                             output_tail="Killed by the OOM killer")))
+    assert failure is not None and "exited with code -9" in str(failure) and "OOM killer" in str(failure)
+
+
+def test_record_json_round_trip() -> None:
+    record = RankRecord(rank=1, host="h", pid=5, value="kept aside", steps=4, examples_seen=32,
+                        error=RankError(EXCEPTION, "E", "m"), timings={"tf_import_s": 4.5})
+    back = RankRecord.from_json(record.to_json(), value="v")
+    assert back.error == record.error and back.steps == 4 and back.value == "v" and back.timings == record.timings
+
+
+@pytest.mark.parametrize(("master", "slots"), [("local", 1), ("local[2]", 2), ("local[3,2]", 3), ("yarn", None)])
+def test_local_master_slots(master: str, slots: int | None) -> None:
+    assert local_master_slots(master) == slots
+
+
+@pytest.mark.parametrize("np", [0, True, 1.5])
+def test_np_must_be_a_non_zero_integer(np: object) -> None:
+    with pytest.raises(ConfigError, match="np must be a non-zero integer"):
+        HorovodRunner(np=np)  # type: ignore[arg-type]
+
+
+def _fake_session(conf: dict[str, str]) -> SimpleNamespace:
+    return SimpleNamespace(
+        conf=SimpleNamespace(get=lambda key, default=None: conf.get(key, default)),
+        sparkContext=SimpleNamespace(),  # no JVM: slots come from the master URL
+    )
+
+
+def test_dynamic_allocation_fails_pre_flight() -> None:
+    spark = _fake_session({"spark.master": "spark://cluster:7077", "spark.dynamicAllocation.enabled": "true"})
+    with pytest.raises(PreflightError, match="spark.dynamicAllocation.enabled=false"):
+        check_barrier_run(spark, 2, executor_wait_s=0)  # type: ignore[arg-type]
+
+
+def test_task_cpus_reduce_the_slots_of_a_local_master() -> None:
+    spark = _fake_session({"spark.master": "local[4]", "spark.task.cpus": "2"})
+    check_barrier_run(spark, 2)  # type: ignore[arg-type]
+    with pytest.raises(PreflightError, match="only 2 task slots"):
+        check_barrier_run(spark, 3)  # type: ignore[arg-type]
+    assert issubclass(PreflightError, LaunchError)
+
+
+def test_console_sink_hides_tensorflow_start_up_notices_but_not_errors(capsys):
+    from sparkml_mnist.distributed.channel import print_log_line
+
+    print_log_line(0, "stderr", "I0000 00:00:1795619532.308476   19121 port.cc:153] oneDNN custom operations are on.")
+    print_log_line(0, "stderr", "W0000 00:00:1795619535.703283   19121 dataset.cc:997] Input of GeneratorDatasetOp")
+    print_log_line(0, "stderr", "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR")
+    print_log_line(1, "stderr", "E0000 00:00:1795619535.238840   19118 cuda_platform.cc:52] failed call to cuInit")
+    print_log_line(1, "stdout", "variant1 epoch 1/3: loss 1.0471")
+    assert capsys.readouterr().err.splitlines() == [
+        "[rank 1] E0000 00:00:1795619535.238840   19118 cuda_platform.cc:52] failed call to cuInit",
+        "[rank 1] variant1 epoch 1/3: loss 1.0471",
+    ]
