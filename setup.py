@@ -26,6 +26,7 @@ setup(
     # the runtime there, and from the `local` extra on a machine without them.
     install_requires=[
         "numpy>=1.23,<3",
+        "packaging>=21",
         "pyarrow>=11",
         "PyYAML>=6,<7",
         "scikit-learn>=1.2,<2",

@@ -28,6 +28,7 @@ from sparkml_mnist.report import (
     format_summary_table,
     write_report,
 )
+from sparkml_mnist.versions import enforce_versions
 
 MODEL_FILE_SUFFIX = ".keras"
 PREDICT_BATCH = 1024  # driver-side inference batch: large batches are faster, memory is small
@@ -41,6 +42,7 @@ def run_job(
 ) -> Path:
     """Train every variant of ``run`` and write the report folder; returns its path."""
     started = time.perf_counter()
+    enforce_versions(log)  # an impossible pyspark / TensorFlow / tf_keras stops here, untested ones warn
     variants = run.load_variants()
     for variant in variants:
         variant.check_replicas(abs(run.np))
