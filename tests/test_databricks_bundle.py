@@ -1,0 +1,566 @@
+"""The Databricks Asset Bundle (databricks.yml + resources/*.yml) is valid and can run the job.
+
+The Databricks CLI cannot be installed here, so the bundle is checked the way ``databricks bundle
+validate`` would see it: the files are merged as the CLI merges its includes, validated against the
+bundle JSON schema the CLI publishes (``../shared/schemas/databricks-bundle.schema.json``), and then,
+per target with the variables filled in, checked for what the schema cannot know: that the entry
+point exists, that the parameters are ones ``sparkml-mnist train`` accepts, that ``np`` fits the
+cluster's GPU slots (else Spark waits ~10 minutes for a barrier stage, then fails), that the cluster
+cannot autoscale, that outputs go to a path the report writer can write. Mutated bundles show that
+each check reports what it should.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import io
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from sparkml_mnist.cli import build_parser
+from sparkml_mnist.config import load_data_spec, load_run
+from sparkml_mnist.errors import SparkMnistError
+from sparkml_mnist.platform import load_platform_settings
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE_FILE = REPO / "databricks.yml"
+SETUP_FILE = REPO / "setup.py"
+SHARED_ENV = "SPARKML_MNIST_SHARED"  # the shared folder (holds schemas/); default ../shared
+SCHEMA_IN_SHARED = Path("schemas") / "databricks-bundle.schema.json"
+
+JOB_KEY = "mnist_training"
+TARGET_MODES = {"dev": "development", "prod": "production"}
+DEFAULT_TARGET = "dev"
+TRAIN_COMMAND = "train"
+GPU_ML_RUNTIME = re.compile(r"-gpu-ml-")
+TASK_GPU_CONF = "spark.task.resource.gpu.amount"
+EXECUTOR_GPU_CONF = "spark.executor.resource.gpu.amount"
+DYNAMIC_ALLOCATION_CONF = "spark.dynamicAllocation.enabled"
+FUSE_ROOTS = ("/Volumes/", "/dbfs/")  # the report writer writes through the local filesystem
+RUN_ID_REFERENCE = "{{job.run_id}}"  # a fresh report folder per run: a non-empty --output is refused
+WHEEL_FOLDER = "dist"
+# What the job needs on the cluster and no ML runtime ships (README / docs/databricks.md say so).
+REQUIRED_PYPI = {"tensorflow": "2.21.0", "tf-keras": "2.21.0"}
+VAR_REFERENCE = re.compile(r"\$\{var\.([A-Za-z][\w-]*)\}")
+# Sequences that targets override item by item (matched on this key), as the CLI does.
+SEQUENCE_KEYS = {"tasks": "task_key", "job_clusters": "job_cluster_key"}
+
+
+class BundleError(ValueError):
+    """The bundle's files cannot be merged or resolved the way the Databricks CLI would."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and merging, as the Databricks CLI does
+
+
+@dataclass
+class Bundle:
+    document: dict[str, Any]  # databricks.yml with every included file merged in
+    root: Path  # the folder of databricks.yml: paths there are relative to it
+    job_files: dict[str, Path] = field(default_factory=dict)  # job key -> the file that defines it
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict):
+        raise BundleError(f"{path}: expected a mapping at the top level")
+    return document
+
+
+def merge_include(into: dict[str, Any], other: dict[str, Any], where: str) -> None:
+    """Merge an included file: mappings recursively, sequences appended, a changed value is an error.
+
+    The CLI refuses a resource key defined in two files; any other conflict is refused here too.
+    """
+    for key, value in other.items():
+        if key not in into:
+            into[key] = copy.deepcopy(value)
+        elif isinstance(into[key], dict) and isinstance(value, dict):
+            merge_include(into[key], value, f"{where}.{key}")
+        elif isinstance(into[key], list) and isinstance(value, list):
+            into[key].extend(copy.deepcopy(value))
+        elif into[key] != value:
+            raise BundleError(f"{where}.{key} is defined twice with different values")
+
+
+def load_bundle(bundle_file: Path = BUNDLE_FILE) -> Bundle:
+    root = bundle_file.parent
+    document = read_yaml(bundle_file)
+    bundle = Bundle(document=copy.deepcopy(document), root=root)
+    for job in (document.get("resources") or {}).get("jobs") or {}:
+        bundle.job_files[job] = bundle_file
+    for pattern in document.get("include") or []:
+        matches = sorted(root.glob(pattern))
+        if not matches:
+            raise BundleError(f"include pattern {pattern!r} matches no file under {root}")
+        for path in matches:
+            included = read_yaml(path)
+            for resource_type, resources in (included.get("resources") or {}).items():
+                known = (bundle.document.get("resources") or {}).get(resource_type) or {}
+                for key in resources or {}:
+                    if key in known:
+                        raise BundleError(f"{path}: resources.{resource_type}.{key} is already defined")
+                    if resource_type == "jobs":
+                        bundle.job_files[key] = path
+            merge_include(bundle.document, included, str(path.relative_to(root)))
+    return bundle
+
+
+def override(base: Any, update: Any) -> Any:
+    """A target's settings over the top-level ones: mappings recursively, keyed sequences by key."""
+    if isinstance(base, dict) and isinstance(update, dict):
+        merged = dict(base)
+        for key, value in update.items():
+            if key in SEQUENCE_KEYS and isinstance(base.get(key), list) and isinstance(value, list):
+                merged[key] = override_keyed(base[key], value, SEQUENCE_KEYS[key])
+            else:
+                merged[key] = override(base.get(key), value) if key in base else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(update)
+
+
+def override_keyed(base: list[Any], update: list[Any], key: str) -> list[Any]:
+    merged = [copy.deepcopy(item) for item in base]
+    positions = {item.get(key): i for i, item in enumerate(merged) if isinstance(item, dict)}
+    for item in update:
+        if isinstance(item, dict) and item.get(key) in positions:
+            merged[positions[item[key]]] = override(merged[positions[item[key]]], item)
+        else:
+            merged.append(copy.deepcopy(item))
+    return merged
+
+
+def variable_values(document: dict[str, Any]) -> dict[str, Any]:
+    values = {}
+    for name, spec in (document.get("variables") or {}).items():
+        if not isinstance(spec, dict) or "default" not in spec:
+            raise BundleError(f"variable {name!r} has no default: every deploy would have to set it")
+        values[name] = spec["default"]
+    return values
+
+
+def substitute(node: Any, values: dict[str, Any]) -> Any:
+    """Replace ``${var.x}``: a string that is only the reference takes the value with its type."""
+    if isinstance(node, dict):
+        return {key: substitute(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [substitute(value, values) for value in node]
+    if not isinstance(node, str):
+        return node
+
+    def lookup(name: str) -> Any:
+        if name not in values:
+            raise BundleError(f"${{var.{name}}} is used but the variable is not defined")
+        return values[name]
+
+    whole = VAR_REFERENCE.fullmatch(node)
+    if whole:
+        return lookup(whole.group(1))
+    return VAR_REFERENCE.sub(lambda match: str(lookup(match.group(1))), node)
+
+
+def resolve_target(document: dict[str, Any], target: str) -> dict[str, Any]:
+    """The configuration ``databricks bundle deploy -t target`` deploys, variables filled in."""
+    settings = (document.get("targets") or {}).get(target)
+    if not isinstance(settings, dict):
+        raise BundleError(f"target {target!r} is not defined")
+    resolved = {key: copy.deepcopy(value) for key, value in document.items() if key != "targets"}
+    for key, value in settings.items():
+        if key not in ("mode", "default", "variables"):
+            resolved[key] = override(resolved.get(key), value)
+    variables = resolved.setdefault("variables", {})
+    for name, value in (settings.get("variables") or {}).items():
+        if name not in variables:
+            raise BundleError(f"target {target!r} sets variable {name!r}, which is not defined")
+        variables[name] = {**variables[name], "default": value["default"] if isinstance(value, dict) else value}
+    values = variable_values(resolved)
+    values = {name: substitute(value, values) for name, value in values.items()}  # defaults using others
+    return substitute(resolved, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks the schema cannot make
+
+
+def console_scripts(setup_file: Path = SETUP_FILE) -> tuple[str, dict[str, str]]:
+    """The distribution name and console scripts declared in setup.py, read without running it."""
+    tree = ast.parse(setup_file.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            keywords = {keyword.arg: keyword.value for keyword in node.keywords}
+            name = ast.literal_eval(keywords["name"])
+            entry_points = ast.literal_eval(keywords.get("entry_points", ast.Constant({})))
+            scripts = dict(line.split("=", 1) for line in entry_points.get("console_scripts", []))
+            return name, {key.strip(): value.strip() for key, value in scripts.items()}
+    raise BundleError(f"{setup_file}: no setup(...) call")
+
+
+def parse_train_arguments(parameters: list[Any]) -> tuple[Any | None, str | None]:
+    """The parameters as ``sparkml-mnist`` parses them: (namespace, None) or (None, argparse's message)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return build_parser().parse_args([str(value) for value in parameters]), None
+    except SystemExit:
+        return None, stderr.getvalue().strip().splitlines()[-1]
+
+
+def gpu_amount(spark_conf: dict[str, Any], key: str, problems: list[str], where: str) -> float | None:
+    if key not in spark_conf:
+        problems.append(f"{where}: spark_conf has no {key}: Spark would not give each rank a GPU")
+        return None
+    try:
+        amount = float(spark_conf[key])
+    except (TypeError, ValueError):
+        problems.append(f"{where}: spark_conf {key}={spark_conf[key]!r} is not a number")
+        return None
+    if amount <= 0:
+        problems.append(f"{where}: spark_conf {key}={spark_conf[key]!r} must be positive")
+        return None
+    return amount
+
+
+def cluster_problems(cluster: dict[str, Any], np: int, where: str) -> list[str]:
+    """A training cluster: GPU ML runtime, fixed size, GPU scheduling, enough barrier slots for ``np``."""
+    problems: list[str] = []
+    if not GPU_ML_RUNTIME.search(str(cluster.get("spark_version", ""))):
+        problems.append(f"{where}: spark_version {cluster.get('spark_version')!r} is not a GPU ML runtime")
+    if "autoscale" in cluster:
+        problems.append(f"{where}: autoscale is set; barrier mode needs a fixed num_workers")
+    workers = cluster.get("num_workers")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        problems.append(f"{where}: num_workers must be a fixed positive integer, got {workers!r}")
+        workers = None
+    spark_conf = cluster.get("spark_conf") or {}
+    if str(spark_conf.get(DYNAMIC_ALLOCATION_CONF, "")).lower() != "false":
+        problems.append(f"{where}: {DYNAMIC_ALLOCATION_CONF} must be \"false\" (the launcher refuses it)")
+    per_task = gpu_amount(spark_conf, TASK_GPU_CONF, problems, where)
+    per_executor = gpu_amount(spark_conf, EXECUTOR_GPU_CONF, problems, where)
+    if workers is not None and per_task and per_executor:
+        slots = workers * int(per_executor // per_task)
+        if np > slots:
+            problems.append(
+                f"{where}: np={np} barrier tasks but only {slots} GPU slots "
+                f"({workers} workers x {per_executor:g} GPUs / {per_task:g} per task)"
+            )
+    return problems
+
+
+def library_problems(bundle: Bundle, job: str, libraries: list[dict[str, Any]], where: str) -> list[str]:
+    """The task installs the bundle's own wheel (path relative to its file) and TF 2.21 + tf_keras."""
+    problems: list[str] = []
+    defined_in = bundle.job_files.get(job, BUNDLE_FILE).parent
+    wheels = [entry["whl"] for entry in libraries if "whl" in entry]
+    wheel_dir = (bundle.root / WHEEL_FOLDER).resolve()
+    if not any(Path(os.path.normpath(defined_in / wheel)).parent == wheel_dir for wheel in wheels):
+        problems.append(
+            f"{where}: no whl library points at {wheel_dir} (paths are relative to "
+            f"{defined_in.relative_to(bundle.root) or '.'}/), got {wheels}"
+        )
+    pinned: dict[str, Requirement] = {}
+    for entry in libraries:
+        if "pypi" in entry:
+            try:
+                requirement = Requirement(entry["pypi"]["package"])
+            except InvalidRequirement as error:
+                problems.append(f"{where}: pypi {entry['pypi']['package']!r}: {error}")
+                continue
+            pinned[canonicalize_name(requirement.name)] = requirement
+    for name, version in REQUIRED_PYPI.items():
+        requirement = pinned.get(canonicalize_name(name))
+        if requirement is None or not requirement.specifier.contains(version):
+            problems.append(f"{where}: needs a pypi library {name} that allows {version}, got {requirement}")
+    return problems
+
+
+def task_problems(bundle: Bundle, config: dict[str, Any], job: str, task: dict[str, Any]) -> list[str]:
+    where = f"resources.jobs.{job}.tasks[{task.get('task_key')}]"
+    wheel_task = task.get("python_wheel_task")
+    if wheel_task is None:
+        return []
+    problems: list[str] = []
+    distribution, scripts = console_scripts()
+    if canonicalize_name(str(wheel_task.get("package_name"))) != canonicalize_name(distribution):
+        problems.append(f"{where}: package_name {wheel_task.get('package_name')!r} is not {distribution!r}")
+    if wheel_task.get("entry_point") not in scripts:
+        problems.append(
+            f"{where}: entry_point {wheel_task.get('entry_point')!r} is not a console script in setup.py "
+            f"({sorted(scripts)})"
+        )
+    args, error = parse_train_arguments(wheel_task.get("parameters") or [])
+    if args is None:
+        return problems + [f"{where}: parameters rejected by sparkml-mnist: {error}"]
+    if args.command != TRAIN_COMMAND:
+        return problems
+    try:
+        np = args.np if args.np is not None else load_run(args.conf).np
+    except SparkMnistError as error:
+        return problems + [f"{where}: --conf {args.conf!r}: {error}"]
+    if np < 1:
+        problems.append(f"{where}: np={np} runs on the driver only; a GPU job cluster needs np >= 1")
+    if not args.output or not args.output.startswith(FUSE_ROOTS):
+        problems.append(f"{where}: --output {args.output!r} must be a FUSE path under {' or '.join(FUSE_ROOTS)}")
+    elif RUN_ID_REFERENCE not in args.output:
+        problems.append(f"{where}: --output {args.output!r} has no {RUN_ID_REFERENCE}: a second run is refused")
+    job_clusters = config["resources"]["jobs"][job].get("job_clusters") or []
+    clusters = {entry.get("job_cluster_key"): entry for entry in job_clusters}
+    cluster_key = task.get("job_cluster_key")
+    if cluster_key not in clusters or "new_cluster" not in clusters[cluster_key]:
+        problems.append(f"{where}: training needs a job cluster (job_cluster_key with new_cluster)")
+    else:
+        problems += cluster_problems(clusters[cluster_key]["new_cluster"], np, f"{where} cluster {cluster_key}")
+    problems += library_problems(bundle, job, task.get("libraries") or [], where)
+    return problems
+
+
+def artifact_problems(bundle: Bundle) -> list[str]:
+    """An artifact builds this project's wheel into the folder the task installs it from."""
+    for name, artifact in (bundle.document.get("artifacts") or {}).items():
+        if (bundle.root / str(artifact.get("path", "."))).resolve() != SETUP_FILE.parent:
+            continue
+        build = shlex.split(str(artifact.get("build", "")))
+        if artifact.get("type") == "whl" and not build:
+            return []  # the CLI's own build writes to <path>/dist
+        if "wheel" in build and "-w" in build and build[build.index("-w") + 1] == WHEEL_FOLDER:
+            return []
+        return [f"artifacts.{name}: build {artifact.get('build')!r} does not write the wheel to {WHEEL_FOLDER}/"]
+    return [f"no artifact builds the wheel of {SETUP_FILE.parent}"]
+
+
+def target_problems(document: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    targets = document.get("targets") or {}
+    for target, mode in TARGET_MODES.items():
+        actual = (targets.get(target) or {}).get("mode")
+        if actual != mode:
+            problems.append(f"targets.{target}: mode must be {mode!r}, got {actual!r}")
+    defaults = [name for name, settings in targets.items() if (settings or {}).get("default")]
+    if defaults != [DEFAULT_TARGET]:
+        problems.append(f"targets: exactly {DEFAULT_TARGET!r} should be the default, got {defaults}")
+    return problems
+
+
+def bundle_problems(bundle: Bundle) -> list[str]:
+    """Everything wrong with the bundle that its schema cannot see, for every target."""
+    problems = artifact_problems(bundle) + target_problems(bundle.document)
+    for target in TARGET_MODES:
+        try:
+            config = resolve_target(bundle.document, target)
+        except BundleError as error:
+            problems.append(f"target {target}: {error}")
+            continue
+        for job, settings in ((config.get("resources") or {}).get("jobs") or {}).items():
+            for task in settings.get("tasks") or []:
+                problems += [f"target {target}: {p}" for p in task_problems(bundle, config, job, task)]
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The published schema, with \p{L} patterns
+
+
+def schema_path() -> Path:
+    shared = os.environ.get(SHARED_ENV)
+    return (Path(shared) if shared else REPO.parent / "shared") / SCHEMA_IN_SHARED
+
+
+@pytest.fixture(scope="module")
+def bundle_validator():
+    """A Draft 7 validator whose ``pattern`` uses the ``regex`` package.
+
+    The schema comes from the Go CLI and uses ``\\p{L}``-style classes that Python's ``re`` cannot
+    compile (``re.error: bad escape \\p``); ``regex`` understands them.
+    """
+    path = schema_path()
+    if not path.is_file():
+        pytest.skip(f"bundle schema not found at {path} (set {SHARED_ENV} to the folder holding schemas/)")
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with the [test] extra")
+    regex = pytest.importorskip("regex", reason="regex comes with the [test] extra")
+    import json
+
+    compile_pattern = lru_cache(maxsize=None)(regex.compile)
+
+    def pattern(validator, expected: str, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+        if validator.is_type(instance, "string") and not compile_pattern(expected).search(instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {expected!r}")
+
+    validator_class = jsonschema.validators.extend(jsonschema.Draft7Validator, {"pattern": pattern})
+    return validator_class(json.loads(path.read_text(encoding="utf-8")))
+
+
+def leaf_errors(validator, document: dict[str, Any]) -> list[tuple[str, str]]:
+    """(JSON path, message) of the innermost errors, deepest first: a oneOf's own error says only
+    "not valid", and its shallow branches (a whole mapping "is not of type 'string'") say little."""
+    leaves: list[tuple[str, str]] = []
+
+    def walk(error) -> None:
+        if error.context:
+            for inner in error.context:
+                walk(inner)
+        else:
+            leaves.append((error.json_path, error.message))
+
+    for error in validator.iter_errors(document):
+        walk(error)
+    return sorted(leaves, key=lambda leaf: (-leaf[0].count(".") - leaf[0].count("["), leaf))
+
+
+def schema_report(validator, document: dict[str, Any], shown: int = 10) -> str:
+    return "\n".join(f"{where}: {message[:200]}" for where, message in leaf_errors(validator, document)[:shown])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.fixture
+def bundle() -> Bundle:
+    return load_bundle()
+
+
+def test_every_resource_file_is_included(bundle):
+    patterns = bundle.document.get("include") or []
+    included = {path for pattern in patterns for path in REPO.glob(pattern)}
+    assert sorted(REPO.glob("resources/*.yml")), "resources/ holds no .yml file"
+    assert set(REPO.glob("resources/*.yml")) <= included, f"resources/*.yml not matched by include {patterns}"
+    assert JOB_KEY in bundle.document["resources"]["jobs"]
+    assert bundle.job_files[JOB_KEY].parent == REPO / "resources"
+
+
+def test_bundle_matches_the_published_schema(bundle, bundle_validator):
+    assert bundle_validator.is_valid(bundle.document), schema_report(bundle_validator, bundle.document)
+
+
+@pytest.mark.parametrize("target", TARGET_MODES)
+def test_each_target_with_variables_filled_in_matches_the_schema(bundle, bundle_validator, target):
+    config = resolve_target(bundle.document, target)
+    assert bundle_validator.is_valid(config), schema_report(bundle_validator, config)
+
+
+def test_schema_reports_a_worker_count_that_is_not_a_number(bundle, bundle_validator):
+    mutated = copy.deepcopy(bundle.document)
+    mutated["resources"]["jobs"][JOB_KEY]["job_clusters"][0]["new_cluster"]["num_workers"] = "two"
+    paths = {where for where, _ in leaf_errors(bundle_validator, mutated)}
+    assert f"$.resources.jobs.{JOB_KEY}.job_clusters[0].new_cluster.num_workers" in paths
+
+
+def test_schema_reports_a_misspelt_task_field(bundle, bundle_validator):
+    mutated = copy.deepcopy(bundle.document)
+    wheel_task = mutated["resources"]["jobs"][JOB_KEY]["tasks"][0]["python_wheel_task"]
+    wheel_task["entrypoint"] = wheel_task.pop("entry_point")
+    messages = [m for where, m in leaf_errors(bundle_validator, mutated) if where.endswith(".python_wheel_task")]
+    assert any("entrypoint" in m for m in messages) and any("entry_point" in m for m in messages), messages
+
+
+def test_bundle_has_no_problems_the_schema_cannot_see(bundle):
+    assert bundle_problems(bundle) == []
+
+
+def test_data_default_is_the_databricks_dataset(bundle):
+    assert bundle.document["variables"]["data_dir"]["default"] == load_data_spec().databricks_data_dir
+    parameters = bundle.document["resources"]["jobs"][JOB_KEY]["tasks"][0]["python_wheel_task"]["parameters"]
+    assert parameters[parameters.index("--data") + 1] == "${var.data_dir}"
+
+
+def test_output_default_agrees_with_the_platform_default(bundle):
+    default = bundle.document["variables"]["output_dir"]["default"]
+    assert default.startswith(FUSE_ROOTS)
+    assert default == load_platform_settings().databricks_output_root
+
+
+def test_every_variant_is_trained(bundle):
+    config = resolve_target(bundle.document, DEFAULT_TARGET)
+    tasks = config["resources"]["jobs"][JOB_KEY]["tasks"]
+    trained = []
+    for task in tasks:
+        args, error = parse_train_arguments(task["python_wheel_task"]["parameters"])
+        assert error is None
+        variants = ",".join(args.variant) if args.variant else None
+        trained.extend(load_run(args.conf).with_overrides(variants=variants).variants)
+    assert sorted(trained) == [f"variant{i}" for i in range(1, 5)]
+
+
+# Mutations of the merged bundle, each with the words its problem must contain.
+def _cluster(document: dict[str, Any]) -> dict[str, Any]:
+    return document["resources"]["jobs"][JOB_KEY]["job_clusters"][0]["new_cluster"]
+
+
+def _task(document: dict[str, Any]) -> dict[str, Any]:
+    return document["resources"]["jobs"][JOB_KEY]["tasks"][0]
+
+
+def _parameter(document: dict[str, Any], flag: str, value: str) -> None:
+    parameters = _task(document)["python_wheel_task"]["parameters"]
+    parameters[parameters.index(flag) + 1] = value
+
+
+MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
+    "autoscale": (lambda d: _cluster(d).update(autoscale={"min_workers": 1, "max_workers": 4}), "autoscale"),
+    "too few workers": (lambda d: d["variables"]["num_workers"].update(default=1), "only 1 GPU slots"),
+    "np above slots": (lambda d: d["variables"]["np"].update(default="3"), "np=3 barrier tasks"),
+    "prod too small": (lambda d: d["targets"]["prod"].update(variables={"num_workers": 1}), "target prod"),
+    "worker count not a number": (lambda d: d["variables"]["num_workers"].update(default="two"), "num_workers"),
+    "no task GPU": (lambda d: _cluster(d)["spark_conf"].pop(TASK_GPU_CONF), TASK_GPU_CONF),
+    "dynamic allocation": (
+        lambda d: _cluster(d)["spark_conf"].update({DYNAMIC_ALLOCATION_CONF: "true"}),
+        "dynamicAllocation",
+    ),
+    "CPU runtime": (lambda d: d["variables"]["spark_version"].update(default="17.3.x-scala2.13"), "GPU ML runtime"),
+    "unknown entry point": (lambda d: _task(d)["python_wheel_task"].update(entry_point="mnist"), "console script"),
+    "other package": (lambda d: _task(d)["python_wheel_task"].update(package_name="mnist"), "package_name"),
+    "bad argument": (lambda d: _task(d)["python_wheel_task"]["parameters"].append("--bogus"), "--bogus"),
+    "driver only": (lambda d: d["variables"]["np"].update(default="-2"), "driver only"),
+    "dbfs URI output": (lambda d: d["variables"]["output_dir"].update(default="dbfs:/tmp/x"), "FUSE path"),
+    "same output every run": (lambda d: _parameter(d, "--output", "${var.output_dir}/latest"), "job.run_id"),
+    "wheel path not relative to its file": (lambda d: _task(d)["libraries"][0].update(whl="./dist/*.whl"), "no whl"),
+    "no tf_keras": (lambda d: _task(d)["libraries"].pop(2), "tf-keras"),
+    "old TensorFlow": (
+        lambda d: d["variables"]["tensorflow_requirement"].update(default="tensorflow==2.15.*"),
+        "tensorflow",
+    ),
+    "undefined variable": (lambda d: _parameter(d, "--np", "${var.gpus}"), "${var.gpus}"),
+    "prod not production": (lambda d: d["targets"]["prod"].update(mode="development"), "targets.prod"),
+    "no default target": (lambda d: d["targets"]["dev"].pop("default"), "default"),
+    "wheel built elsewhere": (
+        lambda d: d["artifacts"]["sparkml_mnist_wheel"].update(build="python -m pip wheel -w out ."),
+        "artifacts",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_a_broken_bundle_is_reported(bundle, mutation):
+    mutate, expected = MUTATIONS[mutation]
+    assert bundle_problems(bundle) == []
+    mutate(bundle.document)
+    problems = bundle_problems(bundle)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_the_same_resource_in_two_files_is_refused(tmp_path):
+    job = {"resources": {"jobs": {JOB_KEY: {"name": "a"}}}}
+    (tmp_path / "resources").mkdir()
+    root = {"bundle": {"name": "b"}, "include": ["resources/*.yml"], **job}
+    (tmp_path / "databricks.yml").write_text(yaml.safe_dump(root))
+    (tmp_path / "resources" / "job.yml").write_text(yaml.safe_dump(job))
+    with pytest.raises(BundleError, match="already defined"):
+        load_bundle(tmp_path / "databricks.yml")
+
+
+def test_an_include_that_matches_nothing_is_refused(tmp_path):
+    (tmp_path / "databricks.yml").write_text(yaml.safe_dump({"bundle": {"name": "b"}, "include": ["jobs/*.yml"]}))
+    with pytest.raises(BundleError, match="matches no file"):
+        load_bundle(tmp_path / "databricks.yml")
