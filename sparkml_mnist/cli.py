@@ -48,7 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--progress-timeout", type=float, metavar="SECONDS", help="end the run if a rank makes no progress this long")
     train.add_argument("--master", help="Spark master (default: spark-submit's, else local[*])")
     train.set_defaults(handler=_run_training)
+    _add_download_command(commands)
     return parser
+
+
+def _add_download_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    download = commands.add_parser(
+        "download-data",
+        help="fetch canonical MNIST, verify its checksums, write the LIBSVM .bz2 files to DIR",
+        description="Download the four MNIST IDX files (conf/download.yaml), check them, convert them to "
+        "mnist-digits-{train,test}.txt.bz2 in DIR; does nothing when DIR already holds them.",
+    )
+    download.add_argument("dir", metavar="DIR", help="folder for the LIBSVM files (created if missing)")
+    download.add_argument("--mirror", metavar="URL", help="mirror folder URL (default: conf/download.yaml's)")
+    download.add_argument("--force", action="store_true", help="download and convert again even if DIR is complete")
+    download.set_defaults(handler=_run_download)
+
+
+def _run_download(args: argparse.Namespace) -> None:
+    from sparkml_mnist.data.download import download_mnist
+
+    paths = download_mnist(args.dir, mirror_url=args.mirror, force=args.force, say=print)
+    print(f"ready: --data {args.dir}  (train: {paths.train}, test: {paths.test})")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
