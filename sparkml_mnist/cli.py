@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Sequence
@@ -80,24 +79,30 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_training(args: argparse.Namespace) -> None:
-    from sparkml_mnist.config import load_data_spec, load_run
-    from sparkml_mnist.data.paths import DATABRICKS_RUNTIME_ENV
+    from sparkml_mnist import platform as runtime_platform
+    from sparkml_mnist.config import load_run
     from sparkml_mnist.job import run_job
     from sparkml_mnist.session import create_spark
 
     if args.data and (args.train or args.test):
         raise SparkMnistError("give either --data DIR or --train/--test PATH, not both")
     data = args.data
-    if not (args.data or args.train or args.test) and os.environ.get(DATABRICKS_RUNTIME_ENV):
-        data = load_data_spec().databricks_data_dir  # on Databricks the runtime's copy is the default
-    run = load_run(args.conf).with_overrides(
+    if not (args.data or args.train or args.test):
+        data = runtime_platform.default_data_dir() or data  # on Databricks: the runtime's copy of MNIST
+    run = load_run(args.conf)
+    output = args.output
+    if output is None:
+        output = runtime_platform.default_output_dir(run.name)  # None off Databricks: the run config's
+    elif runtime_platform.is_databricks():
+        output = runtime_platform.fuse_path(output, "--output")  # the report is written through /dbfs or /Volumes
+    run = run.with_overrides(
         variants=",".join(args.variant) if args.variant else None,
         np=args.np,
         epochs=args.epochs,
         data=data,
         train=args.train,
         test=args.test,
-        output=args.output,
+        output=output,
         seed=args.seed,
         progress_timeout_s=args.progress_timeout,
     )
@@ -154,8 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except SparkMnistError as error:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        if _on_databricks():
+            # A wheel task may ignore the entry point's return value: fail the task run explicitly.
+            raise SystemExit(EXIT_BAD_INPUT) from None
         return EXIT_BAD_INPUT
     return 0
+
+
+def _on_databricks() -> bool:
+    from sparkml_mnist import platform as runtime_platform
+
+    return runtime_platform.is_databricks()
 
 
 if __name__ == "__main__":

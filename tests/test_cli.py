@@ -63,3 +63,19 @@ def test_unknown_option_is_argparse_usage_error(capsys):
     with pytest.raises(SystemExit) as caught:
         main(["data", "--bogus"])
     assert caught.value.code == 2
+
+
+def test_on_databricks_an_error_fails_the_task_run(monkeypatch, capsys):
+    # A Databricks wheel task may ignore main()'s return value: the error must raise SystemExit(2).
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "--np", "0"])
+    assert caught.value.code == EXIT_BAD_INPUT
+    assert "field 'np' is 0" in capsys.readouterr().err
+
+
+def test_on_databricks_output_must_be_reachable_through_fuse(monkeypatch, capsys):
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    with pytest.raises(SystemExit):
+        main(["train", "--output", "s3://bucket/reports"])
+    assert "--output" in capsys.readouterr().err
