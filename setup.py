@@ -41,6 +41,7 @@ setup(
         ],
         "test": [
             "pytest>=8,<10",
+            "pyspark[connect]>=4.0,<4.4",  # the Spark Connect client, for tests/test_connect.py
             "jsonschema>=4.20,<5",
             "regex>=2024.4",
         ],

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--validation-split", type=float, default=0.1, help="last fraction of training rows held out (default 0.1)"
     )
-    data.add_argument("--master", help="Spark master (default: spark-submit's, else local[*])")
+    data.add_argument("--master", help="Spark master, or sc://HOST:PORT for Spark Connect (default: spark-submit's or SPARK_REMOTE, else local[*])")
     data.set_defaults(handler=_run_data_preview)
 
     train = commands.add_parser(
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     train.add_argument("--seed", type=int, help="random seed (same on every rank)")
     train.add_argument("--progress-timeout", type=float, metavar="SECONDS", help="end the run if a rank makes no progress this long")
-    train.add_argument("--master", help="Spark master (default: spark-submit's, else local[*])")
+    train.add_argument("--master", help="Spark master, or sc://HOST:PORT for Spark Connect (default: spark-submit's or SPARK_REMOTE, else local[*])")
     train.set_defaults(handler=_run_training)
     _add_download_command(commands)
     return parser

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
@@ -107,7 +110,36 @@ class DataSpec:
 
 def default_conf_file(name: str) -> Path:
     """A file of the configuration shipped with the package (the repository's ``conf/``)."""
-    return Path(str(resources.files(DEFAULT_CONF_PACKAGE).joinpath(name)))
+    return package_folder(DEFAULT_CONF_PACKAGE) / name
+
+
+@lru_cache(maxsize=None)
+def package_folder(package: str, *parts: str) -> Path:
+    """A folder shipped inside a package, as a real directory.
+
+    Installed, that is the folder itself. Imported from a zip (the wheel that ``spark-submit
+    --py-files`` puts on ``sys.path``) it has no file-system path: it is copied once per
+    process into a temporary folder, removed at exit.
+    """
+    source = resources.files(package)
+    for part in parts:
+        source = source.joinpath(part)
+    path = Path(str(source))
+    if path.is_dir():
+        return path
+    copy = Path(tempfile.mkdtemp(prefix="sparkml-mnist-" + "-".join((package, *parts)).replace(".", "-") + "-"))
+    atexit.register(shutil.rmtree, copy, True)
+    _copy_tree(source, copy)
+    return copy
+
+
+def _copy_tree(source: Any, target: Path) -> None:
+    for item in source.iterdir():
+        if item.is_dir():
+            (target / item.name).mkdir()
+            _copy_tree(item, target / item.name)
+        else:
+            (target / item.name).write_bytes(item.read_bytes())
 
 
 @lru_cache(maxsize=None)

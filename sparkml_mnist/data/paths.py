@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sparkml_mnist.config import DataSpec, load_data_spec
+from sparkml_mnist.config import DataSpec, load_data_spec, package_folder
 from sparkml_mnist.errors import ConfigError
 
 DATA_DIR_ENV = "SPARKML_MNIST_DATA"
@@ -25,7 +24,7 @@ class DatasetPaths:
 
 
 def sample_dir() -> Path:
-    return Path(str(resources.files(SAMPLE_PACKAGE).joinpath(SAMPLE_FOLDER)))
+    return package_folder(SAMPLE_PACKAGE, SAMPLE_FOLDER)  # a real folder, also from a zipped wheel
 
 
 def sample_paths() -> DatasetPaths:

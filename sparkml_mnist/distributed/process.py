@@ -72,7 +72,19 @@ def child_environment(spec: RankSpec, backend_env: dict[str, str]) -> dict[str, 
     env.setdefault(TF_LOG_LEVEL_ENV, TF_LOG_LEVEL_DEFAULT)
     env["PYTHONUNBUFFERED"] = "1"
     env[PARENT_PID_ENV] = str(os.getpid())
+    shipped = shipped_code_paths()
+    if shipped:  # the rank's interpreter must import the package (and the user's code) as this one does
+        env["PYTHONPATH"] = os.pathsep.join([*shipped, *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def shipped_code_paths() -> list[str]:
+    """``sys.path`` entries that are archives: code shipped with ``--py-files`` or ``addPyFile``.
+
+    pyspark's Python worker inserts those (.zip, .egg) into its own ``sys.path`` only, not into
+    ``PYTHONPATH``, so a child process started from a task would not find the package.
+    """
+    return [path for path in sys.path if path and os.path.isfile(path)]
 
 
 class RankProcess:
