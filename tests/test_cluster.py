@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -38,92 +37,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from spark_processes import (
+    LOCALHOST,
+    LOG_TAIL_CHARS,
+    POLL_S,
+    STOP_TIMEOUT_S,
+    free_port,
+    marked_pids,
+    spark_home,
+    stop_group,
+    tail,
+)
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
-LOCALHOST = "127.0.0.1"
 MARKER_ENV = "SPARKML_MNIST_TEST_CLUSTER"
 WORKERS = 2
 WORKER_MEMORY = "1536m"
 TRAIN_ROWS, TEST_ROWS = 1280, 200
 START_TIMEOUT_S = 180.0  # JVM start-up on a busy 2-core machine
 JOB_TIMEOUT_S = 540.0
-STOP_TIMEOUT_S = 20.0
-POLL_S = 0.5
-LOG_TAIL_CHARS = 4000
 # Files a wheel build needs; copied so the build writes nothing into the repository.
 WHEEL_SOURCES = ("setup.py", "README.md", "sparkml_mnist", "conf")
 PID_LINE = re.compile(r"Started daemon with process name: (\d+)@")
-
-
-def spark_home() -> Path:
-    import pyspark
-
-    return Path(pyspark.__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return f"<no {path}>"
-
-
-def marked_pids(marker: str) -> list[int]:
-    """Pids of live processes whose environment carries this run's marker (inherited by all of them)."""
-    needle = f"{MARKER_ENV}={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:  # gone, or not ours
-            continue
-        if state != "Z" and needle in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group (its leader was started with start_new_session), then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(STOP_TIMEOUT_S)
-            if sig == signal.SIGTERM:  # give the group's other members (executors) a moment too
-                deadline = time.monotonic() + STOP_TIMEOUT_S
-                while time.monotonic() < deadline and _group_alive(process.pid):
-                    time.sleep(POLL_S)
-                if not _group_alive(process.pid):
-                    break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 @dataclass
@@ -164,14 +101,14 @@ class Cluster:
         """Stop everything started here (newest first); returns the pids that outlived their group."""
         for _, process in reversed(self.processes):
             stop_group(process)
-        leftovers = marked_pids(self.marker)
+        leftovers = marked_pids(MARKER_ENV, self.marker)
         for pid in leftovers:  # e.g. something that left its group; only processes carrying our marker
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while marked_pids(self.marker) and time.monotonic() < deadline:
+        while marked_pids(MARKER_ENV, self.marker) and time.monotonic() < deadline:
             time.sleep(POLL_S)
         return leftovers
 
@@ -237,7 +174,7 @@ def cluster(tmp_path_factory):
         yield cluster
     finally:
         leftovers = cluster.stop()
-    assert not marked_pids(marker), "processes of the test cluster are still running after teardown"
+    assert not marked_pids(MARKER_ENV, marker), "processes of the test cluster are still running after teardown"
     assert not leftovers, f"processes outlived their process group and had to be killed one by one: {leftovers}"
 
 

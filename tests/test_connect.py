@@ -20,27 +20,31 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
+from spark_processes import (
+    LOCALHOST,
+    LOG_TAIL_CHARS,
+    POLL_S,
+    free_port,
+    marked_pids,
+    spark_home,
+    stop_group,
+    tail,
+)
 
 pytestmark = pytest.mark.connect
 
-LOCALHOST = "127.0.0.1"
 MARKER_ENV = "SPARKML_MNIST_TEST_CONNECT"
 SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 SERVER_READY_LINE = "Spark Connect server started at"
 START_TIMEOUT_S = 180.0
 CLIENT_TIMEOUT_S = 480.0
 CLI_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
-POLL_S = 0.5
-LOG_TAIL_CHARS = 4000
 TRAIN_ROWS, TEST_ROWS, NP = 1280, 200, 2
 ROWS_PER_SHARD = 576  # 1,280 rows, last 10% held out: 1,152 training rows over 2 shards
 
@@ -200,55 +204,6 @@ def _():
 # ---------------------------------------------------------------------------------------------
 
 
-def spark_home() -> Path:
-    import pyspark
-
-    return Path(pyspark.__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return f"<no {path}>"
-
-
-def marked_pids(marker: str) -> list[int]:
-    """Live processes whose environment carries this run's marker (the server and its Python workers)."""
-    needle = f"{MARKER_ENV}={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and needle in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(STOP_TIMEOUT_S)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def connect_url(tmp_path_factory):
     """``sc://127.0.0.1:PORT`` of a Spark Connect server (local[2]) started for this module."""
@@ -285,7 +240,7 @@ def connect_url(tmp_path_factory):
         yield f"sc://{LOCALHOST}:{port}"
     finally:
         stop_group(server)
-        leftovers = marked_pids(marker)
+        leftovers = marked_pids(MARKER_ENV, marker)
         for pid in leftovers:
             try:
                 os.kill(pid, signal.SIGKILL)

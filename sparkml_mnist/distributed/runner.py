@@ -25,7 +25,7 @@ from sparkml_mnist.distributed import barrier, local, resources
 from sparkml_mnist.distributed.backends import DEFAULT_BACKEND, get_backend
 from sparkml_mnist.distributed.channel import ChannelServer, Event, LogSink, print_log_line
 from sparkml_mnist.distributed.monitor import ProgressMonitor
-from sparkml_mnist.distributed.records import RankFailedError, RankRecord, RankStalledError, find_failure
+from sparkml_mnist.distributed.records import RankRecord, RankStalledError, find_failure
 from sparkml_mnist.errors import ConfigError, LaunchError
 
 DEFAULT_PROGRESS_TIMEOUT_S = 600.0  # must exceed the slowest step and any rank-0-only work
