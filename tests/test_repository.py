@@ -33,3 +33,19 @@ def test_console_script_points_at_a_real_function():
     assert target
     module = __import__(target.group(1), fromlist=[target.group(2)])
     assert callable(getattr(module, target.group(2)))
+
+
+def test_the_installed_package_carries_its_conf_outside_the_checkout(tmp_path):
+    # conf/ is mapped into the package as sparkml_mnist.conf; `setup.py develop` (what pip falls back
+    # to without pyproject.toml once `wheel` is installed) would lose that mapping.
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", "from sparkml_mnist.config import load_run; print(load_run('sample').name)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "sample"
