@@ -566,6 +566,10 @@ def _annotation_font_size(largest: int) -> float:
     return max(SMALLEST_FONT_SIZE, FONT_SIZE - extra_digits)
 
 
+COMPARISON_SIDE_MARGIN = 0.2  # x-axis units (one unit = one variant)
+REFERENCE_LABEL_ROOM = 0.5  # x-axis units right of the last bar, for its lab-reference label
+
+
 def comparison_figure(results: Sequence[VariantResult]) -> Figure:
     """Test accuracy per variant as bars, the lab's figure for each as a marker over its bar."""
     width = max(COMPARISON_MIN_WIDTH, COMPARISON_WIDTH_PER_VARIANT * len(results))
@@ -609,6 +613,8 @@ def comparison_figure(results: Sequence[VariantResult]) -> Figure:
         )
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
     ax.set_xticks(positions, labels=[r.name for r in results])
+    # Room on the right for the last reference's label, which sits beside its bar.
+    ax.set_xlim(-half - COMPARISON_SIDE_MARGIN, len(results) - 1 + half + REFERENCE_LABEL_ROOM)
     ax.set_xlabel("variant")
     ylabel = "test accuracy" + (" (axis does not start at 0)" if bottom > 0 else "")
     ax.set_ylabel(ylabel)
