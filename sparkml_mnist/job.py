@@ -145,6 +145,7 @@ def _record_summary(record: Any) -> dict[str, Any]:
         "examples_seen": record.examples_seen,
         "steps_per_epoch": value.get("steps_per_epoch"),
         "train_rows": value.get("train_rows"),
+        "epoch_seconds": value.get("epoch_seconds"),
         "history": value.get("history"),  # every rank's own Keras History (identical under MWMS)
         "timings": record.timings,
     }

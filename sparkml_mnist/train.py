@@ -36,6 +36,19 @@ def _epoch_logger(keras: Any, context: RankContext, variant: VariantConfig, step
     return EpochLogger()
 
 
+def _epoch_timer(keras: Any, seconds: list[float]) -> Any:
+    """Every rank times its epochs (fit's own time, validation included) for throughput figures."""
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seconds.append(time.perf_counter() - self.started)
+
+    return EpochTimer()
+
+
 def train_rank(context: RankContext, variant: VariantConfig, seed: int) -> dict[str, Any]:
     """Train ``variant`` on this rank's shard; every rank returns the (identical) history."""
     from sparkml_mnist.models import build_model
@@ -55,7 +68,10 @@ def train_rank(context: RankContext, variant: VariantConfig, seed: int) -> dict[
             "validation_data": context.validation_dataset(variant.batch_size),
             "validation_steps": context.steps_per_epoch(variant.batch_size, validation=True),
         }
-    callbacks = [_epoch_logger(keras, context, variant, steps)] if context.rank == CHIEF_RANK else []
+    epoch_seconds: list[float] = []
+    callbacks = [_epoch_timer(keras, epoch_seconds)]
+    if context.rank == CHIEF_RANK:
+        callbacks.append(_epoch_logger(keras, context, variant, steps))
     history = model.fit(
         context.train_dataset(variant.batch_size, shuffle=True, seed=seed + context.rank),
         epochs=variant.epochs,
@@ -68,6 +84,7 @@ def train_rank(context: RankContext, variant: VariantConfig, seed: int) -> dict[
         "history": {name: [float(v) for v in values] for name, values in history.history.items()},
         "weights": model.get_weights() if context.rank == CHIEF_RANK else None,
         "steps_per_epoch": steps,
+        "epoch_seconds": epoch_seconds,
         "train_rows": int(len(shard.x_train)),
         "validation_rows": int(len(shard.x_validation)),
     }

@@ -1,0 +1,190 @@
+"""Benchmark: training images/s of the job (np=1, np=2) against bare tf_keras ``fit``, same data and model.
+
+    python benchmarks/throughput.py [--data DIR] [--rows 15360] [--epochs 3] [--variants variant3,variant1]
+
+Each configuration runs in a fresh Python process (TensorFlow's threads and Spark's
+``spark.task.cpus`` are fixed per process), all in one run on one machine:
+
+- ``bare``: ``model.fit(x, y, batch_size=128)`` on the first ``--rows`` training images, the whole
+  machine's cores (``TF_NUM_INTRAOP_THREADS`` = cores);
+- ``job np=1``: the job's own training path (``HorovodRunner`` + ``sparkml_mnist.train.train_rank``
+  on the data stage's shards) on ``local[C]`` with ``spark.task.cpus`` = C: the same cores;
+- ``job np=1, 1 core`` and ``job np=2, 1 core each``: ``spark.task.cpus`` = 1, the scaling pair.
+
+Throughput is images trained per second in the last epoch (the first pays for tracing). The
+validation split is set to 0 for every run so all of them do the same work. Writes
+``benchmarks/results/throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULT_FILE = HERE / "results" / "throughput.json"
+TRAIN_FILE = "mnist-digits-train.txt.bz2"
+THREAD_ENVS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+SEED = 42
+
+
+def variant_without_validation(name: str, epochs: int):
+    from sparkml_mnist.config import load_variant
+
+    return replace(load_variant(name).with_epochs(epochs), validation_split=0.0)
+
+
+def measure_bare(slice_path: str, variant_name: str, epochs: int) -> dict:
+    """Plain tf_keras fit on the same arrays the data stage makes (sklearn parses the same file)."""
+    import numpy as np
+    from sklearn.datasets import load_svmlight_file
+
+    from sparkml_mnist.keras_flavour import keras as keras_module
+    from sparkml_mnist.models import build_model
+
+    features, labels = load_svmlight_file(slice_path, n_features=784)
+    x = (features.toarray().astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
+    y = np.eye(10, dtype=np.float32)[labels.astype(int)]
+    keras = keras_module()
+    keras.utils.set_random_seed(SEED)
+    variant = variant_without_validation(variant_name, epochs)
+    model = build_model(variant)
+    seconds: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.started)
+
+    model.fit(x, y, batch_size=variant.batch_size, epochs=epochs, shuffle=True, verbose=0, callbacks=[Timer()])
+    return {"images_per_epoch": len(x), "epoch_seconds": seconds, "img_s": len(x) / seconds[-1]}
+
+
+def measure_job(slice_path: str, variant_name: str, epochs: int, np_: int, task_cpus: int) -> dict:
+    """The job's training path: data stage shards -> HorovodRunner -> train_rank."""
+    from sparkml_mnist.data.libsvm import load_libsvm
+    from sparkml_mnist.data.shards import shard_frame
+    from sparkml_mnist.distributed import HorovodRunner
+    from sparkml_mnist.session import create_spark
+    from sparkml_mnist.train import train_rank
+
+    cores = os.cpu_count() or 1
+    spark = create_spark(
+        "throughput-benchmark",
+        master=f"local[{cores}]",
+        conf={"spark.task.cpus": str(task_cpus), "spark.ui.enabled": "false"},
+    )
+    variant = variant_without_validation(variant_name, epochs)
+    sharded = shard_frame(load_libsvm(spark, slice_path), np_, 0.0)
+    records = HorovodRunner(np=np_, spark=spark, data=sharded, log_sink=None).run_all(
+        train_rank, variant=variant, seed=SEED
+    )
+    spark.stop()
+    chief = records[0].value
+    images = chief["steps_per_epoch"] * variant.batch_size
+    # Every rank runs in lockstep; the slowest rank's epoch is the run's epoch.
+    last = max(record.value["epoch_seconds"][-1] for record in records)
+    return {"images_per_epoch": images, "epoch_seconds": chief["epoch_seconds"], "img_s": images / last}
+
+
+def run_measurement(*argv: str, threads: int | None = None) -> dict:
+    env = dict(os.environ)
+    if threads is not None:
+        env.update({name: str(threads) for name in THREAD_ENVS})
+    result = subprocess.run(
+        [sys.executable, __file__, "--measure", *argv], capture_output=True, text=True, env=env, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"measurement {argv} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_slice(source: Path, rows: int, folder: Path) -> str:
+    """The first ``rows`` training lines as plain text (both sklearn and Spark read it)."""
+    path = folder / f"mnist-digits-train-first-{rows}.txt"
+    with bz2.open(source, "rt") as lines, open(path, "w") as out:
+        for count, line in enumerate(lines):
+            if count == rows:
+                break
+            out.write(line)
+    return str(path)
+
+
+def machine() -> dict:
+    model = "unknown"
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            model = line.split(":", 1)[1].strip()
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("SPARKML_MNIST_DATA", "../shared/data/mnist-digits"))
+    parser.add_argument("--rows", type=int, default=15360, help="training images (120 global batches of 128)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--variants", default="variant3,variant1")
+    parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.measure:  # a child process: one measurement, one JSON line
+        kind, slice_path, variant, *rest = args.measure
+        if kind == "bare":
+            print(json.dumps(measure_bare(slice_path, variant, args.epochs)))
+        else:
+            np_, task_cpus = map(int, rest)
+            print(json.dumps(measure_job(slice_path, variant, args.epochs, np_, task_cpus)))
+        return
+
+    cores = os.cpu_count() or 1
+    results: dict = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "rows": args.rows,
+        "epochs": args.epochs,
+        "variants": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="mnist-throughput-") as folder:
+        slice_path = write_slice(Path(args.data) / TRAIN_FILE, args.rows, Path(folder))
+        for variant in args.variants.split(","):
+            runs = {
+                "bare": run_measurement("bare", slice_path, variant, threads=cores),
+                "np1": run_measurement("job", slice_path, variant, "1", str(cores)),
+                "np1_1core": run_measurement("job", slice_path, variant, "1", "1"),
+                "np2_1core": run_measurement("job", slice_path, variant, "2", "1"),
+            }
+            for name, run in runs.items():
+                print(f"[{variant}] {name}: {run['img_s']:.0f} img/s (epochs: {run['epoch_seconds']})", flush=True)
+            results["variants"][variant] = runs
+    first = results["variants"][args.variants.split(",")[0]]
+    results.update(
+        {
+            "variant": args.variants.split(",")[0],
+            "bare_img_s": first["bare"]["img_s"],
+            "np1_img_s": first["np1"]["img_s"],
+            "np1_ratio": first["np1"]["img_s"] / first["bare"]["img_s"],
+            "np2_1core_img_s": first["np2_1core"]["img_s"],
+            "np1_1core_img_s": first["np1_1core"]["img_s"],
+            "scaling": first["np2_1core"]["img_s"] / first["np1_1core"]["img_s"],
+        }
+    )
+    RESULT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULT_FILE.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
