@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from sparkml_mnist.config import DEFAULT_RUN
+from sparkml_mnist.data.paths import DatasetPaths
 from sparkml_mnist.errors import SparkMnistError
+
+if TYPE_CHECKING:  # Spark is imported only by the commands that need it
+    from pyspark.sql import SparkSession
+
+    from sparkml_mnist.data.libsvm import LibsvmData
 
 PROGRAM = "sparkml-mnist"
 EXIT_BAD_INPUT = 2
@@ -110,13 +116,13 @@ def _run_training(args: argparse.Namespace) -> None:
     run_job(spark, run, overwrite=args.overwrite)
 
 
-def _input_paths(args: argparse.Namespace):
-    from sparkml_mnist.data.paths import DatasetPaths, dataset_paths, sample_paths
+def _input_paths(args: argparse.Namespace) -> DatasetPaths:
+    from sparkml_mnist.data.paths import resolve_inputs, sample_paths
 
     if args.data and (args.train or args.test):
         raise SparkMnistError("give either --data DIR or --train/--test PATH, not both")
     if args.data:
-        return dataset_paths(args.data)
+        return resolve_inputs(args.data)  # a folder, or "sample"
     default = sample_paths()
     return DatasetPaths(train=args.train or default.train, test=args.test or default.test)
 
@@ -140,7 +146,7 @@ def _run_data_preview(args: argparse.Namespace) -> None:
     )
 
 
-def _preview_file(spark, split: str, path: str):
+def _preview_file(spark: SparkSession, split: str, path: str) -> LibsvmData:
     from sparkml_mnist.data.libsvm import load_libsvm
 
     started = time.perf_counter()
