@@ -1,0 +1,73 @@
+"""The accuracy table: the lab's four variants, the lab's epochs, full MNIST, at np=1 and np=2.
+
+    python benchmarks/accuracy.py [--data DIR] [--nps 1,2]
+
+Runs the job itself (``sparkml-mnist train --conf lab``) once per ``np`` on local Spark, each rank
+getting an equal share of the machine's cores (``spark.task.cpus`` = cores / np, through
+``PYSPARK_SUBMIT_ARGS``). Writes ``benchmarks/results/accuracy.json`` (a list of
+``{variant, np, epochs, test_accuracy, test_loss, seconds}``) and, beside it, each run's
+``report.md`` and ``comparison.png`` (the models stay in a temporary folder: they are large).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+RESULT_FILE = RESULTS / "accuracy.json"
+KEPT_FILES = ("report.md", "comparison.png")
+
+
+def run_lab(data: str, np_: int, output: Path) -> list[dict]:
+    cores = os.cpu_count() or 1
+    env = dict(os.environ, PYSPARK_SUBMIT_ARGS=f"--conf spark.task.cpus={max(1, cores // np_)} pyspark-shell")
+    command = [
+        str(Path(sys.executable).with_name("sparkml-mnist")),
+        "train", "--conf", "lab", "--data", data, "--np", str(np_), "--output", str(output),
+    ]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, env=env, check=True)
+    report = json.loads((output / "report.json").read_text())
+    rows = []
+    for variant in report["variants"]:
+        rows.append(
+            {
+                "variant": variant["name"],
+                "np": np_,
+                "epochs": variant["epochs"],
+                "test_accuracy": variant["test"]["accuracy"],
+                "test_loss": variant["test"]["loss"],
+                "seconds": variant["seconds"].get("total"),
+                "lab_reference_accuracy": variant.get("lab_reference_accuracy"),
+            }
+        )
+    for name in KEPT_FILES:
+        shutil.copyfile(output / name, RESULTS / f"accuracy-np{np_}-{name}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("SPARKML_MNIST_DATA", "../shared/data/mnist-digits"))
+    parser.add_argument("--nps", default="1,2", help="comma list of np values")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="mnist-accuracy-") as folder:
+        for np_ in (int(n) for n in args.nps.split(",")):
+            rows += run_lab(args.data, np_, Path(folder) / f"np{np_}")
+            RESULT_FILE.write_text(json.dumps(rows, indent=2) + "\n")  # keep what is done if a later run fails
+    for row in rows:
+        print(f"{row['variant']} np={row['np']}: {row['test_accuracy']:.4f} ({row['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
