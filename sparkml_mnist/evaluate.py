@@ -155,13 +155,18 @@ def _class_count(class_names: Sequence[str] | None, num_classes: int | None) -> 
     return count
 
 
-def _check_probabilities(probabilities: Any, classes: int) -> np.ndarray:
+def _non_empty_array(value: Any, name: str) -> np.ndarray:
     try:
-        probs = np.asarray(probabilities)
+        array = np.asarray(value)
     except (TypeError, ValueError) as error:
-        raise EvaluationError(f"probabilities: cannot be read as an array ({error})") from None
-    if probs.size == 0:
-        raise EvaluationError("probabilities: empty; there is nothing to evaluate")
+        raise EvaluationError(f"{name}: cannot be read as an array ({error})") from None
+    if array.size == 0:
+        raise EvaluationError(f"{name}: empty; there is nothing to evaluate")
+    return array
+
+
+def _check_probabilities(probabilities: Any, classes: int) -> np.ndarray:
+    probs = _non_empty_array(probabilities, "probabilities")
     if probs.ndim != 2:
         raise EvaluationError(f"probabilities: expected shape (n, {classes}), got {probs.shape}")
     if probs.shape[1] != classes:
@@ -185,12 +190,7 @@ def _check_probabilities(probabilities: Any, classes: int) -> np.ndarray:
 
 
 def _label_ids(labels: Any, classes: int, expected_rows: int) -> np.ndarray:
-    try:
-        values = np.asarray(labels)
-    except (TypeError, ValueError) as error:
-        raise EvaluationError(f"labels: cannot be read as an array ({error})") from None
-    if values.size == 0:
-        raise EvaluationError("labels: empty; there is nothing to evaluate")
+    values = _non_empty_array(labels, "labels")
     if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
         raise EvaluationError(f"labels: expected class ids or one-hot rows, got dtype {values.dtype}")
     if values.ndim == 2 and values.shape[1] == 1:
