@@ -7,6 +7,11 @@ getting an equal share of the machine's cores (``spark.task.cpus`` = cores / np,
 ``PYSPARK_SUBMIT_ARGS``). Writes ``benchmarks/results/accuracy.json`` (a list of
 ``{variant, np, epochs, test_accuracy, test_loss, seconds}``) and, beside it, each run's
 ``report.md`` and ``comparison.png`` (the models stay in a temporary folder: they are large).
+
+    python benchmarks/accuracy.py --seeds 1,2,3 --variants variant2 [--nps 1,2]
+
+repeats the lab run of the given variant(s) with other seeds (``accuracy-seeds.json``): the
+spread that chance alone gives, against which an np=1 / np=2 difference is judged.
 """
 
 from __future__ import annotations
@@ -23,16 +28,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RESULT_FILE = RESULTS / "accuracy.json"
+SEEDS_FILE = RESULTS / "accuracy-seeds.json"
 KEPT_FILES = ("report.md", "comparison.png")
 
 
-def run_lab(data: str, np_: int, output: Path) -> list[dict]:
+def run_lab(data: str, np_: int, output: Path, variants: str | None = None, seed: int | None = None) -> list[dict]:
     cores = os.cpu_count() or 1
     env = dict(os.environ, PYSPARK_SUBMIT_ARGS=f"--conf spark.task.cpus={max(1, cores // np_)} pyspark-shell")
     command = [
         str(Path(sys.executable).with_name("sparkml-mnist")),
         "train", "--conf", "lab", "--data", data, "--np", str(np_), "--output", str(output),
     ]
+    if variants:
+        command += ["--variant", variants]
+    if seed is not None:
+        command += ["--seed", str(seed)]
     print(" ".join(command), flush=True)
     subprocess.run(command, env=env, check=True)
     report = json.loads((output / "report.json").read_text())
@@ -47,8 +57,11 @@ def run_lab(data: str, np_: int, output: Path) -> list[dict]:
                 "test_loss": variant["test"]["loss"],
                 "seconds": variant["seconds"].get("total"),
                 "lab_reference_accuracy": variant.get("lab_reference_accuracy"),
+                "seed": report["config"]["run"]["seed"],
             }
         )
+    if seed is not None:  # a seed-spread run: the figures are enough
+        return rows
     for name in KEPT_FILES:
         shutil.copyfile(output / name, RESULTS / f"accuracy-np{np_}-{name}")
     return rows
@@ -58,8 +71,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("SPARKML_MNIST_DATA", "../shared/data/mnist-digits"))
     parser.add_argument("--nps", default="1,2", help="comma list of np values")
+    parser.add_argument("--seeds", help="seed spread instead: comma list of seeds, each a run of --variants")
+    parser.add_argument("--variants", default="variant2", help="with --seeds: the variant(s) to repeat")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.seeds:
+        seed_spread(args.data, [int(n) for n in args.nps.split(",")], [int(s) for s in args.seeds.split(",")],
+                    args.variants)
+        return
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mnist-accuracy-") as folder:
         for np_ in (int(n) for n in args.nps.split(",")):
@@ -67,6 +86,18 @@ def main() -> None:
             RESULT_FILE.write_text(json.dumps(rows, indent=2) + "\n")  # keep what is done if a later run fails
     for row in rows:
         print(f"{row['variant']} np={row['np']}: {row['test_accuracy']:.4f} ({row['seconds']:.0f} s)")
+
+
+def seed_spread(data: str, nps: list[int], seeds: list[int], variants: str) -> None:
+    """The same lab runs with other seeds: how far test accuracy moves by chance alone."""
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="mnist-seeds-") as folder:
+        for np_ in nps:
+            for seed in seeds:
+                rows += run_lab(data, np_, Path(folder) / f"np{np_}-seed{seed}", variants, seed)
+                SEEDS_FILE.write_text(json.dumps(rows, indent=2) + "\n")
+    for row in rows:
+        print(f"{row['variant']} np={row['np']} seed={row['seed']}: {row['test_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Each configuration runs in a fresh Python process (TensorFlow's threads and Spar
   machine's cores (``TF_NUM_INTRAOP_THREADS`` = cores);
 - ``job np=1``: the job's own training path (``HorovodRunner`` + ``sparkml_mnist.train.train_rank``
   on the data stage's shards) on ``local[C]`` with ``spark.task.cpus`` = C: the same cores;
-- ``job np=1, 1 core`` and ``job np=2, 1 core each``: ``spark.task.cpus`` = 1, the scaling pair.
+- ``job np=1, 1 core`` and ``job np=2, 1 core each``: ``spark.task.cpus`` = 1, the scaling pair;
+- ``*_xla``: bare, np=1 and np=2 again with XLA (``jit_compile=True``), the default-or-not question.
 
 Throughput is images trained per second in the last epoch (the first pays for tracing). The
 validation split is set to 0 for every run so all of them do the same work. Writes
@@ -36,15 +37,16 @@ RESULT_FILE = HERE / "results" / "throughput.json"
 TRAIN_FILE = "mnist-digits-train.txt.bz2"
 THREAD_ENVS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 SEED = 42
+XLA = "xla"
 
 
-def variant_without_validation(name: str, epochs: int):
+def variant_without_validation(name: str, epochs: int, jit_compile: bool = False):
     from sparkml_mnist.config import load_variant
 
-    return replace(load_variant(name).with_epochs(epochs), validation_split=0.0)
+    return replace(load_variant(name).with_epochs(epochs), validation_split=0.0, jit_compile=jit_compile)
 
 
-def measure_bare(slice_path: str, variant_name: str, epochs: int) -> dict:
+def measure_bare(slice_path: str, variant_name: str, epochs: int, jit_compile: bool = False) -> dict:
     """Plain tf_keras fit on the same arrays the data stage makes (sklearn parses the same file)."""
     import numpy as np
     from sklearn.datasets import load_svmlight_file
@@ -57,7 +59,7 @@ def measure_bare(slice_path: str, variant_name: str, epochs: int) -> dict:
     y = np.eye(10, dtype=np.float32)[labels.astype(int)]
     keras = keras_module()
     keras.utils.set_random_seed(SEED)
-    variant = variant_without_validation(variant_name, epochs)
+    variant = variant_without_validation(variant_name, epochs, jit_compile)
     model = build_model(variant)
     seconds: list[float] = []
 
@@ -72,7 +74,10 @@ def measure_bare(slice_path: str, variant_name: str, epochs: int) -> dict:
     return {"images_per_epoch": len(x), "epoch_seconds": seconds, "img_s": len(x) / seconds[-1]}
 
 
-def measure_job(slice_path: str, variant_name: str, epochs: int, np_: int, task_cpus: int) -> dict:
+def measure_job(
+    slice_path: str, variant_name: str, epochs: int, np_: int, task_cpus: int, backend: str = "tf",
+    jit_compile: bool = False,
+) -> dict:
     """The job's training path: data stage shards -> HorovodRunner -> train_rank."""
     from sparkml_mnist.data.libsvm import load_libsvm
     from sparkml_mnist.data.shards import shard_frame
@@ -86,9 +91,9 @@ def measure_job(slice_path: str, variant_name: str, epochs: int, np_: int, task_
         master=f"local[{cores}]",
         conf={"spark.task.cpus": str(task_cpus), "spark.ui.enabled": "false"},
     )
-    variant = variant_without_validation(variant_name, epochs)
+    variant = variant_without_validation(variant_name, epochs, jit_compile)
     sharded = shard_frame(load_libsvm(spark, slice_path), np_, 0.0)
-    records = HorovodRunner(np=np_, spark=spark, data=sharded, log_sink=None).run_all(
+    records = HorovodRunner(np=np_, spark=spark, data=sharded, backend=backend, log_sink=None).run_all(
         train_rank, variant=variant, seed=SEED
     )
     spark.stop()
@@ -142,10 +147,12 @@ def main() -> None:
     if args.measure:  # a child process: one measurement, one JSON line
         kind, slice_path, variant, *rest = args.measure
         if kind == "bare":
-            print(json.dumps(measure_bare(slice_path, variant, args.epochs)))
+            print(json.dumps(measure_bare(slice_path, variant, args.epochs, jit_compile=XLA in rest)))
         else:
-            np_, task_cpus = map(int, rest)
-            print(json.dumps(measure_job(slice_path, variant, args.epochs, np_, task_cpus)))
+            np_, task_cpus, backend, *flags = rest
+            print(json.dumps(measure_job(
+                slice_path, variant, args.epochs, int(np_), int(task_cpus), backend, jit_compile=XLA in flags,
+            )))
         return
 
     cores = os.cpu_count() or 1
@@ -162,9 +169,13 @@ def main() -> None:
         for variant in args.variants.split(","):
             runs = {
                 "bare": run_measurement("bare", slice_path, variant, threads=cores),
-                "np1": run_measurement("job", slice_path, variant, "1", str(cores)),
-                "np1_1core": run_measurement("job", slice_path, variant, "1", "1"),
-                "np2_1core": run_measurement("job", slice_path, variant, "2", "1"),
+                "np1": run_measurement("job", slice_path, variant, "1", str(cores), "tf"),
+                "np1_1core": run_measurement("job", slice_path, variant, "1", "1", "tf"),
+                "np2_1core": run_measurement("job", slice_path, variant, "2", "1", "tf"),
+                # XLA (jit_compile) on: the same runs, to decide whether it should be the default
+                "bare_xla": run_measurement("bare", slice_path, variant, XLA, threads=cores),
+                "np1_xla": run_measurement("job", slice_path, variant, "1", str(cores), "tf", XLA),
+                "np2_1core_xla": run_measurement("job", slice_path, variant, "2", "1", "tf", XLA),
             }
             for name, run in runs.items():
                 print(f"[{variant}] {name}: {run['img_s']:.0f} img/s (epochs: {run['epoch_seconds']})", flush=True)
@@ -179,6 +190,14 @@ def main() -> None:
             "np2_1core_img_s": first["np2_1core"]["img_s"],
             "np1_1core_img_s": first["np1_1core"]["img_s"],
             "scaling": first["np2_1core"]["img_s"] / first["np1_1core"]["img_s"],
+            "xla": {
+                variant: {
+                    "bare_speedup": runs["bare_xla"]["img_s"] / runs["bare"]["img_s"],
+                    "np1_speedup": runs["np1_xla"]["img_s"] / runs["np1"]["img_s"],
+                    "np2_1core_speedup": runs["np2_1core_xla"]["img_s"] / runs["np2_1core"]["img_s"],
+                }
+                for variant, runs in results["variants"].items()
+            },
         }
     )
     RESULT_FILE.parent.mkdir(parents=True, exist_ok=True)

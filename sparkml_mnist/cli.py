@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from sparkml_mnist.config import DEFAULT_RUN
+from sparkml_mnist.config import BACKEND_NAMES, DEFAULT_RUN
 from sparkml_mnist.data.paths import DatasetPaths
 from sparkml_mnist.errors import SparkMnistError
 
@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", metavar="DIR", help="report folder (refused if not empty, unless --overwrite)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     train.add_argument("--seed", type=int, help="random seed (same on every rank)")
+    train.add_argument(
+        "--backend", choices=BACKEND_NAMES,
+        help="tf: MultiWorkerMirroredStrategy (default); horovod: Horovod over Gloo (its own TF 2.15 environment)",
+    )
     train.add_argument("--progress-timeout", type=float, metavar="SECONDS", help="end the run if a rank makes no progress this long")
     train.add_argument("--master", help="Spark master, or sc://HOST:PORT for Spark Connect (default: spark-submit's or SPARK_REMOTE, else local[*])")
     train.set_defaults(handler=_run_training)
@@ -87,6 +91,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_training(args: argparse.Namespace) -> None:
     from sparkml_mnist import platform as runtime_platform
     from sparkml_mnist.config import load_run
+    from sparkml_mnist.distributed.backends import get_backend
     from sparkml_mnist.job import run_job
     from sparkml_mnist.session import create_spark
 
@@ -111,7 +116,9 @@ def _run_training(args: argparse.Namespace) -> None:
         output=output,
         seed=args.seed,
         progress_timeout_s=args.progress_timeout,
+        backend=args.backend,
     )
+    get_backend(run.backend).check_available("driver")  # before Spark starts
     spark = create_spark(f"{PROGRAM} train", master=args.master)
     run_job(spark, run, overwrite=args.overwrite)
 

@@ -194,6 +194,7 @@ class VariantConfig:
     lab_parameters: int | None
     lab_test_accuracy: float | None
     source: str
+    jit_compile: bool = False  # XLA; off unless measured faster at no accuracy cost (benchmarks/RESULTS.md)
 
     def check_replicas(self, replicas: int) -> None:
         """The global batch must split evenly, or ranks would disagree on per-replica batches."""
@@ -212,7 +213,10 @@ class VariantConfig:
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any], source: str) -> "VariantConfig":
-        known = {"name", "description", "layers", "optimizer", "loss", "epochs", "batch_size", "validation_split", "lab"}
+        known = {
+            "name", "description", "layers", "optimizer", "loss", "epochs", "batch_size", "validation_split", "lab",
+            "jit_compile",
+        }
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {sorted(known)}")
@@ -243,6 +247,7 @@ class VariantConfig:
             lab_parameters=_optional(lab, "parameters", int, f"{source}: lab"),
             lab_test_accuracy=_optional(lab, "test_accuracy", float, f"{source}: lab"),
             source=source,
+            jit_compile=bool(_optional(settings, "jit_compile", bool, source) or False),
         )
 
 
@@ -304,6 +309,8 @@ def load_variant(name_or_path: str) -> VariantConfig:
 # ---------------------------------------------------------------------------------------------
 
 RUNS_FOLDER = "runs"
+DEFAULT_BACKEND = "tf"
+BACKEND_NAMES = ("tf", "horovod")  # sparkml_mnist.distributed.backends.BACKENDS (a test keeps them equal)
 DEFAULT_RUN = "sample"
 ALL_VARIANTS = "all"
 SAMPLE_DATA = "sample"
@@ -324,10 +331,14 @@ class RunConfig:
     seed: int
     progress_timeout_s: float
     source: str
+    backend: str = DEFAULT_BACKEND  # "tf" (MultiWorkerMirroredStrategy) or "horovod" (its own environment)
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any], source: str) -> "RunConfig":
-        known = {"name", "data", "train", "test", "variants", "np", "epochs", "output", "seed", "progress_timeout_s"}
+        known = {
+            "name", "data", "train", "test", "variants", "np", "epochs", "output", "seed", "progress_timeout_s",
+            "backend",
+        }
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {sorted(known)}")
@@ -343,6 +354,7 @@ class RunConfig:
             seed=require_field(settings, "seed", int, source),
             progress_timeout_s=float(require_field(settings, "progress_timeout_s", float, source)),
             source=source,
+            backend=_optional(settings, "backend", str, source) or DEFAULT_BACKEND,
         )
         run.validate()
         return run
@@ -355,6 +367,10 @@ class RunConfig:
             raise ConfigError(f"{self.source}: field 'epochs' must be a positive integer or null, got {self.epochs}")
         if self.progress_timeout_s <= 0:
             raise ConfigError(f"{self.source}: field 'progress_timeout_s' must be positive, got {self.progress_timeout_s}")
+        if self.backend not in BACKEND_NAMES:
+            raise ConfigError(
+                f"{self.source}: field 'backend' is {self.backend!r}; choose one of {', '.join(BACKEND_NAMES)}"
+            )
         if bool(self.train) != bool(self.test):
             raise ConfigError(f"{self.source}: give both 'train' and 'test' files, or neither (then 'data')")
         for name in self.variants:

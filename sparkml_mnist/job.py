@@ -28,6 +28,7 @@ from sparkml_mnist.report import (
     format_summary_table,
     write_report,
 )
+from sparkml_mnist.distributed.backends import get_backend
 from sparkml_mnist.versions import enforce_versions
 
 MODEL_FILE_SUFFIX = ".keras"
@@ -43,6 +44,7 @@ def run_job(
     """Train every variant of ``run`` and write the report folder; returns its path."""
     started = time.perf_counter()
     enforce_versions(log)  # an impossible pyspark / TensorFlow / tf_keras stops here, untested ones warn
+    get_backend(run.backend).check_available("driver")  # e.g. Horovod asked for but not installed
     variants = run.load_variants()
     for variant in variants:
         variant.check_replicas(abs(run.np))
@@ -98,11 +100,13 @@ def train_variant(
 
     plan = sharded.plan
     log(
-        f"{variant.name}: {variant.description}; np={run.np}, {variant.epochs} epochs, global batch "
+        f"{variant.name}: {variant.description}; np={run.np} ({run.backend}), {variant.epochs} epochs, global batch "
         f"{variant.batch_size}, {plan.train_per_shard:,} training + {plan.validation_per_shard:,} validation rows per rank"
     )
     clock = time.perf_counter()
-    runner = HorovodRunner(np=run.np, spark=spark, data=sharded, progress_timeout_s=run.progress_timeout_s)
+    runner = HorovodRunner(
+        np=run.np, spark=spark, data=sharded, backend=run.backend, progress_timeout_s=run.progress_timeout_s
+    )
     records = runner.run_all(train_rank, variant=variant, seed=run.seed)
     train_s = time.perf_counter() - clock
     chief = records[0].value

@@ -5,6 +5,10 @@ MultiWorkerMirroredStrategy with two or more workers (keras-team/keras#20585); t
 TensorFlow reads ``TF_USE_LEGACY_KERAS`` once, when it is first imported, to decide what
 ``tf.keras`` is; so the variable must be set before anything imports TensorFlow. Import Keras
 through ``keras()`` here, never ``import keras``.
+
+Two environments are supported: TF 2.21 + tf_keras (the default), and TF 2.15, whose own
+``tf.keras`` is Keras 2 (the ``keras`` 2.15 package; Horovod's environment). Both give the same
+Keras 2 API.
 """
 
 from __future__ import annotations
@@ -12,23 +16,53 @@ from __future__ import annotations
 import os
 import sys
 import time
+from importlib import metadata
 from types import ModuleType
 
 LEGACY_KERAS_ENV = "TF_USE_LEGACY_KERAS"
 LEGACY_KERAS_VALUE = "1"
 TENSORFLOW_MODULE = "tensorflow"
 LEGACY_KERAS_MODULE = "tf_keras"
+BUILTIN_KERAS_MODULE = "keras"  # what tf.keras is on TF <= 2.15
+KERAS_2_MODULES = (LEGACY_KERAS_MODULE, BUILTIN_KERAS_MODULE)  # one of them is this process's Keras 2
+KERAS_3_FROM = (2, 16)  # from this TensorFlow on, tf.keras is Keras 3 unless tf_keras is used
+
+# The distributions that install the ``tensorflow`` module (first found wins).
+TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-macos", "tensorflow-intel")
 
 _import_seconds: float | None = None
 
 
+def installed_tensorflow() -> str | None:
+    """The installed TensorFlow's version from package metadata (no import; None: no metadata)."""
+    for name in TENSORFLOW_DISTRIBUTIONS:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def needs_legacy_keras() -> bool:
+    """True unless the installed TensorFlow's own tf.keras is Keras 2 (TF <= 2.15).
+
+    TF 2.15 already reads ``TF_USE_LEGACY_KERAS`` and would then import tf_keras, which its
+    environment (Horovod's) does not have: there the variable must stay unset.
+    """
+    version = installed_tensorflow()
+    return version is None or not builtin_keras_2(version)
+
+
 def legacy_keras_environment() -> dict[str, str]:
-    """The environment variables a fresh process needs so that ``tf.keras`` is tf_keras."""
-    return {LEGACY_KERAS_ENV: LEGACY_KERAS_VALUE}
+    """The environment variables a fresh process needs so that ``tf.keras`` is Keras 2."""
+    return {LEGACY_KERAS_ENV: LEGACY_KERAS_VALUE} if needs_legacy_keras() else {}
 
 
 def use_legacy_keras() -> None:
     """Set ``TF_USE_LEGACY_KERAS=1`` for this process; refuse if TensorFlow already decided otherwise."""
+    if not needs_legacy_keras():
+        os.environ.pop(LEGACY_KERAS_ENV, None)  # tf.keras is Keras 2 already; the variable could only break it
+        return
     if TENSORFLOW_MODULE in sys.modules and os.environ.get(LEGACY_KERAS_ENV) != LEGACY_KERAS_VALUE:
         raise RuntimeError(
             f"TensorFlow was imported before {LEGACY_KERAS_ENV}={LEGACY_KERAS_VALUE} was set, so tf.keras "
@@ -52,11 +86,30 @@ def tensorflow() -> ModuleType:
 
 
 def keras() -> ModuleType:
-    """The Keras this package trains with: tf_keras (Keras 2 API), with TensorFlow imported first."""
-    tensorflow()
+    """The Keras this package trains with (Keras 2 API), with TensorFlow imported first.
+
+    tf_keras on TensorFlow >= 2.16; TensorFlow's own ``tf.keras`` (Keras 2) on TF <= 2.15.
+    """
+    tf = tensorflow()
+    if builtin_keras_2(tf.__version__):
+        return tf.keras
     import tf_keras  # noqa: PLC0415
 
     return tf_keras
+
+
+def builtin_keras_2(tensorflow_version: str) -> bool:
+    """True when this TensorFlow's own ``tf.keras`` is Keras 2 (TF <= 2.15), so tf_keras is not needed."""
+    parts = tensorflow_version.split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) < KERAS_3_FROM
+    except (IndexError, ValueError):
+        return False
+
+
+def is_keras_2(module: ModuleType) -> bool:
+    """Whether an imported ``tf_keras`` / ``keras`` module is a Keras 2 (the API this package trains with)."""
+    return str(getattr(module, "__version__", "")).startswith("2.")
 
 
 def import_seconds() -> float | None:

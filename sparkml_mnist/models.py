@@ -1,4 +1,4 @@
-"""Variant config -> compiled tf_keras model (call inside the strategy's scope when distributed)."""
+"""Variant config -> compiled Keras 2 model (build inside the backend's model scope when distributed)."""
 
 from __future__ import annotations
 
@@ -58,8 +58,13 @@ def check_output_layer(variant: VariantConfig, spec: DataSpec) -> None:
         )
 
 
-def build_model(variant: VariantConfig, spec: DataSpec | None = None) -> Any:
-    """The variant's Sequential model, compiled with its optimizer, loss and accuracy."""
+def build_model(
+    variant: VariantConfig, spec: DataSpec | None = None, wrap_optimizer: Callable[[Any], Any] | None = None
+) -> Any:
+    """The variant's Sequential model, compiled with its optimizer, loss and accuracy.
+
+    ``wrap_optimizer``: what a backend does to the optimizer (Horovod's DistributedOptimizer).
+    """
     from sparkml_mnist.keras_flavour import keras as keras_module
 
     spec = spec or load_data_spec()
@@ -69,5 +74,8 @@ def build_model(variant: VariantConfig, spec: DataSpec | None = None) -> Any:
         [keras.Input(shape=spec.image_shape)] + [LAYER_BUILDERS[layer.type](keras, layer) for layer in variant.layers],
         name=variant.name,
     )
-    model.compile(optimizer=variant.optimizer, loss=variant.loss, metrics=[ACCURACY_METRIC])
+    optimizer = keras.optimizers.get(variant.optimizer)
+    if wrap_optimizer is not None:
+        optimizer = wrap_optimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=variant.loss, metrics=[ACCURACY_METRIC], jit_compile=variant.jit_compile)
     return model

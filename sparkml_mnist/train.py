@@ -1,7 +1,9 @@
 """What one rank does: its shard -> distributed dataset -> ``fit`` -> history (and rank 0's weights).
 
 Runs inside the launcher's fresh child process for each rank, so TensorFlow is imported here, after
-the launcher set ``TF_CONFIG``, ``TF_USE_LEGACY_KERAS`` and the thread and device settings.
+the launcher set the backend's variables (``TF_CONFIG`` or Horovod's), ``TF_USE_LEGACY_KERAS`` and the
+thread and device settings. The backend decides the model scope, the optimizer wrapper and the
+callbacks, so the same function trains under ``tf`` and ``horovod``.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def train_rank(context: RankContext, variant: VariantConfig, seed: int) -> dict[
     if shard is None:
         raise LaunchError("train_rank needs the run's data: HorovodRunner(...).run(train_rank, data=shard_frame(...))")
     steps = context.steps_per_epoch(variant.batch_size)
-    with context.strategy.scope():
-        model = build_model(variant)
+    with context.model_scope():
+        model = build_model(variant, wrap_optimizer=context.distributed_optimizer)
     fit_options: dict[str, Any] = {}
     if len(shard.x_validation):
         fit_options = {
@@ -69,7 +71,8 @@ def train_rank(context: RankContext, variant: VariantConfig, seed: int) -> dict[
             "validation_steps": context.steps_per_epoch(variant.batch_size, validation=True),
         }
     epoch_seconds: list[float] = []
-    callbacks = [_epoch_timer(keras, epoch_seconds)]
+    # The backend's callbacks first: Horovod's metric averaging must run before the others read the logs.
+    callbacks = [*context.fit_callbacks(), _epoch_timer(keras, epoch_seconds)]
     if context.rank == CHIEF_RANK:
         callbacks.append(_epoch_logger(keras, context, variant, steps))
     history = model.fit(

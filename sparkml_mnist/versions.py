@@ -17,15 +17,15 @@ from packaging.version import InvalidVersion, Version
 
 from sparkml_mnist.config import default_conf_file, load_yaml
 from sparkml_mnist.errors import SparkMnistError
+from sparkml_mnist.keras_flavour import TENSORFLOW_DISTRIBUTIONS, builtin_keras_2
 
 VERSIONS_CONF_FILE = "versions.yaml"
 # Each checked package: the distributions that provide it (first found wins) and its import name.
 DISTRIBUTIONS = {
     "pyspark": (("pyspark", "pyspark-client", "databricks-connect"), "pyspark"),
-    "tensorflow": (("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-macos"), "tensorflow"),
+    "tensorflow": (TENSORFLOW_DISTRIBUTIONS, "tensorflow"),
     "tf-keras": (("tf-keras", "tf_keras"), None),  # importing tf_keras imports TensorFlow: metadata only
 }
-KERAS_3_FROM = Version("2.16")  # from TF 2.16 on, tf.keras is Keras 3 unless tf_keras is installed
 
 
 class VersionError(SparkMnistError, RuntimeError):
@@ -69,14 +69,24 @@ def check_versions(found: dict[str, str | None] | None = None) -> list[VersionCh
 
 
 def _builtin_keras_2(tf_version: str | None) -> bool:
-    try:
-        return tf_version is not None and Version(tf_version) < KERAS_3_FROM
-    except InvalidVersion:
-        return False
+    return tf_version is not None and builtin_keras_2(tf_version)
+
+
+class _AnyOf:
+    """Several tested ranges (one per supported environment); a version in any of them is tested."""
+
+    def __init__(self, specifiers: str | list[str]) -> None:
+        self.sets = [SpecifierSet(s) for s in ([specifiers] if isinstance(specifiers, str) else specifiers)]
+
+    def __contains__(self, version: Version) -> bool:
+        return any(version in specifier for specifier in self.sets)
+
+    def __str__(self) -> str:
+        return " or ".join(str(specifier) for specifier in self.sets)
 
 
 def _check(package: str, version: str | None, ranges: dict, source: str) -> VersionCheck:
-    tested, works = SpecifierSet(ranges["tested"]), SpecifierSet(ranges["works"])
+    tested, works = _AnyOf(ranges["tested"]), SpecifierSet(ranges["works"])
     if version is None:
         problem = f"{package} is not installed"
         if package == "tf-keras":

@@ -18,6 +18,13 @@ TEST_CONF = {
 }
 
 
+# tests/horovod_env runs only inside the Horovod environment (TF 2.15 + Horovod), started by
+# tests/test_horovod.py with that environment's python and this variable set.
+HOROVOD_SUITE_ENV = "SPARKML_MNIST_HOROVOD_SUITE"
+HOROVOD_SUITE_DIR = "horovod_env"
+collect_ignore = [] if os.environ.get(HOROVOD_SUITE_ENV) == "1" else [HOROVOD_SUITE_DIR]
+
+
 # Functions defined in test modules run in Spark's Python workers, which import them by module
 # name: the workers (started from the JVM that this process launches) need this folder on their path.
 _TESTS_DIR = str(Path(__file__).resolve().parent)

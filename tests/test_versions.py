@@ -52,7 +52,12 @@ def test_versions_that_cannot_work_stop_the_job(change, words):
     assert words in str(caught.value)
 
 
-def test_tensorflow_2_15_needs_no_tf_keras():
-    # The Horovod environment: TF 2.15's own tf.keras is Keras 2.
-    warnings = run({"pyspark": "4.3.0", "tensorflow": "2.15.1", "tf-keras": None})
-    assert warnings == [w for w in warnings if "tensorflow 2.15.1 is outside the tested range" in w] and warnings
+def test_tensorflow_2_15_needs_no_tf_keras_and_is_tested():
+    # The Horovod environment: TF 2.15's own tf.keras is Keras 2, and it is one of the tested ranges.
+    assert run({"pyspark": "4.3.0", "tensorflow": "2.15.1", "tf-keras": None}) == []
+
+
+def test_tensorflow_between_the_tested_ranges_warns():
+    warnings = run({"pyspark": "4.3.0", "tensorflow": "2.18.0", "tf-keras": "2.18.0"})
+    tf_warning = [w for w in warnings if "tensorflow 2.18.0 is outside the tested range" in w]
+    assert len(tf_warning) == 1 and ">=2.21" in tf_warning[0] and ">=2.15.1" in tf_warning[0]  # both ranges named

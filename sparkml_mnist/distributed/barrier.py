@@ -24,7 +24,7 @@ from sparkml_mnist.data.shards import VALIDATION_COLUMN
 from sparkml_mnist.distributed.backends import get_backend
 from sparkml_mnist.distributed.channel import ChannelClient
 from sparkml_mnist.distributed.process import RankOutcome, RankProcess, child_environment, free_port
-from sparkml_mnist.distributed.records import RankFailedError, RankRecord, failure_marker
+from sparkml_mnist.distributed.records import EXCEPTION, RankError, RankFailedError, RankRecord, failure_marker
 from sparkml_mnist.distributed.spec import SHARD_FILE, RankSpec
 from sparkml_mnist.errors import DataError, LaunchError
 
@@ -49,6 +49,7 @@ class StageSettings:
     threads: int | None
     heartbeat_interval_s: float
     collective_timeout_s: float | None
+    backend_options: dict[str, Any]
 
 
 def write_shard(batches: Iterator[pa.RecordBatch], path: Path) -> tuple[int, int]:
@@ -120,6 +121,12 @@ def make_task(settings: StageSettings) -> Callable[[Iterator[pa.RecordBatch]], I
             mine = {"port": free_port(), "train_rows": rows[0], "validation_rows": rows[1]}
             peers = [json.loads(message) for message in task.allGather(json.dumps(mine))]
             local_rank, local_size = local_ranks(hosts, rank)
+            backend = get_backend(settings.backend)
+            try:
+                backend.check_available(f"executor host {hosts[rank]}")
+            except LaunchError as error:  # reaches the driver as this rank's failure, not Spark's noise
+                problem = RankError(kind=EXCEPTION, error_type=type(error).__name__, message=str(error), traceback="")
+                raise LaunchError(f"{error}\n{failure_marker(rank, hosts[rank], problem)}") from None
             gpu = task.resources().get(GPU_RESOURCE)
             spec = RankSpec(
                 rank=rank, size=settings.size, local_rank=local_rank, local_size=local_size, host=hosts[rank],
@@ -131,9 +138,9 @@ def make_task(settings: StageSettings) -> Callable[[Iterator[pa.RecordBatch]], I
                 collective_timeout_s=settings.collective_timeout_s,
                 keep_value=settings.keep_all_values or rank == 0,
                 gpus=list(gpu.addresses) if gpu is not None else [],
-                threads=settings.threads,
+                threads=settings.threads, backend_options=settings.backend_options,
             )
-            env = child_environment(spec, get_backend(settings.backend).environment(spec))
+            env = child_environment(spec, backend.environment(spec))
 
             def on_line(stream: str, line: str) -> None:
                 client.log(rank, stream, line)

@@ -81,9 +81,17 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def count_fit_batches(context: Any) -> Callable[[Any], None]:
-    """A hook adding a progress callback to every tf_keras ``Model.fit`` call of this process."""
+    """A hook adding a progress callback to every Keras 2 ``Model.fit`` call of this process.
+
+    Keras 2 is tf_keras (TF >= 2.16) or the ``keras`` 2.x package that is TF 2.15's ``tf.keras``;
+    a Keras 3 imported beside tf_keras is left alone.
+    """
 
     def hook(tf_keras: Any) -> None:
+        from sparkml_mnist.keras_flavour import is_keras_2
+
+        if not is_keras_2(tf_keras):
+            return
         progress = context.progress
 
         class ProgressCallback(tf_keras.callbacks.Callback):
@@ -139,7 +147,8 @@ def main(workdir: Path) -> None:
     spec = RankSpec.read(workdir)
     context = context_module.RankContext(spec=spec, backend=get_backend(spec.backend))
     context_module.set_context(context)
-    sys.meta_path.insert(0, _AfterImport("tf_keras", count_fit_batches(context)))
+    for keras_module in keras_flavour.KERAS_2_MODULES:
+        sys.meta_path.insert(0, _AfterImport(keras_module, count_fit_batches(context)))
     client = ChannelClient(spec.driver_host, spec.driver_port)
     finished = threading.Event()
     threading.Thread(
@@ -180,6 +189,8 @@ def main(workdir: Path) -> None:
     os.write(status_fd, DONE_BYTE)
     os.close(status_fd)
     sys.stdin.buffer.read()  # released by the parent (EOF) once every rank has finished
+    if record.error is None:
+        context.backend.finish()
     client.close()
     # Skip interpreter teardown: TensorFlow's runtime threads can make a normal exit slow or hang.
     os._exit(0)

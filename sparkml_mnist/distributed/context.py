@@ -86,7 +86,10 @@ class RankContext:
 
     @property
     def strategy(self) -> Any:
-        """The backend's strategy, made on first use (so a function may build its own instead)."""
+        """The backend's tf.distribute strategy, made on first use (so a function may build its own instead).
+
+        Horovod all-reduces in its optimizer, so under it this is TF's default strategy.
+        """
         if self._strategy is None:
             self._strategy = self.backend.strategy(self.spec)
         return self._strategy
@@ -139,11 +142,23 @@ class RankContext:
     def dataset(
         self, arrays: tuple[Any, ...], global_batch_size: int, steps: int, shuffle: bool = False, seed: int = 0
     ) -> Any:
-        """Any per-rank arrays as a distributed dataset of ``steps`` global batches per pass (repeated)."""
-        from sparkml_mnist.distributed.dataset import distribute_arrays
-
+        """Any per-rank arrays as the backend's input of ``steps`` global batches per pass (repeated)."""
         self.examples_per_step = self.per_worker_batch(global_batch_size)
-        return distribute_arrays(self.strategy, arrays, global_batch_size, steps, self.size, shuffle, seed)
+        return self.backend.dataset(self, arrays, global_batch_size, steps, shuffle, seed)
+
+    # -- what a Keras training function needs from the backend ---------------------------------
+
+    def model_scope(self) -> Any:
+        """Build the model and its optimizer inside this (the strategy's scope, or Horovod's init)."""
+        return self.backend.model_scope(self)
+
+    def distributed_optimizer(self, optimizer: Any) -> Any:
+        """The optimizer wrapped as the backend needs (Horovod's DistributedOptimizer; tf: unchanged)."""
+        return self.backend.distributed_optimizer(optimizer)
+
+    def fit_callbacks(self) -> list[Any]:
+        """Callbacks ``fit`` needs on every rank (Horovod: broadcast of rank 0's weights, metric averaging)."""
+        return self.backend.fit_callbacks(self)
 
     def _require_shard(self) -> ShardTensors:
         if self.shard is None:

@@ -11,7 +11,7 @@ import contextlib
 import select
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,6 +50,7 @@ def run_local(
     gpus: list[str],
     heartbeat_interval_s: float,
     collective_timeout_s: float | None,
+    backend_options: dict[str, Any],
 ) -> list[tuple[RankRecord, bytes]]:
     """Run every rank on this machine; raises RankFailedError or RankStalledError like the barrier path."""
     with contextlib.ExitStack() as stack:
@@ -70,7 +71,7 @@ def run_local(
                 keep_value=keep_all_values or rank == 0,
                 # One GPU each when there are enough; else all ranks on CPU.
                 gpus=[gpus[rank]] if len(gpus) >= size else [],
-                threads=threads,
+                threads=threads, backend_options=backend_options,
             )
             env = child_environment(spec, backend_impl.environment(spec))
             process = stack.enter_context(RankProcess(spec, payload, env, _sink_for(log_sink, rank), workdirs[rank]))

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 class HorovodRunner:
-    """Runs a function on ``np`` ranks with a tf.distribute backend; see the module docstring.
+    """Runs a function on ``np`` ranks with the ``tf`` or ``horovod`` backend; see the module docstring.
 
     ``progress_timeout_s``: a run in which no rank made progress (a Keras batch, or
     ``context.report_progress()``) for this long, or a rank sent no heartbeat for this long, is
@@ -72,7 +72,7 @@ class HorovodRunner:
             raise ConfigError(
                 f"progress_timeout_s ({progress_timeout_s}) must exceed heartbeat_interval_s ({heartbeat_interval_s})"
             )
-        get_backend(backend)  # fail on an unknown name now, not in every task
+        get_backend(backend).check_available("driver")  # an unknown or missing backend fails now, not in every task
         self.np = np
         self.size = abs(np)
         self.data = data
@@ -108,14 +108,15 @@ class HorovodRunner:
         monitor = ProgressMonitor(self.size, self.progress_timeout_s)
         started_at = time.time()
         logger.info("starting %d ranks (%s)", self.size, "barrier tasks" if self.np > 0 else "driver processes")
-        with ChannelServer(self._on_event(monitor)) as server:
+        with ChannelServer(self._on_event(monitor)) as server, \
+                get_backend(self.backend).driver_session(self.size) as backend_options:
             if self.np > 0:
-                results = self._run_barrier(payload, keep_all_values, server.port, monitor, threads)
+                results = self._run_barrier(payload, keep_all_values, server.port, monitor, threads, backend_options)
             else:
                 results = local.run_local(
                     self.size, payload, self.backend, self.data, keep_all_values, server.port, monitor,
                     self.log_sink or _drop, threads, resources.driver_gpus(self.spark),
-                    self.heartbeat_interval_s, self.collective_timeout_s,
+                    self.heartbeat_interval_s, self.collective_timeout_s, backend_options,
                 )
         records = []
         for record, value_bytes in results:
@@ -134,7 +135,8 @@ class HorovodRunner:
         return on_event
 
     def _run_barrier(
-        self, payload: bytes, keep_all_values: bool, port: int, monitor: ProgressMonitor, threads: int
+        self, payload: bytes, keep_all_values: bool, port: int, monitor: ProgressMonitor, threads: int,
+        backend_options: dict[str, Any],
     ) -> list[tuple[RankRecord, bytes]]:
         spark = self.spark
         assert spark is not None
@@ -143,7 +145,7 @@ class HorovodRunner:
             keep_all_values=keep_all_values,
             driver_host=resources.spark_conf(spark, DRIVER_HOST_CONF) or socket.gethostname(), driver_port=port,
             threads=threads, heartbeat_interval_s=self.heartbeat_interval_s,
-            collective_timeout_s=self.collective_timeout_s,
+            collective_timeout_s=self.collective_timeout_s, backend_options=backend_options,
         )
         frame = self.data.frame if self.data is not None else spark.range(0, self.size, 1, self.size)
         group = f"sparkml-mnist-{uuid.uuid4().hex}"

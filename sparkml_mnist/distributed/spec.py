@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 SPEC_FILE = "spec.json"
 PAYLOAD_FILE = "payload.pkl"  # the pickled (function, kwargs)
@@ -33,6 +34,7 @@ class RankSpec:
     keep_value: bool = True  # False: the return value is not needed (not rank 0, run() not run_all())
     gpus: list[str] = field(default_factory=list)
     threads: int | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)  # from the backend's driver session
 
     def write(self, workdir: Path) -> None:
         (workdir / SPEC_FILE).write_text(json.dumps(asdict(self)))

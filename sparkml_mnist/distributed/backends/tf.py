@@ -8,11 +8,14 @@ so functions written for HorovodRunner or spark-tensorflow-distributor that buil
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparkml_mnist import keras_flavour
 from sparkml_mnist.distributed.backends.base import Backend
 from sparkml_mnist.distributed.spec import RankSpec
+
+if TYPE_CHECKING:
+    from sparkml_mnist.distributed.context import RankContext
 
 TF_CONFIG_ENV = "TF_CONFIG"
 WORKER_TASK = "worker"
@@ -38,3 +41,11 @@ class TensorFlowBackend(Backend):
             # Each collective then fails after this many seconds instead of waiting forever.
             options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=spec.collective_timeout_s)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+    def dataset(
+        self, context: RankContext, arrays: tuple[Any, ...], global_batch_size: int, steps: int,
+        shuffle: bool, seed: int,
+    ) -> Any:
+        from sparkml_mnist.distributed.dataset import distribute_arrays
+
+        return distribute_arrays(context.strategy, arrays, global_batch_size, steps, context.size, shuffle, seed)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the Horovod environment: a venv with TF 2.15, Horovod 0.28.1 (gloo, no MPI) and this package.
+#   bash scripts/make_horovod_env.sh [VENV]      (default: .venv-horovod beside this repository's setup.py)
+# Horovod ships only as source; the build takes ~6 minutes on 2 cores the first time and needs cmake and
+# g++. pip's wheel cache keeps the built wheel, so a later environment installs it in seconds.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${1:-$repo/.venv-horovod}"
+python="${PYTHON:-python3}"
+
+for tool in cmake g++; do
+  command -v "$tool" >/dev/null || { echo "make_horovod_env: $tool is needed to build Horovod; install it first" >&2; exit 2; }
+done
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip -q --disable-pip-version-check)
+"${pip[@]}" install -r "$repo/requirements/horovod-tf215.txt"
+# --no-build-isolation: Horovod's build imports the TF installed above to find its headers and ABI.
+HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 \
+HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}" \
+  "${pip[@]}" install --no-build-isolation -c "$repo/requirements/horovod-tf215.txt" "horovod==0.28.1"
+"${pip[@]}" install -c "$repo/requirements/horovod-tf215.txt" -e "$repo"
+# The check the backend itself makes (Horovod's TensorFlow ops built, TF <= 2.15), then a real import.
+TF_CPP_MIN_LOG_LEVEL=2 "$venv/bin/python" -c '
+import sys
+from sparkml_mnist.distributed.backends.horovod import horovod_problem
+problem = horovod_problem()
+if problem:
+    sys.exit(f"make_horovod_env: {problem}")
+import horovod.tensorflow.keras
+'
+echo "Horovod environment ready: $venv/bin/python"
