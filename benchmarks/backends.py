@@ -46,31 +46,37 @@ def collective_main(backend: str, shapes: list[tuple[int, ...]], fused: bool) ->
 
     tf = keras_flavour.tensorflow()
     context = get_context()
-    tensors = [tf.ones(shape) * (context.rank + 1) for shape in shapes]
     if backend == "horovod":
+        if not fused:  # Horovod fuses whatever is ready in a cycle; a threshold of 0 turns fusion off
+            os.environ["HOROVOD_FUSION_THRESHOLD"] = "0"
         import horovod.tensorflow as hvd
 
         hvd.init()
 
         @tf.function
-        def step() -> Any:
-            return hvd.grouped_allreduce(tensors) if fused else [hvd.allreduce(t) for t in tensors]
+        def step(values: list[Any]) -> Any:
+            if fused:
+                return hvd.grouped_allreduce(values, op=hvd.Sum)
+            return [hvd.allreduce(v, op=hvd.Sum) for v in values]
     else:
-        strategy = context.strategy
+        strategy = context.strategy  # first: TF's collectives must be set up before any eager op
         options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=ONE_PACK if fused else PACK_PER_TENSOR)
 
+        constants = [tf.ones(shape) * (context.rank + 1) for shape in shapes]
+
         @tf.function
-        def step() -> Any:
+        def step(values: list[Any]) -> Any:  # the replica function reduces the captured tensors
             def reduce() -> Any:
-                return tf.distribute.get_replica_context().all_reduce("sum", tensors, options=options)
+                return tf.distribute.get_replica_context().all_reduce("sum", constants, options=options)
 
             return strategy.run(reduce)
 
+    tensors = [tf.ones(shape) * (context.rank + 1) for shape in shapes]  # Horovod's ops take them as inputs
     for _ in range(COLLECTIVE_WARMUP):
-        step()
+        step(tensors)
     started = time.perf_counter()
     for _ in range(COLLECTIVE_REPEATS):
-        result = step()
+        result = step(tensors)
     seconds = time.perf_counter() - started
     first = result[0] if isinstance(result, (list, tuple)) else result
     return {"ms": 1000 * seconds / COLLECTIVE_REPEATS, "check": float(tf.reduce_max(first))}

@@ -204,6 +204,21 @@ class VariantConfig:
                 f"{replicas} replicas; choose a batch size that is a multiple of np"
             )
 
+    def check_xla(self, replicas: int, on_gpus: bool, backend: str) -> None:
+        """XLA with several ranks needs XLA collectives: TensorFlow has them on GPUs only (tf backend)."""
+        if not self.jit_compile or replicas <= 1:
+            return
+        if backend != DEFAULT_BACKEND:
+            reason = f"the {backend!r} backend's all-reduce cannot be compiled by XLA"
+        elif not on_gpus:
+            reason = "TensorFlow has no XLA collectives for CPU devices ('Collectives are not yet implemented')"
+        else:
+            return
+        raise ConfigError(
+            f"{self.source}: field 'jit_compile' is true, but {replicas} ranks cannot train with XLA here: {reason}; "
+            "set jit_compile: false, or train with np=1"
+        )
+
     def with_epochs(self, epochs: int | None) -> "VariantConfig":
         if epochs is None:
             return self

@@ -20,6 +20,8 @@ from sparkml_mnist.config import RunConfig, VariantConfig
 from sparkml_mnist.data.libsvm import load_libsvm
 from sparkml_mnist.data.paths import resolve_inputs
 from sparkml_mnist.data.shards import ShardedFrame, collect_tensors, shard_frame
+from sparkml_mnist.distributed import resources
+from sparkml_mnist.distributed.backends import get_backend
 from sparkml_mnist.evaluate import evaluate
 from sparkml_mnist.report import (
     VariantResult,
@@ -28,7 +30,6 @@ from sparkml_mnist.report import (
     format_summary_table,
     write_report,
 )
-from sparkml_mnist.distributed.backends import get_backend
 from sparkml_mnist.versions import enforce_versions
 
 MODEL_FILE_SUFFIX = ".keras"
@@ -46,8 +47,10 @@ def run_job(
     enforce_versions(log)  # an impossible pyspark / TensorFlow / tf_keras stops here, untested ones warn
     get_backend(run.backend).check_available("driver")  # e.g. Horovod asked for but not installed
     variants = run.load_variants()
+    on_gpus = resources.ranks_have_gpus(spark, run.np)
     for variant in variants:
         variant.check_replicas(abs(run.np))
+        variant.check_xla(abs(run.np), on_gpus, run.backend)
     paths = resolve_inputs(run.data, run.train, run.test)
     check_output_folder(Path(run.output), overwrite)  # before any training, not after it
     timings: dict[str, float] = {}

@@ -58,6 +58,7 @@ def train_rank(context: RankContext, variant: VariantConfig, seed: int) -> dict[
     keras = keras_module()
     keras.utils.set_random_seed(seed)  # the same initial weights on every rank
     variant.check_replicas(context.size)
+    variant.check_xla(context.size, bool(context.spec.gpus), context.spec.backend)  # also when called directly
     shard = context.shard
     if shard is None:
         raise LaunchError("train_rank needs the run's data: HorovodRunner(...).run(train_rank, data=shard_frame(...))")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sparkml_mnist.config import DataSpec, load_data_spec, load_yaml
@@ -141,3 +143,42 @@ def test_global_batch_must_split_evenly_across_replicas():
     assert variant.with_epochs(2).epochs == 2 and variant.with_epochs(None).epochs == 20
     with pytest.raises(ConfigError, match="--epochs must be a positive integer"):
         variant.with_epochs(0)
+
+
+def test_xla_with_several_ranks_is_refused_where_it_cannot_run():
+    from dataclasses import replace
+
+    plain = load_variant("variant3")
+    assert plain.jit_compile is False  # the shipped default (benchmarks/RESULTS.md, "XLA")
+    plain.check_xla(2, on_gpus=False, backend="tf")
+    xla = replace(plain, jit_compile=True)
+    xla.check_xla(1, on_gpus=False, backend="tf")  # one rank: no collectives to compile
+    xla.check_xla(2, on_gpus=True, backend="tf")  # XLA collectives exist on GPUs
+    with pytest.raises(ConfigError, match=r"variant3.yaml: field 'jit_compile' is true, but 2 ranks .* CPU devices"):
+        xla.check_xla(2, on_gpus=False, backend="tf")
+    with pytest.raises(ConfigError, match="the 'horovod' backend's all-reduce cannot be compiled"):
+        xla.check_xla(2, on_gpus=True, backend="horovod")
+
+
+def test_jit_compile_must_be_a_boolean(tmp_path):
+    text = (Path(load_variant("variant1").source).read_text()).replace("jit_compile: false", "jit_compile: maybe")
+    path = tmp_path / "variant1.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="field 'jit_compile' must be bool"):
+        load_variant(str(path))
+
+
+def test_run_backend_is_checked_and_overridable():
+    from sparkml_mnist.config import load_run
+
+    run = load_run("sample")
+    assert run.backend == "tf" and run.with_overrides(backend="horovod").backend == "horovod"
+    with pytest.raises(ConfigError, match="field 'backend' is 'mpi'; choose one of tf, horovod"):
+        run.with_overrides(backend="mpi")
+
+
+def test_config_backend_names_are_the_launchers():
+    from sparkml_mnist.config import BACKEND_NAMES
+    from sparkml_mnist.distributed.backends import BACKENDS
+
+    assert set(BACKEND_NAMES) == set(BACKENDS)

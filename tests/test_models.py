@@ -58,3 +58,13 @@ def test_output_layer_must_be_a_softmax_over_ten_classes(tmp_path):
     )
     with pytest.raises(ConfigError, match=f"{path}: the last layer must be dense with units: 10"):
         build_model(load_variant(str(path)))
+
+
+def test_jit_compile_reaches_the_compiled_model():
+    from dataclasses import replace
+
+    from sparkml_mnist.models import build_model
+
+    variant = load_variant("variant1")
+    assert build_model(variant).jit_compile is False
+    assert build_model(replace(variant, jit_compile=True)).jit_compile is True

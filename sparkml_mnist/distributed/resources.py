@@ -23,6 +23,7 @@ DYNAMIC_ALLOCATION_CONF = "spark.dynamicAllocation.enabled"
 DEFAULT_TASK_CPUS = 1
 EXECUTOR_WAIT_S = 60.0  # on a cluster, executors may still be registering when run() is called
 EXECUTOR_POLL_S = 1.0
+TASK_GPU_CONF = "spark.task.resource.gpu.amount"
 _LOCAL_MASTER = re.compile(r"^local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
 
 
@@ -111,3 +112,15 @@ def driver_gpus(spark: SparkSession | None) -> list[str]:
         return []
     gpu = resources.get("gpu")
     return list(gpu.addresses) if gpu is not None else []
+
+
+def ranks_have_gpus(spark: SparkSession | None, np: int) -> bool:
+    """Whether the run's ranks get GPUs: per-task GPUs for barrier tasks, the driver's for np < 0."""
+    if np < 0:
+        return bool(driver_gpus(spark))
+    if spark is None:
+        return False
+    try:
+        return float(spark_conf(spark, TASK_GPU_CONF) or 0) > 0
+    except ValueError:
+        return False
