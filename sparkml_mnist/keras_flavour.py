@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import lru_cache
 from importlib import metadata
 from types import ModuleType
 
@@ -33,8 +34,12 @@ TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "t
 _import_seconds: float | None = None
 
 
+@lru_cache(maxsize=1)
 def installed_tensorflow() -> str | None:
-    """The installed TensorFlow's version from package metadata (no import; None: no metadata)."""
+    """The installed TensorFlow's version from package metadata (no import; None: no metadata).
+
+    Read once per process: every ``tensorflow()`` call consults it, and scanning metadata costs ms.
+    """
     for name in TENSORFLOW_DISTRIBUTIONS:
         try:
             return metadata.version(name)

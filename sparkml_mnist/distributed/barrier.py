@@ -25,7 +25,7 @@ from sparkml_mnist.distributed.backends import get_backend
 from sparkml_mnist.distributed.channel import ChannelClient
 from sparkml_mnist.distributed.process import RankOutcome, RankProcess, child_environment, free_port
 from sparkml_mnist.distributed.records import EXCEPTION, RankError, RankFailedError, RankRecord, failure_marker
-from sparkml_mnist.distributed.spec import SHARD_FILE, RankSpec
+from sparkml_mnist.distributed.spec import SHARD_FILE, RankSpec, local_ranks
 from sparkml_mnist.errors import DataError, LaunchError
 
 RESULT_SCHEMA = "rank int, kind string, seq int, chunk binary"
@@ -63,12 +63,6 @@ def write_shard(batches: Iterator[pa.RecordBatch], path: Path) -> tuple[int, int
         writer.write_table(table)
     validation = int(pc.sum(table.column(VALIDATION_COLUMN).cast(pa.int64())).as_py() or 0)
     return table.num_rows - validation, validation
-
-
-def local_ranks(hosts: list[str], rank: int) -> tuple[int, int]:
-    """(local rank, local size): this rank's position among the ranks on its own host."""
-    same_host = [other for other, host in enumerate(hosts) if host == hosts[rank]]
-    return same_host.index(rank), len(same_host)
 
 
 def result_batches(rank: int, outcome: RankOutcome, keep_value: bool) -> Iterator[pa.RecordBatch]:

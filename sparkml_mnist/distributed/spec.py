@@ -42,3 +42,9 @@ class RankSpec:
     @classmethod
     def read(cls, workdir: Path) -> RankSpec:
         return cls(**json.loads((workdir / SPEC_FILE).read_text()))
+
+
+def local_ranks(hosts: list[str], rank: int) -> tuple[int, int]:
+    """(local rank, local size): this rank's position among the ranks on its own host."""
+    same_host = [other for other, host in enumerate(hosts) if host == hosts[rank]]
+    return same_host.index(rank), len(same_host)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from sparkml_mnist import keras_flavour
 from sparkml_mnist.distributed.backends.base import Backend
-from sparkml_mnist.distributed.spec import RankSpec
+from sparkml_mnist.distributed.spec import RankSpec, local_ranks
 from sparkml_mnist.errors import ConfigError, LaunchError
 
 if TYPE_CHECKING:
@@ -67,14 +67,13 @@ def placement(hosts: list[str], rank: int) -> Placement:
     among the hosts that have a rank with the same local rank (Horovod's hierarchical groups).
     """
     host = hosts[rank]
-    same_host = [other for other, other_host in enumerate(hosts) if other_host == host]
-    local_rank = same_host.index(rank)
+    local_rank, local_size = local_ranks(hosts, rank)
     hosts_in_order = list(dict.fromkeys(hosts))
     with_local_rank = [
         h for h in hosts_in_order if sum(1 for other_host in hosts if other_host == h) > local_rank
     ]
     return Placement(
-        rank=rank, size=len(hosts), local_rank=local_rank, local_size=len(same_host),
+        rank=rank, size=len(hosts), local_rank=local_rank, local_size=local_size,
         cross_rank=with_local_rank.index(host), cross_size=len(with_local_rank),
     )
 
