@@ -59,9 +59,9 @@ def measure_sklearn(folder: Path, suffix: str) -> dict:
 def _task_summary(batches: Iterator) -> Iterator:
     import pyarrow as pa
 
-    from sparkml_mnist.data.shards import shard_tensors
+    from sparkml_mnist.inputs import shard_tensors
 
-    tensors = shard_tensors(batches)
+    tensors = shard_tensors(pa.Table.from_batches(list(batches)))
     yield pa.RecordBatch.from_pylist(
         [
             {

@@ -94,8 +94,8 @@ def measure_job(
     )
     variant = variant_without_validation(variant_name, epochs, jit_compile)
     sharded = shard_frame(load_libsvm(spark, slice_path), np_, 0.0)
-    records = HorovodRunner(np=np_, spark=spark, data=sharded, backend=backend, log_sink=None).run_all(
-        train_rank, variant=variant, seed=SEED
+    records = HorovodRunner(np=np_, spark=spark, data=sharded.frame, backend=backend, log_sink=None).run_all(
+        train_rank, variant=variant, plan=sharded.plan, seed=SEED
     )
     spark.stop()
     chief = records[0].value

@@ -7,7 +7,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from sparkml_mnist.config import BACKEND_NAMES, DEFAULT_RUN
+from sparkml_mnist.config import DEFAULT_RUN
+from sparkml_mnist.distributed.backends import BACKEND_NAMES
 from sparkml_mnist.data.paths import DatasetPaths
 from sparkml_mnist.errors import SparkMnistError
 
@@ -89,23 +90,23 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_training(args: argparse.Namespace) -> None:
-    from sparkml_mnist import platform as runtime_platform
+    from sparkml_mnist import databricks
     from sparkml_mnist.config import load_run
-    from sparkml_mnist.distributed.backends import get_backend
     from sparkml_mnist.job import run_job
+    from sparkml_mnist.plan import plan_job
     from sparkml_mnist.session import create_spark
 
     if args.data and (args.train or args.test):
         raise SparkMnistError("give either --data DIR or --train/--test PATH, not both")
     data = args.data
     if not (args.data or args.train or args.test):
-        data = runtime_platform.default_data_dir() or data  # on Databricks: the runtime's copy of MNIST
+        data = databricks.default_data_dir() or data  # on Databricks: the runtime's copy of MNIST
     run = load_run(args.conf)
     output = args.output
     if output is None:
-        output = runtime_platform.default_output_dir(run.name)  # None off Databricks: the run config's
-    elif runtime_platform.is_databricks():
-        output = runtime_platform.fuse_path(output, "--output")  # the report is written through /dbfs or /Volumes
+        output = databricks.default_output_dir(run.name)  # None off Databricks: the run config's
+    elif databricks.is_databricks():
+        output = databricks.fuse_path(output, "--output")  # the report is written through /dbfs or /Volumes
     run = run.with_overrides(
         variants=",".join(args.variant) if args.variant else None,
         np=args.np,
@@ -118,9 +119,9 @@ def _run_training(args: argparse.Namespace) -> None:
         progress_timeout_s=args.progress_timeout,
         backend=args.backend,
     )
-    get_backend(run.backend).check_available("driver")  # before Spark starts
+    plan = plan_job(run, overwrite=args.overwrite)  # every setting checked, before Spark starts
     spark = create_spark(f"{PROGRAM} train", master=args.master)
-    run_job(spark, run, overwrite=args.overwrite)
+    run_job(spark, plan)
 
 
 def _input_paths(args: argparse.Namespace) -> DatasetPaths:
@@ -135,7 +136,7 @@ def _input_paths(args: argparse.Namespace) -> DatasetPaths:
 
 
 def _run_data_preview(args: argparse.Namespace) -> None:
-    from sparkml_mnist.data.shards import plan_shards
+    from sparkml_mnist.data.split import plan_shards
     from sparkml_mnist.session import create_spark
 
     if args.np < 1:
@@ -180,9 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _on_databricks() -> bool:
-    from sparkml_mnist import platform as runtime_platform
+    from sparkml_mnist import databricks
 
-    return runtime_platform.is_databricks()
+    return databricks.is_databricks()
 
 
 if __name__ == "__main__":

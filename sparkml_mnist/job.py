@@ -1,7 +1,8 @@
 """The training job: read and shard once, train each variant through the launcher, evaluate, report.
 
-The SparkSession comes from the entry point. Everything the job prints is progress a person can
-follow; everything it writes lands in one output folder, and only once the run is complete.
+The SparkSession comes from the entry point, the plan from ``sparkml_mnist.plan`` (every setting
+checked once, before any Spark work). Everything the job prints is progress a person can follow;
+everything it writes lands in one output folder, and only once the run is complete.
 """
 
 from __future__ import annotations
@@ -18,18 +19,12 @@ from pyspark.sql import SparkSession
 
 from sparkml_mnist.config import RunConfig, VariantConfig
 from sparkml_mnist.data.libsvm import load_libsvm
-from sparkml_mnist.data.paths import resolve_inputs
-from sparkml_mnist.data.shards import ShardedFrame, collect_tensors, shard_frame
-from sparkml_mnist.distributed import resources
-from sparkml_mnist.distributed.backends import get_backend
+from sparkml_mnist.data.shards import ShardedFrame, shard_frame
+from sparkml_mnist.data.tensors import collect_tensors
+from sparkml_mnist.distributed.runner import HorovodRunner
 from sparkml_mnist.evaluate import evaluate
-from sparkml_mnist.report import (
-    VariantResult,
-    check_output_folder,
-    collect_versions,
-    format_summary_table,
-    write_report,
-)
+from sparkml_mnist.plan import JobPlan, check_devices, plan_job
+from sparkml_mnist.report import VariantResult, collect_versions, format_summary_table, write_report
 from sparkml_mnist.versions import enforce_versions
 
 MODEL_FILE_SUFFIX = ".keras"
@@ -38,21 +33,16 @@ PREDICT_BATCH = 1024  # driver-side inference batch: large batches are faster, m
 
 def run_job(
     spark: SparkSession,
-    run: RunConfig,
+    job: RunConfig | JobPlan,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Train every variant of ``run`` and write the report folder; returns its path."""
+    """Train every variant of the run (a config, or a plan already made) and write the report folder."""
     started = time.perf_counter()
     enforce_versions(log)  # an impossible pyspark / TensorFlow / tf_keras stops here, untested ones warn
-    get_backend(run.backend).check_available("driver")  # e.g. Horovod asked for but not installed
-    variants = run.load_variants()
-    on_gpus = resources.ranks_have_gpus(spark, run.np)
-    for variant in variants:
-        variant.check_replicas(abs(run.np))
-        variant.check_xla(abs(run.np), on_gpus, run.backend)
-    paths = resolve_inputs(run.data, run.train, run.test)
-    check_output_folder(Path(run.output), overwrite)  # before any training, not after it
+    plan = job if isinstance(job, JobPlan) else plan_job(job, overwrite)
+    check_devices(plan, spark)
+    run, paths = plan.run, plan.inputs
     timings: dict[str, float] = {}
 
     log(f"reading {paths.train} and {paths.test}")
@@ -66,20 +56,20 @@ def run_job(
     results: list[VariantResult] = []
     with tempfile.TemporaryDirectory(prefix="sparkml-mnist-models-") as models_dir:
         shards: dict[float, ShardedFrame] = {}
-        for variant in variants:
+        for variant in plan.variants:
             split = variant.validation_split
             if split not in shards:
-                shards[split] = shard_frame(train, abs(run.np), split)
-            result = train_variant(spark, run, variant, shards[split], x_test, y_test, Path(models_dir), log)
+                shards[split] = shard_frame(train, plan.placement.size, split)
+            result = train_variant(spark, plan, variant, shards[split], x_test, y_test, Path(models_dir), log)
             results.append(result)
         timings["total_s"] = time.perf_counter() - started
         folder = write_report(
-            run.output,
+            plan.output,
             results,
-            config={"run": asdict(run), "variants": {v.name: asdict(v) for v in variants}, "inputs": asdict(paths)},
+            config={"run": asdict(run), "variants": {v.name: asdict(v) for v in plan.variants}, "inputs": asdict(paths)},
             versions={**collect_versions(), "python": platform.python_version()},
             timings=timings,
-            overwrite=overwrite,
+            overwrite=plan.overwrite,
         )
     log(format_summary_table(results))
     log(f"report: {folder / 'report.md'} (plots and models beside it)")
@@ -88,7 +78,7 @@ def run_job(
 
 def train_variant(
     spark: SparkSession,
-    run: RunConfig,
+    plan: JobPlan,
     variant: VariantConfig,
     sharded: ShardedFrame,
     x_test: np.ndarray,
@@ -97,20 +87,20 @@ def train_variant(
     log: Callable[[str], None],
 ) -> VariantResult:
     """One variant: distributed training, then the driver's evaluation of rank 0's weights."""
-    from sparkml_mnist.distributed.runner import HorovodRunner
     from sparkml_mnist.models import build_model
     from sparkml_mnist.train import train_rank
 
-    plan = sharded.plan
+    placement, shard_plan = plan.placement, sharded.plan
     log(
-        f"{variant.name}: {variant.description}; np={run.np} ({run.backend}), {variant.epochs} epochs, global batch "
-        f"{variant.batch_size}, {plan.train_per_shard:,} training + {plan.validation_per_shard:,} validation rows per rank"
+        f"{variant.name}: {variant.description}; np={placement.np} ({placement.backend}), {variant.epochs} epochs, "
+        f"global batch {variant.batch_size}, {shard_plan.train_per_shard:,} training + "
+        f"{shard_plan.validation_per_shard:,} validation rows per rank"
     )
     clock = time.perf_counter()
     runner = HorovodRunner(
-        np=run.np, spark=spark, data=sharded, backend=run.backend, progress_timeout_s=run.progress_timeout_s
+        np=placement, spark=spark, data=sharded.frame, progress_timeout_s=plan.run.progress_timeout_s
     )
-    records = runner.run_all(train_rank, variant=variant, seed=run.seed)
+    records = runner.run_all(train_rank, variant=variant, plan=shard_plan, seed=plan.run.seed)
     train_s = time.perf_counter() - clock
     chief = records[0].value
 
@@ -127,14 +117,14 @@ def train_variant(
     return VariantResult(
         name=variant.name,
         description=variant.description,
-        np=run.np,
+        np=placement.np,
         epochs=variant.epochs,
         history=chief["history"],
         evaluation=evaluation,
         parameter_count=int(model.count_params()),
         rank_records=[_record_summary(record) for record in records],
         seconds={"train": train_s, "evaluate": evaluate_s, "total": train_s + evaluate_s},
-        lab_reference_accuracy=variant.lab_test_accuracy,
+        lab_reference_accuracy=variant.lab.test_accuracy,
         model_files=[model_file],
     )
 
@@ -156,4 +146,3 @@ def _record_summary(record: Any) -> dict[str, Any]:
         "history": value.get("history"),  # every rank's own Keras History (identical under MWMS)
         "timings": record.timings,
     }
-

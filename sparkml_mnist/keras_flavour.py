@@ -83,9 +83,16 @@ def tensorflow() -> ModuleType:
     use_legacy_keras()
     if TENSORFLOW_MODULE in sys.modules:
         return sys.modules[TENSORFLOW_MODULE]
-    started = time.perf_counter()
-    import tensorflow as tf  # noqa: PLC0415 - deferred on purpose: importing costs seconds
+    from sparkml_mnist.tf_notices import quiet_native_notices
 
+    started = time.perf_counter()
+    with quiet_native_notices():  # the oneDNN / cpu_feature_guard / cuInit notices come now, not later
+        import tensorflow as tf  # noqa: PLC0415 - deferred on purpose: importing costs seconds
+
+        if needs_legacy_keras():
+            import tf_keras  # noqa: F401, PLC0415 - loads TensorFlow's libraries a second time, with notices
+
+        tf.config.list_physical_devices()  # device discovery: where cuInit fails on a machine without GPUs
     _import_seconds = time.perf_counter() - started
     return tf
 

@@ -4,57 +4,53 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from sparkml_mnist.config import DataSpec, LayerSpec, VariantConfig, load_data_spec
+from sparkml_mnist.config import Conv2D, DataSpec, Dense, Dropout, Flatten, Layer, MaxPooling2D, VariantConfig
+from sparkml_mnist.config import load_data_spec
 from sparkml_mnist.errors import ConfigError
 
 ACCURACY_METRIC = "accuracy"
 OUTPUT_ACTIVATION = "softmax"
 
 
-def _conv2d(keras: Any, layer: LayerSpec) -> Any:
+def _conv2d(keras: Any, layer: Conv2D) -> Any:
     return keras.layers.Conv2D(
-        filters=layer.option("filters"),
-        kernel_size=layer.option("kernel_size"),
-        strides=layer.option("strides", (1, 1)),
-        padding=layer.option("padding", "valid"),
-        activation=layer.option("activation"),
+        filters=layer.filters, kernel_size=layer.kernel_size, strides=layer.strides, padding=layer.padding,
+        activation=layer.activation,
     )
 
 
-def _max_pooling2d(keras: Any, layer: LayerSpec) -> Any:
-    return keras.layers.MaxPooling2D(
-        pool_size=layer.option("pool_size"), strides=layer.option("strides"), padding=layer.option("padding", "valid")
-    )
+def _max_pooling2d(keras: Any, layer: MaxPooling2D) -> Any:
+    return keras.layers.MaxPooling2D(pool_size=layer.pool_size, strides=layer.strides, padding=layer.padding)
 
 
-def _dropout(keras: Any, layer: LayerSpec) -> Any:
-    return keras.layers.Dropout(rate=layer.option("rate"))
+def _dropout(keras: Any, layer: Dropout) -> Any:
+    return keras.layers.Dropout(rate=layer.rate)
 
 
-def _flatten(keras: Any, layer: LayerSpec) -> Any:
+def _flatten(keras: Any, layer: Flatten) -> Any:
     return keras.layers.Flatten()
 
 
-def _dense(keras: Any, layer: LayerSpec) -> Any:
-    return keras.layers.Dense(units=layer.option("units"), activation=layer.option("activation"))
+def _dense(keras: Any, layer: Dense) -> Any:
+    return keras.layers.Dense(units=layer.units, activation=layer.activation)
 
 
-LAYER_BUILDERS: dict[str, Callable[[Any, LayerSpec], Any]] = {
-    "conv2d": _conv2d,
-    "max_pooling2d": _max_pooling2d,
-    "dropout": _dropout,
-    "flatten": _flatten,
-    "dense": _dense,
+LAYER_BUILDERS: dict[type, Callable[[Any, Any], Any]] = {
+    Conv2D: _conv2d,
+    MaxPooling2D: _max_pooling2d,
+    Dropout: _dropout,
+    Flatten: _flatten,
+    Dense: _dense,
 }
 
 
 def check_output_layer(variant: VariantConfig, spec: DataSpec) -> None:
     """The last layer must be a softmax over the classes, or the loss and metrics mean nothing."""
-    last = variant.layers[-1]
-    if last.type != "dense" or last.option("units") != spec.num_classes or last.option("activation") != OUTPUT_ACTIVATION:
+    last: Layer = variant.layers[-1]
+    if not isinstance(last, Dense) or last.units != spec.num_classes or last.activation != OUTPUT_ACTIVATION:
         raise ConfigError(
             f"{variant.source}: the last layer must be dense with units: {spec.num_classes} and "
-            f"activation: {OUTPUT_ACTIVATION}, got {last.type} {dict(last.options)}"
+            f"activation: {OUTPUT_ACTIVATION}, got {last}"
         )
 
 
@@ -71,7 +67,7 @@ def build_model(
     check_output_layer(variant, spec)
     keras = keras_module()
     model = keras.Sequential(
-        [keras.Input(shape=spec.image_shape)] + [LAYER_BUILDERS[layer.type](keras, layer) for layer in variant.layers],
+        [keras.Input(shape=spec.image_shape)] + [LAYER_BUILDERS[type(layer)](keras, layer) for layer in variant.layers],
         name=variant.name,
     )
     optimizer = keras.optimizers.get(variant.optimizer)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkml_mnist.config import DataSpec, load_data_spec, load_yaml
+from sparkml_mnist.config import DataSpec, from_mapping, load_data_spec, load_yaml
 from sparkml_mnist.errors import ConfigError
 
 GOOD = {
@@ -22,7 +22,7 @@ GOOD = {
 
 def test_shipped_data_conf_loads():
     spec = load_data_spec()
-    assert spec == DataSpec.from_mapping(GOOD, "test")
+    assert spec == from_mapping(DataSpec, GOOD, "test")
     assert spec.image_shape == (28, 28, 1)
 
 
@@ -32,7 +32,8 @@ def test_shipped_data_conf_loads():
         ({"num_features": -1}, "field 'num_features' must be a positive integer"),
         ({"num_features": "784"}, "field 'num_features' must be int"),
         ({"num_classes": True}, "field 'num_classes' must be int"),
-        ({"image_shape": [28, 28]}, "field 'image_shape' must be three positive integers"),
+        ({"image_shape": [28, 28]}, "field 'image_shape' must be a list of 3 values"),
+        ({"image_shape": [28, 0, 1]}, "field 'image_shape' must be three positive integers"),
         ({"image_shape": [28, 27, 1]}, "holds 756 values but 'num_features' is 784"),
         ({"colour": "red"}, "unknown field(s) colour"),
         ({"train_file": None}, "field 'train_file' must be str"),
@@ -41,7 +42,7 @@ def test_shipped_data_conf_loads():
 def test_bad_data_spec_names_the_field(change, words):
     settings = {**GOOD, **change}
     with pytest.raises(ConfigError) as caught:
-        DataSpec.from_mapping(settings, "conf/data.yaml")
+        from_mapping(DataSpec, settings, "conf/data.yaml")
     assert str(caught.value).startswith("conf/data.yaml: ")
     assert words in str(caught.value)
 
@@ -50,7 +51,7 @@ def test_missing_field_is_named():
     settings = dict(GOOD)
     del settings["num_classes"]
     with pytest.raises(ConfigError, match="conf/data.yaml: missing required field 'num_classes'"):
-        DataSpec.from_mapping(settings, "conf/data.yaml")
+        from_mapping(DataSpec, settings, "conf/data.yaml")
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
@@ -95,7 +96,7 @@ def test_the_four_lab_variants_ship_with_the_lab_settings():
     assert [settings[n].optimizer for n in available_variants()] == ["adam", "adam", "adam", "sgd"]
     assert [settings[n].validation_split for n in available_variants()] == [0.1, 0.1, 0.0, 0.0]
     assert all(v.batch_size == 128 for v in settings.values())
-    assert settings["variant1"].lab_parameters == 149010 and settings["variant3"].lab_parameters == 600810
+    assert settings["variant1"].lab.parameters == 149010 and settings["variant3"].lab.parameters == 600810
 
 
 def test_a_fifth_variant_is_a_yaml_file(tmp_path):
@@ -103,19 +104,24 @@ def test_a_fifth_variant_is_a_yaml_file(tmp_path):
     path.write_text(VARIANT)
     variant = load_variant(str(path))
     assert variant.name == "variant5" and len(variant.layers) == 3
-    assert variant.layers[0].option("kernel_size") == (3, 3)
+    assert variant.layers[0].kernel_size == (3, 3)
 
 
 @pytest.mark.parametrize(
     "old,new,words",
     [
-        ("{type: flatten}", "{type: flaten}", "layers[1]: unknown layer type 'flaten'"),
+        ("{type: flatten}", "{type: flaten}", "field 'layers[1].type' is 'flaten'; expected one of conv2d"),
         ("epochs: 3", "epochs: -3", "field 'epochs' must be a positive integer"),
         ("epochs: 3\n", "", "missing required field 'epochs'"),
         ("optimizer: adam", "optimizer: adamw2", "field 'optimizer' is 'adamw2'"),
-        ("filters: 4,", "filters: 0,", "layers[0] (conv2d): field 'filters' must be positive"),
-        ("kernel_size: [3, 3]", "kernel_size: [3]", "field 'kernel_size' must be two positive integers"),
-        ("{type: flatten}", "{type: flatten, units: 3}", "layers[1] (flatten): unknown field(s) units"),
+        ("filters: 4,", "filters: 0,", "field 'layers[0].filters' must be a positive integer, got 0"),
+        ("kernel_size: [3, 3]", "kernel_size: [3]", "field 'layers[0].kernel_size' must be a list of 2 values"),
+        ("kernel_size: [3, 3]", "kernel_size: [3, -1]", "field 'layers[0].kernel_size' must be two positive integers"),
+        ("activation: relu}", "activation: relux}", "field 'layers[0].activation' is 'relux'"),
+        ("{type: flatten}", "{type: flatten, units: 3}", "unknown field(s) layers[1].units"),
+        ("{type: flatten}", "{type: dense, units: many}", "field 'layers[1].units' must be int"),
+        ("name: variant5", "name: ../escape", "field 'name' is '../escape': use letters, digits"),
+        ("epochs: 3\n", "epochs: 3\nlab: {test_accuracy: 99.1}\n", "field 'lab.test_accuracy' must be in [0, 1)"),
         ("validation_split: 0.1", "validation_split: 1.5", "field 'validation_split' must be in [0, 1)"),
         ("batch_size: 128", "batch_size: many", "field 'batch_size' must be int"),
     ],
@@ -136,28 +142,32 @@ def test_unknown_variant_name_lists_the_available_ones():
 
 
 def test_global_batch_must_split_evenly_across_replicas():
+    from sparkml_mnist.plan import check_replicas
+
     variant = load_variant("variant1")
-    variant.check_replicas(2)
+    check_replicas(variant, 2)
     with pytest.raises(ConfigError, match="field 'batch_size' \\(128\\) is not divisible by the 3 replicas"):
-        variant.check_replicas(3)
+        check_replicas(variant, 3)
     assert variant.with_epochs(2).epochs == 2 and variant.with_epochs(None).epochs == 20
-    with pytest.raises(ConfigError, match="--epochs must be a positive integer"):
-        variant.with_epochs(0)
 
 
 def test_xla_with_several_ranks_is_refused_where_it_cannot_run():
     from dataclasses import replace
 
+    from sparkml_mnist.distributed.placement import Placement
+    from sparkml_mnist.plan import check_xla
+
+    two, one = Placement(size=2, on_driver=False), Placement(size=1, on_driver=False)
     plain = load_variant("variant3")
     assert plain.jit_compile is False  # the shipped default (benchmarks/RESULTS.md, "XLA")
-    plain.check_xla(2, on_gpus=False, backend="tf")
+    check_xla(plain, two, on_gpus=False)
     xla = replace(plain, jit_compile=True)
-    xla.check_xla(1, on_gpus=False, backend="tf")  # one rank: no collectives to compile
-    xla.check_xla(2, on_gpus=True, backend="tf")  # XLA collectives exist on GPUs
+    check_xla(xla, one, on_gpus=False)  # one rank: no collectives to compile
+    check_xla(xla, two, on_gpus=True)  # XLA collectives exist on GPUs
     with pytest.raises(ConfigError, match=r"variant3.yaml: field 'jit_compile' is true, but 2 ranks .* CPU devices"):
-        xla.check_xla(2, on_gpus=False, backend="tf")
+        check_xla(xla, two, on_gpus=False)
     with pytest.raises(ConfigError, match="the 'horovod' backend's all-reduce cannot be compiled"):
-        xla.check_xla(2, on_gpus=True, backend="horovod")
+        check_xla(xla, Placement(size=2, on_driver=False, backend="horovod"), on_gpus=True)
 
 
 def test_jit_compile_must_be_a_boolean(tmp_path):
@@ -168,17 +178,32 @@ def test_jit_compile_must_be_a_boolean(tmp_path):
         load_variant(str(path))
 
 
-def test_run_backend_is_checked_and_overridable():
+def test_run_backend_is_checked_once_where_np_is_parsed():
     from sparkml_mnist.config import load_run
+    from sparkml_mnist.plan import plan_job
 
     run = load_run("sample")
     assert run.backend == "tf" and run.with_overrides(backend="horovod").backend == "horovod"
     with pytest.raises(ConfigError, match="field 'backend' is 'mpi'; choose one of tf, horovod"):
-        run.with_overrides(backend="mpi")
+        plan_job(run.with_overrides(backend="mpi"))
 
 
-def test_config_backend_names_are_the_launchers():
-    from sparkml_mnist.config import BACKEND_NAMES
-    from sparkml_mnist.distributed.backends import BACKENDS
+def test_run_overrides_go_through_the_loader_and_name_the_file():
+    from sparkml_mnist.config import load_run
 
-    assert set(BACKEND_NAMES) == set(BACKENDS)
+    run = load_run("sample")
+    with pytest.raises(ConfigError, match=r"sample.yaml \(with command-line overrides\): field 'epochs' must be a positive"):
+        run.with_overrides(epochs=-1)
+    with pytest.raises(ConfigError, match="field 'variants' names a variant twice"):
+        run.with_overrides(variants="variant1,variant1")
+    assert run.with_overrides(variants="variant2").variants == ("variant2",)
+
+
+def test_two_variant_files_with_one_name_are_refused(tmp_path):
+    from sparkml_mnist.config import load_run
+
+    for copy in ("a.yaml", "b.yaml"):
+        (tmp_path / copy).write_text(VARIANT)
+    run = load_run("sample").with_overrides(variants=f"{tmp_path / 'a.yaml'},{tmp_path / 'b.yaml'}")
+    with pytest.raises(ConfigError, match="two variants named variant5"):
+        run.load_variants()

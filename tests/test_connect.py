@@ -145,10 +145,10 @@ def _():
 
     def task(batches):
         from pyspark import BarrierTaskContext
-        from sparkml_mnist.data.shards import shard_tensors
+        from sparkml_mnist.inputs import shard_tensors
 
         context = BarrierTaskContext.get()
-        tensors = shard_tensors(batches)
+        tensors = shard_tensors(pa.Table.from_batches(list(batches)))
         peers = context.allGather(str(tensors.x_train.shape[0]))
         yield pa.RecordBatch.from_pydict({
             "partition": pa.array([context.partitionId()], pa.int64()),
@@ -167,10 +167,11 @@ def _():
 
     def tiny(context):
         import os
-        rows = int(context.shard.x_train.shape[0])
+        from sparkml_mnist.inputs import shard_tensors
+        rows = int(shard_tensors(context.partition()).x_train.shape[0])
         return {"rank": context.rank, "size": context.size, "rows": rows, "pid": os.getpid()}
 
-    records = HorovodRunner(np=NP, spark=spark, data=data["sharded"], log_sink=None).run_all(tiny)
+    records = HorovodRunner(np=NP, spark=spark, data=data["sharded"].frame, log_sink=None).run_all(tiny)
     return [record.value for record in records]
 
 
@@ -178,8 +179,9 @@ def _():
 def _():
     from sparkml_mnist.distributed import HorovodRunner
 
-    def stall():
+    def stall(context):
         import time
+        context.report_progress()  # the ranks report progress, then none moves
         time.sleep(120)
 
     HorovodRunner(np=NP, spark=spark, progress_timeout_s=5, log_sink=None).run(stall)

@@ -12,15 +12,10 @@ from pyspark.sql import functions as F
 
 from sparkml_mnist.data.libsvm import load_libsvm
 from sparkml_mnist.data.paths import sample_paths
-from sparkml_mnist.data.shards import (
-    collect_tensors,
-    partition_keys,
-    plan_shards,
-    shard_frame,
-    shard_tensors,
-    spark_hash_int,
-    validation_split_index,
-)
+from sparkml_mnist.data.shards import partition_keys, shard_frame, spark_hash_int
+from sparkml_mnist.data.split import plan_shards, validation_split_index
+from sparkml_mnist.data.tensors import collect_tensors
+from sparkml_mnist.inputs import shard_tensors
 from sparkml_mnist.errors import ConfigError, DataError
 
 
@@ -84,7 +79,7 @@ def _report_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBa
     from pyspark import BarrierTaskContext
 
     context = BarrierTaskContext.get()
-    tensors = shard_tensors(batches)
+    tensors = shard_tensors(pa.Table.from_batches(list(batches)))
     context.barrier()
     yield pa.RecordBatch.from_pylist(
         [

@@ -32,7 +32,7 @@ from packaging.utils import canonicalize_name
 from sparkml_mnist.cli import build_parser
 from sparkml_mnist.config import load_data_spec, load_run
 from sparkml_mnist.errors import SparkMnistError
-from sparkml_mnist.platform import load_platform_settings
+from sparkml_mnist.databricks import load_platform_settings
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_FILE = REPO / "databricks.yml"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -128,15 +131,47 @@ def test_task_cpus_reduce_the_slots_of_a_local_master() -> None:
     assert issubclass(PreflightError, LaunchError)
 
 
-def test_console_sink_hides_tensorflow_start_up_notices_but_not_errors(capsys):
-    from sparkml_mnist.distributed.channel import print_log_line
+NOTICES = [
+    "I0000 00:00:1795619532.308476   19121 port.cc:153] oneDNN custom operations are on.",
+    "W0000 00:00:1795619535.703283   19121 dataset.cc:997] Input of GeneratorDatasetOp",
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "E0000 00:00:1795619535.238840   19118 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error",
+    "I0000 00:00:1795975746.078959    4438 cpu_feature_guard.cc:227] This TensorFlow binary is optimized",
+    "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
+    "appropriate compiler flags.",
+]
+REAL_ERROR = "E0000 00:00:1795619535.238840   19118 collective_ops.cc:12] Collective ops is aborted by: timeout"
 
-    print_log_line(0, "stderr", "I0000 00:00:1795619532.308476   19121 port.cc:153] oneDNN custom operations are on.")
-    print_log_line(0, "stderr", "W0000 00:00:1795619535.703283   19121 dataset.cc:997] Input of GeneratorDatasetOp")
-    print_log_line(0, "stderr", "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR")
-    print_log_line(1, "stderr", "E0000 00:00:1795619535.238840   19118 cuda_platform.cc:52] failed call to cuInit")
+
+def test_console_sink_hides_tensorflow_start_up_notices_but_not_errors(capsys, monkeypatch):
+    from sparkml_mnist.distributed.channel import print_log_line
+    from sparkml_mnist.tf_notices import SHOW_NOTICES_ENV
+
+    monkeypatch.delenv(SHOW_NOTICES_ENV, raising=False)
+    for line in NOTICES:
+        print_log_line(0, "stderr", line)
+    print_log_line(1, "stderr", REAL_ERROR)
     print_log_line(1, "stdout", "variant1 epoch 1/3: loss 1.0471")
-    assert capsys.readouterr().err.splitlines() == [
-        "[rank 1] E0000 00:00:1795619535.238840   19118 cuda_platform.cc:52] failed call to cuInit",
-        "[rank 1] variant1 epoch 1/3: loss 1.0471",
-    ]
+    assert capsys.readouterr().err.splitlines() == [f"[rank 1] {REAL_ERROR}", "[rank 1] variant1 epoch 1/3: loss 1.0471"]
+    monkeypatch.setenv(SHOW_NOTICES_ENV, "1")  # the verbose setting shows them
+    print_log_line(0, "stderr", NOTICES[3])
+    assert capsys.readouterr().err.splitlines() == [f"[rank 0] {NOTICES[3]}"]
+
+
+def test_the_drivers_own_tensorflow_notices_are_filtered_at_the_file_descriptor(monkeypatch):
+    """A fresh process importing TensorFlow through keras_flavour prints no notice, but keeps its own stderr."""
+    from sparkml_mnist.tf_notices import SHOW_NOTICES_ENV
+
+    script = (
+        "import sys\n"
+        "from sparkml_mnist import keras_flavour\n"
+        "keras_flavour.tensorflow()\n"
+        "print('after import', file=sys.stderr)\n"
+    )
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, SHOW_NOTICES_ENV: "0"})
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.strip().splitlines() == ["after import"]
+    loud = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, SHOW_NOTICES_ENV: "1"})
+    assert "oneDNN" in loud.stderr or "cpu_feature_guard" in loud.stderr

@@ -326,8 +326,8 @@ def test_a_file_where_the_folder_should_be_is_refused(tmp_path, mirror, test_spe
 def test_the_shipped_config_names_the_canonical_files_and_checksums():
     spec = load_download_spec()
     assert set(spec.file_names()) == CANONICAL_FILES
-    assert spec.checksums["train-images-idx3-ubyte.gz"]["sha256"] == CANONICAL_TRAIN_IMAGES_SHA256
-    assert all(set(sums) == {"md5", "sha256"} for sums in spec.checksums.values())
+    assert spec.checksums["train-images-idx3-ubyte.gz"].sha256 == CANONICAL_TRAIN_IMAGES_SHA256
+    assert all([name for name, _ in sums.items()] == ["sha256", "md5"] for sums in spec.checksums.values())
     assert spec.mirror_url.startswith("https://")
 
 
@@ -344,7 +344,10 @@ def test_a_config_without_a_required_checksum_is_refused(tmp_path):
     text = Path(download_module.default_conf_file("download.yaml")).read_text()
     broken = tmp_path / "download.yaml"
     broken.write_text(text.replace("    sha256: 440fcabf", "    sha1: 440fcabf"))
-    with pytest.raises(ConfigError, match="checksums.train-images-idx3-ubyte.gz: must be a mapping with at least 'sha256'"):
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) checksums.train-images-idx3-ubyte.gz.sha1"):
+        load_download_spec(broken)
+    broken.write_text(text.replace("    sha256: 440fcabf", "    # no sha256: 440fcabf"))
+    with pytest.raises(ConfigError, match="missing required field 'checksums.train-images-idx3-ubyte.gz.sha256'"):
         load_download_spec(broken)
 
 

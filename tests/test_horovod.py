@@ -20,7 +20,7 @@ import pytest
 from conftest import HOROVOD_SUITE_DIR, HOROVOD_SUITE_ENV
 from sparkml_mnist import cli
 from sparkml_mnist.distributed import HorovodRunner
-from sparkml_mnist.distributed.backends.horovod import RENDEZVOUS_PORT, HorovodBackend, placement
+from sparkml_mnist.distributed.backends.horovod import RENDEZVOUS_PORT, HorovodDriverBackend, placement
 from sparkml_mnist.distributed.spec import RankSpec
 from sparkml_mnist.errors import ConfigError, LaunchError
 
@@ -76,7 +76,7 @@ def test_ranks_are_placed_as_horovod_places_them() -> None:
 
 
 def test_each_rank_gets_horovods_gloo_environment() -> None:
-    env = HorovodBackend().environment(spec_for(1, ["127.0.0.1", "127.0.0.1"], collective_timeout_s=42.5))
+    env = HorovodDriverBackend().environment(spec_for(1, ["127.0.0.1", "127.0.0.1"], collective_timeout_s=42.5))
     assert env["HOROVOD_RANK"] == "1" and env["HOROVOD_SIZE"] == "2"
     assert (env["HOROVOD_LOCAL_RANK"], env["HOROVOD_LOCAL_SIZE"]) == ("1", "2")
     assert (env["HOROVOD_CROSS_RANK"], env["HOROVOD_CROSS_SIZE"]) == ("0", "1")
@@ -89,9 +89,9 @@ def test_each_rank_gets_horovods_gloo_environment() -> None:
 def test_a_host_on_no_interface_of_this_machine_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.delenv("HOROVOD_GLOO_IFACE", raising=False)
     with pytest.raises(LaunchError, match=r"rank 0: no network interface .* 'not-a-host\.invalid'.*HOROVOD_GLOO_IFACE"):
-        HorovodBackend().environment(spec_for(0, ["not-a-host.invalid"]))
+        HorovodDriverBackend().environment(spec_for(0, ["not-a-host.invalid"]))
     with pytest.raises(LaunchError, match="rendezvous server"):
-        HorovodBackend().environment(spec_for(0, ["127.0.0.1"], backend_options={}))
+        HorovodDriverBackend().environment(spec_for(0, ["127.0.0.1"], backend_options={}))
 
 
 @pytest.fixture(scope="module")

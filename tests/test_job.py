@@ -54,7 +54,7 @@ def test_short_run_on_the_sample_beats_chance_by_far(np2_report):
 def test_gathered_evaluation_equals_a_single_process_evaluation(spark, np2_report):
     from sparkml_mnist.data.libsvm import load_libsvm
     from sparkml_mnist.data.paths import sample_paths
-    from sparkml_mnist.data.shards import collect_tensors
+    from sparkml_mnist.data.tensors import collect_tensors
     from sparkml_mnist.keras_flavour import keras
 
     model = keras().models.load_model(next(np2_report.rglob("variant1.keras")))

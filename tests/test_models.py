@@ -18,7 +18,7 @@ def models():
 
 def test_parameter_counts_match_the_lab(models):
     for name, model in models.items():
-        expected = load_variant(name).lab_parameters
+        expected = load_variant(name).lab.parameters
         if expected is not None:
             assert model.count_params() == expected, name
     assert models["variant1"].count_params() == 149010

@@ -9,17 +9,14 @@ Settings (mirror, file names, checksums) live in ``conf/download.yaml``.
 from __future__ import annotations
 
 import bz2
-import gzip
 import hashlib
 import http.client
+import io
 import json
 import logging
-import math
 import os
 import secrets
-import zlib
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 from urllib.error import HTTPError, URLError
@@ -27,17 +24,13 @@ from urllib.parse import urlparse
 from urllib.request import urlopen
 
 import numpy as np
+from sklearn.datasets import dump_svmlight_file
 
-from sparkml_mnist.config import (
-    DataSpec,
-    default_conf_file,
-    load_data_spec,
-    load_yaml,
-    require_field,
-    require_positive_int,
-)
+from sparkml_mnist.config import DataSpec, default_conf_file, load_data_spec
+from sparkml_mnist.config.loader import Invalid, from_mapping, load_file, positive, rule
+from sparkml_mnist.data.idx import MIRROR_HINT, DownloadError, parse_idx
 from sparkml_mnist.data.paths import COMPRESSED_SUFFIX, DatasetPaths
-from sparkml_mnist.errors import ConfigError, SparkMnistError
+from sparkml_mnist.errors import ConfigError
 
 DOWNLOAD_CONF_FILE = "download.yaml"
 SPLITS = ("train", "test")  # output names come from conf/data.yaml's train_file / test_file
@@ -50,23 +43,35 @@ TEMP_SUFFIX = ".part"
 TEMP_TOKEN_BYTES = 4
 HASH_BLOCK_BYTES = 1 << 20
 MANIFEST_VERSION = 1
-TEXT_ENCODING = "ascii"
-MIRROR_HINT = "use --mirror URL to pick another mirror (alternatives are listed in conf/download.yaml)"
 
-# IDX header: two zero bytes, a data-type code, the number of dimensions, then one big-endian
-# uint32 per dimension; the data follows in C order (http://yann.lecun.com/exdb/mnist/).
-IDX_TYPE_UBYTE = 0x08
-IDX_MAGIC_BYTES = 4
-IDX_DIM_BYTES = 4
 IDX_IMAGE_DIMS = 3  # images, rows, columns
 IDX_LABEL_DIMS = 1
-IDX_BYTE_ORDER = "big"
 
 _LOG = logging.getLogger(__name__)
 
 
-class DownloadError(SparkMnistError):
-    """A download, checksum, IDX file or write failed; the message names the URL or file and what to do."""
+def _hex(length: int) -> "Callable[[str], str | None]":
+    def check(value: str) -> str | None:
+        text = value.strip().lower()
+        ok = len(text) == length and all(c in "0123456789abcdef" for c in text)
+        return None if ok else f"must be {length} hex digits, got {value!r}"
+
+    return check
+
+
+def _lowercase(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class Checksums:
+    """A file's published checksums: sha256 is required and checked first, md5 too when given."""
+
+    sha256: str = field(metadata=rule(_hex(HASH_LENGTHS["sha256"]), convert=_lowercase))
+    md5: str | None = field(default=None, metadata=rule(_hex(HASH_LENGTHS["md5"]), convert=_lowercase))
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(name, value) for name, value in (("sha256", self.sha256), ("md5", self.md5)) if value]
 
 
 @dataclass(frozen=True)
@@ -77,50 +82,33 @@ class SplitFiles:
     labels: str
 
 
+def _plain_name(name: str) -> str | None:
+    return None if name and Path(name).name == name else f"must be a plain file name, got {name!r}"
+
+
+def _level(level: int) -> str | None:
+    return None if level in BZIP2_LEVELS else f"must be 1..9, got {level}"
+
+
 @dataclass(frozen=True)
 class DownloadSpec:
     """``conf/download.yaml``: where to fetch, what to expect, how to write."""
 
     mirror_url: str
-    timeout_s: float
-    bzip2_level: int
-    rows_per_chunk: int
-    manifest_file: str
-    splits: Mapping[str, SplitFiles]
-    checksums: Mapping[str, Mapping[str, str]]  # IDX file name -> {algorithm: lowercase hex}
-    source: str
+    timeout_s: float = field(metadata=rule(positive))
+    bzip2_level: int = field(metadata=rule(_level))
+    rows_per_chunk: int = field(metadata=rule(positive))
+    manifest_file: str = field(metadata=rule(_plain_name))
+    splits: dict[str, SplitFiles]
+    checksums: dict[str, Checksums]  # IDX file name -> its checksums
+    source: str = ""
 
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any], source: str) -> "DownloadSpec":
-        known = {"mirror_url", "timeout_s", "bzip2_level", "rows_per_chunk", "manifest_file", "splits", "checksums"}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {sorted(known)}")
-        timeout_s = float(require_field(settings, "timeout_s", float, source))
-        if timeout_s <= 0:
-            raise ConfigError(f"{source}: field 'timeout_s' must be positive, got {timeout_s}")
-        level = require_field(settings, "bzip2_level", int, source)
-        if level not in BZIP2_LEVELS:
-            raise ConfigError(f"{source}: field 'bzip2_level' must be 1..9, got {level}")
-        manifest = require_field(settings, "manifest_file", str, source)
-        if not manifest or Path(manifest).name != manifest:
-            raise ConfigError(f"{source}: field 'manifest_file' must be a plain file name, got {manifest!r}")
-        splits = _splits(require_field(settings, "splits", dict, source), source)
-        checksums = require_field(settings, "checksums", dict, source)
-        spec = cls(
-            mirror_url=require_field(settings, "mirror_url", str, source),
-            timeout_s=timeout_s,
-            bzip2_level=level,
-            rows_per_chunk=require_positive_int(settings, "rows_per_chunk", source),
-            manifest_file=manifest,
-            splits=splits,
-            checksums={str(name): _hashes(value, f"{source}: checksums.{name}") for name, value in checksums.items()},
-            source=source,
-        )
-        missing = sorted(set(spec.file_names()) - set(spec.checksums))
+    def validate(self) -> None:
+        if sorted(self.splits) != sorted(SPLITS):
+            raise Invalid("splits", f"must name exactly {list(SPLITS)}, got {sorted(self.splits)}")
+        missing = sorted(set(self.file_names()) - set(self.checksums))
         if missing:
-            raise ConfigError(f"{source}: field 'checksums' has no entry for {', '.join(missing)}")
-        return spec
+            raise Invalid("checksums", f"has no entry for {', '.join(missing)}")
 
     def file_names(self) -> list[str]:
         return [name for files in self.splits.values() for name in (files.images, files.labels)]
@@ -130,46 +118,22 @@ class DownloadSpec:
         unknown = sorted(set(sha256_by_file) - set(self.file_names()))
         if unknown:
             raise ConfigError(f"checksums given for unknown file(s) {', '.join(unknown)}; expected {self.file_names()}")
-        checksums = dict(self.checksums)
-        for name, value in sha256_by_file.items():
-            checksums[name] = _hashes({REQUIRED_HASH: value}, f"checksums[{name!r}]")
-        return replace(self, checksums=checksums, source=f"{self.source} (with checksums given by the caller)")
-
-
-def _splits(settings: Mapping[str, Any], source: str) -> dict[str, SplitFiles]:
-    if sorted(settings) != sorted(SPLITS):
-        raise ConfigError(f"{source}: field 'splits' must name exactly {list(SPLITS)}, got {sorted(settings)}")
-    splits = {}
-    for split in SPLITS:
-        files = settings[split]
-        where = f"{source}: splits.{split}"
-        if not isinstance(files, dict) or sorted(files) != ["images", "labels"]:
-            raise ConfigError(f"{where} must be a mapping with 'images' and 'labels' file names")
-        splits[split] = SplitFiles(
-            images=require_field(files, "images", str, where), labels=require_field(files, "labels", str, where)
+        given = from_mapping(
+            _GivenChecksums, {"checksums": {name: {"sha256": value} for name, value in sha256_by_file.items()}},
+            "checksums given by the caller",
         )
-    return splits
+        return replace(self, checksums={**self.checksums, **given.checksums},
+                       source=f"{self.source} (with checksums given by the caller)")
 
 
-def _hashes(settings: Any, where: str) -> dict[str, str]:
-    if not isinstance(settings, dict) or REQUIRED_HASH not in settings:
-        raise ConfigError(f"{where}: must be a mapping with at least '{REQUIRED_HASH}'")
-    hashes = {}
-    for algorithm, value in settings.items():
-        if algorithm not in HASH_LENGTHS:
-            raise ConfigError(f"{where}: unknown checksum {algorithm!r}; expected {', '.join(HASH_LENGTHS)}")
-        text = str(value).strip().lower()
-        if len(text) != HASH_LENGTHS[algorithm] or any(c not in "0123456789abcdef" for c in text):
-            raise ConfigError(f"{where}: {algorithm} must be {HASH_LENGTHS[algorithm]} hex digits, got {value!r}")
-        hashes[algorithm] = text
-    # The required (strongest) sum is checked and reported first.
-    return dict(sorted(hashes.items(), key=lambda item: item[0] != REQUIRED_HASH))
+@dataclass(frozen=True)
+class _GivenChecksums:
+    checksums: dict[str, Checksums]
 
 
 def load_download_spec(path: str | Path | None = None) -> DownloadSpec:
     """``conf/download.yaml`` (or ``path``); read on each call, it is small."""
-    source = Path(path) if path is not None else default_conf_file(DOWNLOAD_CONF_FILE)
-    return DownloadSpec.from_mapping(load_yaml(source), str(source))
+    return load_file(DownloadSpec, Path(path) if path is not None else default_conf_file(DOWNLOAD_CONF_FILE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +221,7 @@ def _fetch_verified(mirror: str, name: str, spec: DownloadSpec, say: Callable[[s
                 f"({len(payload):,} bytes); the download is corrupt or the mirror serves another file; "
                 f"retry, or {MIRROR_HINT}"
             )
-    say(f"  {name}: {len(payload):,} bytes, {', '.join(spec.checksums[name])} verified")
+    say(f"  {name}: {len(payload):,} bytes, {', '.join(a for a, _ in spec.checksums[name].items())} verified")
     return payload
 
 
@@ -282,32 +246,6 @@ def _fetch(url: str, timeout_s: float) -> bytes:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_idx(payload: bytes, name: str) -> np.ndarray:
-    """A gzip-compressed IDX file of unsigned bytes as an array of its declared shape."""
-    try:
-        raw = gzip.decompress(payload)
-    except (OSError, EOFError, zlib.error) as error:
-        raise DownloadError(f"{name}: not a complete gzip file ({error}); {MIRROR_HINT}") from error
-    if len(raw) < IDX_MAGIC_BYTES or raw[0] or raw[1]:
-        raise DownloadError(f"{name}: not an IDX file (magic number {raw[:IDX_MAGIC_BYTES].hex() or 'missing'})")
-    data_type, num_dims = raw[2], raw[3]
-    if data_type != IDX_TYPE_UBYTE:
-        raise DownloadError(f"{name}: IDX data type 0x{data_type:02x} is not unsigned bytes (0x{IDX_TYPE_UBYTE:02x})")
-    header = IDX_MAGIC_BYTES + IDX_DIM_BYTES * num_dims
-    if len(raw) < header:
-        raise DownloadError(f"{name}: IDX header declares {num_dims} dimensions but the file ends after {len(raw)} bytes")
-    dims = tuple(
-        int.from_bytes(raw[IDX_MAGIC_BYTES + IDX_DIM_BYTES * i : IDX_MAGIC_BYTES + IDX_DIM_BYTES * (i + 1)], IDX_BYTE_ORDER)
-        for i in range(num_dims)
-    )
-    if len(raw) - header != math.prod(dims):
-        raise DownloadError(
-            f"{name}: IDX header declares shape {dims} ({math.prod(dims):,} bytes of data) but the file holds "
-            f"{len(raw) - header:,}; the file is truncated or corrupt"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
 def _check_split(images: np.ndarray, labels: np.ndarray, files: SplitFiles, data_spec: DataSpec) -> None:
     height, width = data_spec.image_shape[0], data_spec.image_shape[1]
     if images.ndim != IDX_IMAGE_DIMS or images.shape[1:] != (height, width):
@@ -323,38 +261,16 @@ def _check_split(images: np.ndarray, labels: np.ndarray, files: SplitFiles, data
         raise DownloadError(f"{files.labels}: label {int(labels.max())} is outside 0..{data_spec.num_classes - 1}")
 
 
-@lru_cache(maxsize=4)
-def _token_table(num_features: int, num_classes: int) -> np.ndarray:
-    """Every text piece a line is made of, so a line is a lookup, not a format call per pixel.
-
-    ``feature * 256 + value`` -> ``" <feature+1>:<value>"``; then one entry per label (``"<label>"``)
-    and a last one for the line end.
-    """
-    values = np.iinfo(np.uint8).max + 1
-    pieces = [f" {feature + 1}:{value}" for feature in range(num_features) for value in range(values)]
-    pieces += [str(label) for label in range(num_classes)] + ["\n"]
-    return np.array(pieces, dtype=object)
-
-
-def libsvm_text(images: np.ndarray, labels: np.ndarray, num_classes: int) -> str:
+def libsvm_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
     """Rows of images (any shape per image, row-major) as LIBSVM lines, exactly SOURCE.md's recipe:
-    ``<label>`` then `` <index>:<value>`` for each nonzero pixel (1-based, increasing), then ``\\n``."""
-    flat = images.reshape(len(images), -1)
-    num_rows, num_features = flat.shape
-    table = _token_table(num_features, num_classes)
-    label_base = num_features * (np.iinfo(np.uint8).max + 1)
-    rows, features = np.nonzero(flat)  # row-major: by row, then by increasing feature
-    per_row = np.bincount(rows, minlength=num_rows)
-    line_ends = np.cumsum(per_row + 2) - 1  # each line: label, its pixels, newline
-    line_starts = line_ends - per_row - 1
-    pieces = np.empty(len(rows) + 2 * num_rows, dtype=np.int64)
-    is_pixel = np.ones(len(pieces), dtype=bool)
-    is_pixel[line_starts] = False
-    is_pixel[line_ends] = False
-    pieces[line_starts] = label_base + labels.astype(np.int64)
-    pieces[line_ends] = len(table) - 1
-    pieces[is_pixel] = features.astype(np.int64) * (np.iinfo(np.uint8).max + 1) + flat[rows, features]
-    return "".join(table[pieces].tolist())
+    ``<label>`` then `` <index>:<value>`` for each nonzero pixel (1-based, increasing), then ``\\n``.
+
+    sklearn's writer gives these bytes for integer arrays (a test holds it to the shared files)."""
+    out = io.BytesIO()
+    dump_svmlight_file(
+        images.reshape(len(images), -1).astype(np.int32), labels.astype(np.int64), out, zero_based=False
+    )
+    return out.getvalue()
 
 
 def _compressed_chunks(images: np.ndarray, labels: np.ndarray, spec: DownloadSpec, num_classes: int) -> Iterator[bytes]:
@@ -362,8 +278,7 @@ def _compressed_chunks(images: np.ndarray, labels: np.ndarray, spec: DownloadSpe
     compressor = bz2.BZ2Compressor(spec.bzip2_level)
     for start in range(0, len(images), spec.rows_per_chunk):
         stop = start + spec.rows_per_chunk
-        text = libsvm_text(images[start:stop], labels[start:stop], num_classes)
-        yield compressor.compress(text.encode(TEXT_ENCODING))
+        yield compressor.compress(libsvm_bytes(images[start:stop], labels[start:stop]))
     yield compressor.flush()
 
 
@@ -398,7 +313,7 @@ def _write_outputs(
         record = {
             "version": MANIFEST_VERSION,
             "mirror": mirror,
-            "sources": {name: spec.checksums[name] for name in spec.file_names()},
+            "sources": {name: dict(spec.checksums[name].items()) for name in spec.file_names()},
             "outputs": {
                 outputs[split].name: {"sha256": digest, "rows": rows} for split, (_, digest, rows) in written.items()
             },

@@ -18,10 +18,10 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkml_mnist.config import DataSpec, load_data_spec
+from sparkml_mnist.data.columns import ROW_COLUMN
 from sparkml_mnist.errors import DataError
 
 LIBSVM_SOURCE = "libsvm"
-ROW_COLUMN = "row"
 # monotonically_increasing_id() keeps the partition index in its upper 31 bits, the position
 # inside the partition in its lower 33 bits (Spark's documented layout).
 _PARTITION_SHIFT = 33

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sparkml_mnist import databricks
 from sparkml_mnist.config import DataSpec, load_data_spec, package_folder
 from sparkml_mnist.errors import ConfigError
 
@@ -54,14 +55,11 @@ def _pick(data_dir: str, name: str) -> str:
     return str(plain)  # a missing file is reported by the reader, naming this path
 
 
-DATABRICKS_RUNTIME_ENV = "DATABRICKS_RUNTIME_VERSION"
-
-
 def resolve_inputs(
     data: str | None, train: str | None = None, test: str | None = None, spec: DataSpec | None = None
 ) -> DatasetPaths:
     """Explicit files, else a folder ("sample" = the bundled sample), else the environment's default:
-    ``SPARKML_MNIST_DATA``, or on Databricks the runtime's copy of the dataset."""
+    ``SPARKML_MNIST_DATA``, or on Databricks the runtime's copy of the dataset (``sparkml_mnist.databricks``)."""
     spec = spec or load_data_spec()
     if train and test:
         return DatasetPaths(train=train, test=test)
@@ -69,7 +67,7 @@ def resolve_inputs(
         return sample_paths()
     if data:
         return dataset_paths(data, spec)
-    folder = data_dir_from_env() or (spec.databricks_data_dir if os.environ.get(DATABRICKS_RUNTIME_ENV) else None)
+    folder = data_dir_from_env() or databricks.default_data_dir()
     if folder is None:
         raise ConfigError(
             f"no input data: give --data DIR (or 'sample'), --train/--test PATH, or set {DATA_DIR_ENV}"

@@ -1,114 +1,28 @@
-"""Validated rows -> train/validation split -> equal shards -> per-task float32 tensors.
+"""Validated rows -> train/validation split -> equal shards, one per Spark partition.
 
 The hand-off to the launcher is a DataFrame whose partition ``s`` holds exactly shard ``s``
 (train and validation rows of that shard), so a barrier stage of ``k`` tasks over it gives each
 rank its own shard straight from Spark's shuffle: nothing is collected on the driver and no
-shared filesystem is needed. Inside the task, ``shard_tensors`` turns the Arrow batches into
-numpy arrays without a Python loop over rows.
+shared filesystem is needed. The launcher hands partition ``s`` to rank ``s`` as Arrow; the
+training side (``sparkml_mnist.inputs``) turns it into tensors.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Iterable
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from sparkml_mnist.config import DataSpec, load_data_spec
-from sparkml_mnist.data.libsvm import ROW_COLUMN, LibsvmData
-from sparkml_mnist.errors import ConfigError, DataError
+from sparkml_mnist.data.columns import LABEL_COLUMN, PIXELS_COLUMN, ROW_COLUMN, SHARD_COLUMN, VALIDATION_COLUMN
+from sparkml_mnist.data.libsvm import LibsvmData
+from sparkml_mnist.data.split import ShardPlan, plan_shards
 
-SHARD_COLUMN = "shard"
-VALIDATION_COLUMN = "validation"
-LABEL_COLUMN = "label"
-PIXELS_COLUMN = "pixels"
 HANDOFF_SCHEMA = "shard int, validation boolean, row bigint, label int, pixels array<float>"
 
 # Spark's HashPartitioning sends a row to pmod(murmur3_x86_32(key, seed 42), k).
 _SPARK_HASH_SEED = 42
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """How ``num_rows`` file rows become ``num_shards`` equal training (and validation) shards.
-
-    The validation split is the last ``validation_split`` of the rows, as Keras's
-    ``validation_split`` takes it. Within each split, row ``i`` goes to shard ``i % k``; the
-    last ``rows % k`` rows of each split are left out so every shard is the same size (at most
-    ``k - 1`` rows lost per split), which keeps every rank on the same number of steps.
-    """
-
-    num_rows: int
-    num_shards: int
-    validation_split: float
-    split_at: int
-    train_per_shard: int
-    validation_per_shard: int
-
-    @property
-    def train_rows(self) -> int:
-        return self.split_at
-
-    @property
-    def validation_rows(self) -> int:
-        return self.num_rows - self.split_at
-
-    @property
-    def dropped_train_rows(self) -> int:
-        return self.train_rows - self.train_per_shard * self.num_shards
-
-    @property
-    def dropped_validation_rows(self) -> int:
-        return self.validation_rows - self.validation_per_shard * self.num_shards
-
-
-def validation_split_index(num_rows: int, validation_split: float, source: str = "input data") -> int:
-    """First row of the validation split, computed exactly as tf_keras does."""
-    if isinstance(validation_split, bool) or not 0.0 <= validation_split < 1.0:
-        raise ConfigError(f"validation_split must be in [0, 1), got {validation_split!r}")
-    split_at = int(math.floor(num_rows * (1.0 - validation_split)))
-    if validation_split > 0 and split_at in (0, num_rows):
-        raise DataError(
-            source,
-            f"{num_rows} rows are too few to split off validation_split={validation_split}",
-            hint="Use more data or validation_split 0",
-        )
-    return split_at
-
-
-def plan_shards(
-    num_rows: int, num_shards: int, validation_split: float = 0.0, source: str = "input data"
-) -> ShardPlan:
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ConfigError(f"number of shards (np) must be a positive integer, got {num_shards!r}")
-    split_at = validation_split_index(num_rows, validation_split, source)
-    plan = ShardPlan(
-        num_rows=num_rows,
-        num_shards=num_shards,
-        validation_split=validation_split,
-        split_at=split_at,
-        train_per_shard=split_at // num_shards,
-        validation_per_shard=(num_rows - split_at) // num_shards,
-    )
-    if plan.train_per_shard == 0:
-        raise DataError(
-            source,
-            f"{plan.train_rows} training rows cannot fill {num_shards} shards",
-            hint="Use fewer workers (np) or more data",
-        )
-    if plan.validation_rows and plan.validation_per_shard == 0:
-        raise DataError(
-            source,
-            f"{plan.validation_rows} validation rows cannot fill {num_shards} shards",
-            hint="Use fewer workers (np), more data or validation_split 0",
-        )
-    return plan
 
 
 @dataclass(frozen=True)
@@ -121,7 +35,7 @@ class ShardedFrame:
 
 
 def shard_frame(
-    data: LibsvmData, num_shards: int, validation_split: float = 0.0, spec: DataSpec | None = None
+    data: LibsvmData, num_shards: int, validation_split: float = 0.0
 ) -> ShardedFrame:
     """Split ``data`` in file order and lay it out as equal shards, one per Spark partition."""
     plan = plan_shards(data.num_rows, num_shards, validation_split, data.path)
@@ -183,78 +97,3 @@ def partition_keys(num_shards: int) -> list[int]:
         keys.setdefault(spark_hash_int(candidate) % num_shards, candidate)  # Python % is pmod
         candidate += 1
     return [keys[s] for s in range(num_shards)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Arrow -> numpy, in the task that trains (or on the driver for evaluation).
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardTensors:
-    """One rank's data, in file order: ``x`` float32 (n, 28, 28, 1) in [0, 1], ``y`` one-hot."""
-
-    shard: int
-    x_train: np.ndarray
-    y_train: np.ndarray
-    train_rows: np.ndarray
-    x_validation: np.ndarray
-    y_validation: np.ndarray
-    validation_rows: np.ndarray
-
-
-def images_and_labels(
-    table: pa.Table, spec: DataSpec | None = None, pixels_column: str = PIXELS_COLUMN
-) -> tuple[np.ndarray, np.ndarray]:
-    """Arrow ``label`` + ``pixels`` (array<float>, raw 0..255) -> scaled images, one-hot labels."""
-    spec = spec or load_data_spec()
-    count = table.num_rows
-    pixels = pc.list_flatten(table.column(pixels_column)).to_numpy(zero_copy_only=False)
-    if pixels.size != count * spec.num_features:
-        raise DataError(
-            "<arrow batch>", f"expected {spec.num_features} pixels per row, got {pixels.size} for {count} rows"
-        )
-    images = (pixels.astype(np.float32, copy=False) / np.float32(spec.max_pixel_value)).reshape(
-        (count, *spec.image_shape)
-    )
-    labels = table.column(LABEL_COLUMN).to_numpy(zero_copy_only=False).astype(np.int64)
-    return images, np.eye(spec.num_classes, dtype=np.float32)[labels]
-
-
-def shard_tensors(batches: Iterable[pa.RecordBatch], spec: DataSpec | None = None) -> ShardTensors:
-    """All batches of one hand-off partition -> that shard's tensors, sorted back to file order."""
-    batches = list(batches)
-    if not batches:
-        raise DataError("<shard>", "this task received no rows: the hand-off frame has an empty partition")
-    table = pa.Table.from_batches(batches)
-    shards = np.unique(table.column(SHARD_COLUMN).to_numpy(zero_copy_only=False))
-    if shards.size != 1:
-        raise DataError("<shard>", f"one task received several shards {shards.tolist()}; expected exactly one")
-    table = table.take(pc.sort_indices(table, sort_keys=[(ROW_COLUMN, "ascending")]))
-    is_validation = table.column(VALIDATION_COLUMN).to_numpy(zero_copy_only=False)
-    train, validation = table.filter(pa.array(~is_validation)), table.filter(pa.array(is_validation))
-    x_train, y_train = images_and_labels(train, spec)
-    x_validation, y_validation = images_and_labels(validation, spec)
-    return ShardTensors(
-        shard=int(shards[0]),
-        x_train=x_train,
-        y_train=y_train,
-        train_rows=train.column(ROW_COLUMN).to_numpy(zero_copy_only=False),
-        x_validation=x_validation,
-        y_validation=y_validation,
-        validation_rows=validation.column(ROW_COLUMN).to_numpy(zero_copy_only=False),
-    )
-
-
-def collect_tensors(data: LibsvmData, spec: DataSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The whole input as tensors on the driver, in file order (for the test set's evaluation)."""
-    table = (
-        data.frame.select(
-            ROW_COLUMN,
-            F.col("label").cast("int").alias(LABEL_COLUMN),
-            vector_to_array(F.col("features"), "float32").alias(PIXELS_COLUMN),
-        )
-        .orderBy(ROW_COLUMN)
-        .toArrow()
-    )
-    return images_and_labels(table, spec)

@@ -1,18 +1,23 @@
 """The launcher: run a function on several ranks, as Spark barrier tasks or driver processes.
 
-``from sparkml_mnist.distributed import HorovodRunner, get_context``. Names are imported lazily
-so that a rank's training process, which imports submodules of this package, stays light.
+``from sparkml_mnist.distributed import HorovodRunner, get_context, log_to_driver``. Names are
+imported lazily so that a rank's training process, which imports submodules of this package,
+stays light (``LogCallback`` imports Keras).
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from sparkml_mnist.lazy import lazy_exports
 
 _EXPORTS = {
     "HorovodRunner": "sparkml_mnist.distributed.runner",
+    "Placement": "sparkml_mnist.distributed.placement",
+    "parse_placement": "sparkml_mnist.distributed.placement",
     "RankContext": "sparkml_mnist.distributed.context",
     "get_context": "sparkml_mnist.distributed.context",
+    "log_to_driver": "sparkml_mnist.distributed.context",
+    "LogCallback": "sparkml_mnist.distributed.callbacks",
+    "ProgressCallback": "sparkml_mnist.distributed.callbacks",
     "RankRecord": "sparkml_mnist.distributed.records",
     "RankError": "sparkml_mnist.distributed.records",
     "RankFailedError": "sparkml_mnist.distributed.records",
@@ -23,7 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -8,13 +8,14 @@ driver's stall watchdog needs each rank's heartbeat and progress counter, not on
 from __future__ import annotations
 
 import json
-import re
 import socket
 import socketserver
 import struct
 import sys
 import threading
 from typing import Any, Callable
+
+from sparkml_mnist.tf_notices import is_native_notice, notices_wanted
 
 _LENGTH = struct.Struct(">I")
 SERVER_POLL_INTERVAL_S = 0.1
@@ -26,15 +27,12 @@ Event = dict[str, Any]
 LogSink = Callable[[int, str, str], None]
 
 
-# TensorFlow's native INFO/WARNING lines (glog layout, e.g. "I0000 00:00:17.5  123 port.cc:153] oneDNN ..."),
-# and absl's notice before them, are printed by every rank at start-up, before TF_CPP_MIN_LOG_LEVEL
-# applies: noise on the driver's console. Errors (E/F lines) and everything else still show.
-_NATIVE_NOTICE = re.compile(r"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] |WARNING: All log messages before absl::)")
-
-
 def print_log_line(rank: int, stream: str, line: str) -> None:
-    """Default sink: the rank's line on the driver's stderr, prefixed so ranks can be told apart."""
-    if _NATIVE_NOTICE.match(line):
+    """Default sink: the rank's line on the driver's stderr, prefixed so ranks can be told apart.
+
+    TensorFlow's native start-up notices are left out unless asked for (``sparkml_mnist.tf_notices``).
+    """
+    if is_native_notice(line) and not notices_wanted():
         return
     sys.stderr.write(f"[rank {rank}] {line}\n")
     sys.stderr.flush()
@@ -97,12 +95,14 @@ class ChannelClient:
             sys.stderr.write(f"sparkml_mnist: cannot reach the driver at {self._address} ({error}); "
                              "logs and heartbeats will not be streamed\n")
 
-    @property
     def local_to_driver(self) -> bool:
-        """True when this process runs on the driver's machine (its lines already reach the console)."""
-        if self._sock is None:
-            return False
-        return self._sock.getsockname()[0] == self._sock.getpeername()[0]
+        """True when this process runs on the driver's machine (its stderr already reaches the console)."""
+        with self._lock:
+            if self._sock is None and not self.failed:
+                self._connect()
+            if self._sock is None:
+                return False
+            return self._sock.getsockname()[0] == self._sock.getpeername()[0]
 
     def send(self, event: Event) -> None:
         with self._lock:

@@ -4,8 +4,8 @@ A fresh process per rank and run, because TensorFlow's collective runtime cannot
 twice in one process (a reused Spark Python worker hangs on the second run). The process is
 tied to its parent with ``PR_SET_PDEATHSIG``, so it dies with the Spark task that started it.
 It keeps its imports light until the user function runs: TensorFlow is imported only by the
-function (or the context's strategy), after the parent put TF_CONFIG and TF_USE_LEGACY_KERAS
-in this process's environment.
+function (or the context's strategy), after the parent put the backend's variables and
+TF_USE_LEGACY_KERAS in this process's environment.
 
 Protocol with the parent: when the function returned or raised, write ``record.json`` (and
 ``value.pkl``), write one byte to the status pipe, then wait until the parent closes stdin (all
@@ -15,8 +15,6 @@ ranks finished: nobody leaves while others still drain collectives) and exit.
 from __future__ import annotations
 
 import ctypes
-import importlib.abc
-import importlib.util
 import inspect
 import os
 import signal
@@ -44,79 +42,6 @@ def die_with_parent(expected_parent: int | None) -> None:
         os._exit(1)
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Run ``hook(module)`` right after ``name`` is first imported (by whoever imports it).
-
-    TensorFlow probes for tf_keras with ``find_spec`` several times before importing it, so the
-    hook is attached to every spec handed out and fires on the one actually executed.
-    """
-
-    def __init__(self, name: str, hook: Callable[[Any], None]) -> None:
-        self.name = name
-        self.hook = hook
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != self.name:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader.exec_module = self._wrap(spec.loader.exec_module)  # type: ignore[method-assign]
-                return spec
-        return None
-
-    def _wrap(self, execute: Callable[[Any], None]) -> Callable[[Any], None]:
-        def exec_module(module: Any) -> None:
-            execute(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            try:
-                self.hook(module)
-            except Exception as error:  # progress counting is a convenience, never a failure
-                sys.stderr.write(f"sparkml_mnist: could not hook Keras fit for progress ({error})\n")
-
-        return exec_module
-
-
-def count_fit_batches(context: Any) -> Callable[[Any], None]:
-    """A hook adding a progress callback to every Keras 2 ``Model.fit`` call of this process.
-
-    Keras 2 is tf_keras (TF >= 2.16) or the ``keras`` 2.x package that is TF 2.15's ``tf.keras``;
-    a Keras 3 imported beside tf_keras is left alone.
-    """
-
-    def hook(tf_keras: Any) -> None:
-        from sparkml_mnist.keras_flavour import is_keras_2
-
-        if not is_keras_2(tf_keras):
-            return
-        progress = context.progress
-
-        class ProgressCallback(tf_keras.callbacks.Callback):
-            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-                if progress.first_step_at is None:
-                    progress.first_step_at = time.time()
-
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                progress.advance(steps=1, examples=context.examples_per_step)
-
-            def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
-                progress.advance()
-
-        fit = tf_keras.Model.fit
-
-        def fit_with_progress(self: Any, *args: Any, **kwargs: Any) -> Any:
-            callbacks = list(kwargs.pop("callbacks", None) or [])
-            kwargs["callbacks"] = [*callbacks, ProgressCallback()]
-            return fit(self, *args, **kwargs)
-
-        tf_keras.Model.fit = fit_with_progress
-
-    return hook
-
-
 def _heartbeats(client: Any, context: Any, interval_s: float, finished: threading.Event) -> None:
     """Beat every ``interval_s`` with the progress counters; a last beat says done."""
     spec = context.spec
@@ -139,17 +64,17 @@ def main(workdir: Path) -> None:
 
     from sparkml_mnist import keras_flavour  # sets TF_USE_LEGACY_KERAS before anything imports TF
     from sparkml_mnist.distributed import context as context_module
-    from sparkml_mnist.distributed.backends import get_backend
     from sparkml_mnist.distributed.channel import ChannelClient
     from sparkml_mnist.distributed.records import EXCEPTION, RankError, RankRecord
-    from sparkml_mnist.distributed.spec import PAYLOAD_FILE, RECORD_FILE, SHARD_FILE, VALUE_FILE, RankSpec
+    from sparkml_mnist.distributed.spec import PARTITION_FILE, PAYLOAD_FILE, RECORD_FILE, VALUE_FILE, RankSpec
 
     spec = RankSpec.read(workdir)
-    context = context_module.RankContext(spec=spec, backend=get_backend(spec.backend))
-    context_module.set_context(context)
-    for keras_module in keras_flavour.KERAS_2_MODULES:
-        sys.meta_path.insert(0, _AfterImport(keras_module, count_fit_batches(context)))
     client = ChannelClient(spec.driver_host, spec.driver_port)
+    partition = workdir / PARTITION_FILE
+    context = context_module.RankContext(
+        spec=spec, partition_file=partition if partition.exists() else None, channel=client
+    )
+    context_module.set_context(context)
     finished = threading.Event()
     threading.Thread(
         target=_heartbeats, args=(client, context, spec.heartbeat_interval_s, finished), daemon=True
@@ -160,8 +85,6 @@ def main(workdir: Path) -> None:
     try:
         from pyspark import cloudpickle
 
-        if (workdir / SHARD_FILE).exists():
-            context.shard = _read_shard(workdir / SHARD_FILE)
         function, kwargs = cloudpickle.loads((workdir / PAYLOAD_FILE).read_bytes())
         if wants_context(function, kwargs):
             kwargs = {**kwargs, context_module.CONTEXT_PARAMETER: context}
@@ -206,16 +129,6 @@ def wants_context(function: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
         return CONTEXT_PARAMETER in inspect.signature(function).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _read_shard(path: Path) -> Any:
-    import pyarrow as pa
-
-    from sparkml_mnist.data.shards import shard_tensors
-
-    with pa.memory_map(str(path)) as source:
-        table = pa.ipc.open_file(source).read_all()
-    return shard_tensors(table.to_batches())
 
 
 if __name__ == "__main__":

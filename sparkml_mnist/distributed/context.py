@@ -1,24 +1,30 @@
-"""What a rank's function sees: who it is, its strategy, its shard, and a way to report progress.
+"""What a rank's function sees: who it is, its partition, its backend's pieces, and ways to report.
 
 The context is handed to the user function when it has a ``context`` parameter, and is always
 available through ``get_context()`` (functions written for HorovodRunner take only their own
-keyword arguments).
+keyword arguments). ``log_to_driver`` works in any function a ``HorovodRunner`` runs.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ContextManager
 
-from sparkml_mnist.errors import ConfigError, LaunchError
+from sparkml_mnist.distributed.backends import rank_backend
+from sparkml_mnist.distributed.spec import RankSpec
+from sparkml_mnist.errors import LaunchError
 
 if TYPE_CHECKING:
-    from sparkml_mnist.data.shards import ShardTensors
-    from sparkml_mnist.distributed.backends.base import Backend
-    from sparkml_mnist.distributed.spec import RankSpec
+    import pyarrow as pa
+
+    from sparkml_mnist.distributed.backends.base import DatasetMaker, RankBackend
+    from sparkml_mnist.distributed.channel import ChannelClient
 
 CONTEXT_PARAMETER = "context"
+DRIVER_LOG_STREAM = "log"  # log_to_driver's lines: shown at every driver_log_verbosity
 
 _current: RankContext | None = None
 
@@ -35,6 +41,14 @@ def set_context(context: RankContext | None) -> None:
     _current = context
 
 
+def log_to_driver(message: str) -> None:
+    """Send one line to the driver's output (sparkdl's ``log_to_driver``); outside a run, print it."""
+    if _current is None or _current.channel is None:
+        print(message, file=sys.stderr, flush=True)
+        return
+    _current.channel.log(_current.rank, DRIVER_LOG_STREAM, str(message))
+
+
 @dataclass
 class Progress:
     """Counters the heartbeat thread sends to the driver: every change is progress."""
@@ -42,6 +56,7 @@ class Progress:
     events: int = 0
     steps: int = 0
     examples: int | None = None
+    examples_per_step: int | None = None  # this rank's rows per step, once a dataset was distributed
     first_step_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -55,14 +70,13 @@ class Progress:
 
 @dataclass
 class RankContext:
-    """One rank of a run. ``shard`` is set when the run was given a ShardedFrame."""
+    """One rank of a run: its spec, its partition (when the run was given a DataFrame), its backend."""
 
     spec: RankSpec
-    backend: Backend
-    shard: ShardTensors | None = None
+    partition_file: Path | None = None
+    channel: ChannelClient | None = None
     progress: Progress = field(default_factory=Progress)
-    examples_per_step: int | None = None  # set by the dataset helpers; used to count examples seen
-    _strategy: Any = None
+    _backend: RankBackend | None = None
 
     @property
     def rank(self) -> int:
@@ -85,82 +99,66 @@ class RankContext:
         return self.spec.host
 
     @property
+    def gpus(self) -> list[str]:
+        return list(self.spec.gpus)
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def partition(self) -> pa.Table:
+        """This rank's partition of the run's DataFrame as an Arrow table (memory-mapped, no copy)."""
+        import pyarrow as pa
+
+        if self.partition_file is None:
+            raise LaunchError("this run was given no data: pass HorovodRunner(np=..., data=<a DataFrame>)")
+        with pa.memory_map(str(self.partition_file)) as source:
+            return pa.ipc.open_file(source).read_all()
+
+    # -- the backend's pieces -------------------------------------------------------------------
+
+    @property
+    def backend(self) -> RankBackend:
+        if self._backend is None:
+            self._backend = rank_backend(self.spec)
+        return self._backend
+
+    @property
     def strategy(self) -> Any:
         """The backend's tf.distribute strategy, made on first use (so a function may build its own instead).
 
         Horovod all-reduces in its optimizer, so under it this is TF's default strategy.
         """
-        if self._strategy is None:
-            self._strategy = self.backend.strategy(self.spec)
-        return self._strategy
+        return self.backend.strategy
 
-    def report_progress(self, steps: int = 1, examples: int | None = None) -> None:
-        """Tell the driver's watchdog this rank is moving (Keras ``fit`` batches are counted already)."""
-        self.progress.advance(steps=steps, examples=examples)
-
-    # -- equal steps, global batch -------------------------------------------------------------
-
-    def per_worker_batch(self, global_batch_size: int) -> int:
-        if global_batch_size <= 0 or global_batch_size % self.size:
-            raise ConfigError(
-                f"global batch size {global_batch_size} must be a positive multiple of the {self.size} ranks "
-                f"(each takes batch/{self.size}); use e.g. {max(1, global_batch_size // self.size) * self.size}"
-            )
-        return global_batch_size // self.size
-
-    def steps_per_epoch(self, global_batch_size: int, validation: bool = False) -> int:
-        """Steps every rank can take on its shard: the same on all ranks (the smallest shard decides).
-
-        With equal shards of ``N / n`` rows and ``B / n`` rows per rank and step, this is ``N // B``:
-        np=1 and np=2 take the same number of steps over the same data.
-        """
-        rows = self.spec.min_validation_rows if validation else self.spec.min_train_rows
-        if rows is None:
-            raise LaunchError("this run was given no data (HorovodRunner(data=...)); pass steps explicitly")
-        steps = rows // self.per_worker_batch(global_batch_size)
-        if steps == 0:
-            part = "validation" if validation else "training"
-            raise ConfigError(
-                f"the smallest {part} shard has {rows} rows, fewer than one step of "
-                f"{self.per_worker_batch(global_batch_size)} rows per rank (global batch {global_batch_size}); "
-                "use a smaller batch, fewer ranks or more data"
-            )
-        return steps
-
-    def train_dataset(self, global_batch_size: int, shuffle: bool = True, seed: int = 0) -> Any:
-        """This rank's training shard as a distributed dataset: batch/n per replica, equal steps, repeats."""
-        shard = self._require_shard()
-        return self.dataset(
-            (shard.x_train, shard.y_train), global_batch_size, self.steps_per_epoch(global_batch_size), shuffle, seed
-        )
-
-    def validation_dataset(self, global_batch_size: int) -> Any:
-        shard = self._require_shard()
-        steps = self.steps_per_epoch(global_batch_size, validation=True)
-        return self.dataset((shard.x_validation, shard.y_validation), global_batch_size, steps, shuffle=False)
-
-    def dataset(
-        self, arrays: tuple[Any, ...], global_batch_size: int, steps: int, shuffle: bool = False, seed: int = 0
-    ) -> Any:
-        """Any per-rank arrays as the backend's input of ``steps`` global batches per pass (repeated)."""
-        self.examples_per_step = self.per_worker_batch(global_batch_size)
-        return self.backend.dataset(self, arrays, global_batch_size, steps, shuffle, seed)
-
-    # -- what a Keras training function needs from the backend ---------------------------------
-
-    def model_scope(self) -> Any:
+    def model_scope(self) -> ContextManager[Any]:
         """Build the model and its optimizer inside this (the strategy's scope, or Horovod's init)."""
-        return self.backend.model_scope(self)
+        return self.backend.model_scope()
 
     def distributed_optimizer(self, optimizer: Any) -> Any:
         """The optimizer wrapped as the backend needs (Horovod's DistributedOptimizer; tf: unchanged)."""
-        return self.backend.distributed_optimizer(optimizer)
+        return self.backend.wrap_optimizer(optimizer)
 
     def fit_callbacks(self) -> list[Any]:
         """Callbacks ``fit`` needs on every rank (Horovod: broadcast of rank 0's weights, metric averaging)."""
-        return self.backend.fit_callbacks(self)
+        return self.backend.fit_callbacks()
 
-    def _require_shard(self) -> ShardTensors:
-        if self.shard is None:
-            raise LaunchError("this run was given no data: pass HorovodRunner(data=shard_frame(...))")
-        return self.shard
+    def distribute_dataset(self, make_dataset: DatasetMaker, global_batch_size: int) -> Any:
+        """``make_dataset(per_replica_batch, replicas)`` as the backend's input with global-batch semantics.
+
+        Each rank takes ``global_batch_size / size`` rows a step (checked where the run was planned).
+        """
+        self.progress.examples_per_step = global_batch_size // self.size
+        return self.backend.distribute(make_dataset, global_batch_size)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def report_progress(self, steps: int = 1, examples: int | None = None) -> None:
+        """Tell the driver's watchdog this rank is moving.
+
+        A rank that never reports progress is judged by its heartbeats alone; once it reports, a run
+        in which no rank moves for ``progress_timeout_s`` is ended. Keras functions pass
+        ``callbacks.ProgressCallback`` (or sparkdl's ``LogCallback``) to ``fit`` instead.
+        """
+        self.progress.advance(steps=steps, examples=examples)
+
+    def log(self, message: str) -> None:
+        log_to_driver(message)

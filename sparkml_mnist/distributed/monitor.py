@@ -6,6 +6,8 @@ on every training batch (and on ``context.report_progress()``). Two ways a run s
 * a rank stops sending heartbeats (process stopped, frozen, machine gone): that rank is named;
 * heartbeats keep coming but no rank's counter moved: the ranks behind the others are named
   (the ones ahead are waiting for them in a collective); if none is behind, all unfinished ranks.
+  Only a run whose ranks report progress at all is judged this way: a function that never reports
+  (a custom loop written for HorovodRunner) is judged by its heartbeats, not killed for silence.
 
 Nothing is judged before the first rank reports (earlier stages, e.g. the data shuffle, may run
 for long), and ranks that finished are never blamed.
@@ -80,7 +82,11 @@ class ProgressMonitor:
                     else "stopped sending heartbeats (its process is stopped, frozen or unreachable)"
                 )
                 self.verdict = self._verdict(silent, reason)
-            elif waiting and now - (self._last_progress or self._first_seen) > self.timeout_s:
+            elif (
+                waiting
+                and any(state.progress > 0 for state in self._ranks)
+                and now - (self._last_progress or self._first_seen) > self.timeout_s
+            ):
                 lowest = min(self._ranks[rank].progress for rank in waiting)
                 behind = [rank for rank in waiting if self._ranks[rank].progress == lowest]
                 ahead = any(state.progress > lowest for state in self._ranks)

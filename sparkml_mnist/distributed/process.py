@@ -8,6 +8,7 @@ dies), so no trainer outlives its run.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import select
 import shutil
@@ -18,9 +19,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
-
-from pyspark import cloudpickle
+from typing import IO, Callable, Iterator
 
 from sparkml_mnist.distributed.child import PARENT_PID_ENV, STATUS_FD_ENV
 from sparkml_mnist.distributed.records import CRASH, RankError, RankRecord
@@ -45,8 +44,15 @@ class RankOutcome:
     record: RankRecord
     value_bytes: bytes
 
-    def value(self) -> Any:
-        return cloudpickle.loads(self.value_bytes) if self.value_bytes else None
+
+@contextlib.contextmanager
+def rank_workdir(rank: int) -> Iterator[Path]:
+    """The rank's work folder (spec, payload, partition, results): its one owner creates and removes it."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"sparkml-mnist-rank{rank}-"))
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -88,12 +94,14 @@ def shipped_code_paths() -> list[str]:
 
 
 class RankProcess:
-    """One rank's fresh training process (a context manager: leaving it kills the process)."""
+    """One rank's fresh training process (a context manager: leaving it kills the process).
 
-    def __init__(self, spec: RankSpec, payload: bytes, env: dict[str, str], on_line: LineSink,
-                 workdir: Path | None = None) -> None:
+    It runs in ``workdir``, which ``rank_workdir`` owns; the spec and payload are written there on start.
+    """
+
+    def __init__(self, spec: RankSpec, payload: bytes, env: dict[str, str], on_line: LineSink, workdir: Path) -> None:
         self.spec = spec
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"sparkml-mnist-rank{spec.rank}-"))
+        self.workdir = workdir
         self._payload = payload
         self._env = env
         self._on_line = on_line
@@ -107,7 +115,6 @@ class RankProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
     def pid(self) -> int | None:

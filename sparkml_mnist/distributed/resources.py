@@ -1,4 +1,4 @@
-"""Pre-flight checks on the driver, before any task starts, and how ranks share a machine.
+"""Pre-flight checks on the driver, before any task starts, and what Spark gives the ranks (slots, cores, GPUs).
 
 Left to Spark, a barrier stage with more tasks than slots fails only after ~10 minutes of
 silent retries (40 checks, 15 s apart), and dynamic allocation fails it outright; both are
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import warnings
 from typing import Any
 
 from pyspark.sql import SparkSession
@@ -89,19 +88,6 @@ def driver_cores() -> int:
         return os.cpu_count() or 1
 
 
-def check_local_run(num_processes: int) -> int:
-    """Threads per process for ``num_processes`` ranks on the driver; warns when they oversubscribe it."""
-    cores = driver_cores()
-    if num_processes > cores:
-        warnings.warn(
-            f"np=-{num_processes} starts {num_processes} training processes on a driver with {cores} cores: "
-            f"they will compete for them. Use np>=-{cores}, or np>0 to run on executors",
-            ResourceWarning,
-            stacklevel=3,
-        )
-    return max(1, cores // num_processes)
-
-
 def driver_gpus(spark: SparkSession | None) -> list[str]:
     """GPU addresses Spark assigned to the driver (``spark.driver.resource.gpu.*``), if any."""
     if spark is None:
@@ -114,13 +100,9 @@ def driver_gpus(spark: SparkSession | None) -> list[str]:
     return list(gpu.addresses) if gpu is not None else []
 
 
-def ranks_have_gpus(spark: SparkSession | None, np: int) -> bool:
-    """Whether the run's ranks get GPUs: per-task GPUs for barrier tasks, the driver's for np < 0."""
-    if np < 0:
-        return bool(driver_gpus(spark))
-    if spark is None:
-        return False
+def task_gpus(spark: SparkSession) -> float:
+    """GPUs Spark gives each task (``spark.task.resource.gpu.amount``); 0 when none or unreadable."""
     try:
-        return float(spark_conf(spark, TASK_GPU_CONF) or 0) > 0
+        return float(spark_conf(spark, TASK_GPU_CONF) or 0)
     except ValueError:
-        return False
+        return 0.0

@@ -1,11 +1,13 @@
 """HorovodRunner-compatible launcher: ``HorovodRunner(np=2).run(main, **kwargs)``.
 
 As sparkdl's HorovodRunner: ``np > 0`` runs ``np`` ranks as Spark barrier tasks on executors,
-``np < 0`` runs ``-np`` processes on the driver alone (a quick check), and ``run`` returns rank
-0's return value. ``run_all`` returns every rank's record. Every rank runs in a fresh process
-with TF_CONFIG and TF_USE_LEGACY_KERAS=1 set before TensorFlow is imported, so functions written
-for HorovodRunner or spark-tensorflow-distributor run unchanged; functions that declare a
-``context`` parameter also receive the rank's ``RankContext`` (``get_context()`` works in all).
+``np < 0`` runs ``-np`` processes on the driver alone (a quick check), ``run`` returns rank 0's
+return value, and ``driver_log_verbosity`` says what reaches the driver's output. Every rank runs
+in a fresh process with the backend's variables (TF_CONFIG, or Horovod's) and TF_USE_LEGACY_KERAS=1
+set before TensorFlow is imported, so functions written for HorovodRunner or
+spark-tensorflow-distributor run unchanged. Given ``data`` (a DataFrame with ``np`` partitions),
+rank ``r`` gets partition ``r`` as Arrow (``get_context().partition()``); the launcher knows
+nothing of its columns.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from pyspark import cloudpickle
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
-from sparkml_mnist.data.shards import ShardedFrame
 from sparkml_mnist.distributed import barrier, local, resources
-from sparkml_mnist.distributed.backends import DEFAULT_BACKEND, get_backend
+from sparkml_mnist.distributed.backends import DEFAULT_BACKEND, driver_backend
 from sparkml_mnist.distributed.channel import ChannelServer, Event, LogSink, print_log_line
 from sparkml_mnist.distributed.monitor import ProgressMonitor
+from sparkml_mnist.distributed.placement import Placement, RankDevices, parse_placement, rank_devices
+from sparkml_mnist.distributed.rank_setup import RankSettings
 from sparkml_mnist.distributed.records import RankRecord, RankStalledError, find_failure
 from sparkml_mnist.errors import ConfigError, LaunchError
 
 DEFAULT_PROGRESS_TIMEOUT_S = 600.0  # must exceed the slowest step and any rank-0-only work
 DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
 DRIVER_HOST_CONF = "spark.driver.host"
+LOG_CALLBACK_ONLY = "log_callback_only"  # sparkdl's default: only log_to_driver / LogCallback lines
+ALL_OUTPUT = "all"  # also every line the ranks print
+VERBOSITIES = (LOG_CALLBACK_ONLY, ALL_OUTPUT)
 _SPARK_ERROR_LINES = 3
 
 logger = logging.getLogger(__name__)
@@ -39,18 +45,20 @@ logger = logging.getLogger(__name__)
 class HorovodRunner:
     """Runs a function on ``np`` ranks with the ``tf`` or ``horovod`` backend; see the module docstring.
 
-    ``progress_timeout_s``: a run in which no rank made progress (a Keras batch, or
-    ``context.report_progress()``) for this long, or a rank sent no heartbeat for this long, is
-    ended with a ``RankStalledError`` naming the rank(s). ``collective_timeout_s`` additionally
-    bounds each collective of the strategy the context makes (TF's CommunicationOptions).
+    ``np``: an int in sparkdl's convention, or a ``Placement`` already parsed. ``data``: a DataFrame
+    with one partition per rank. ``progress_timeout_s``: a rank that sends no heartbeat for this long,
+    or a run whose ranks report progress but none moved for this long, is ended with a
+    ``RankStalledError`` naming the rank(s). ``collective_timeout_s`` additionally bounds each
+    collective of the strategy the context makes (TF's CommunicationOptions; Gloo's timeout).
     """
 
     def __init__(
         self,
-        np: int,
         *,
+        np: int | Placement,
+        driver_log_verbosity: str = LOG_CALLBACK_ONLY,
         spark: SparkSession | None = None,
-        data: ShardedFrame | None = None,
+        data: DataFrame | None = None,
         backend: str = DEFAULT_BACKEND,
         progress_timeout_s: float = DEFAULT_PROGRESS_TIMEOUT_S,
         collective_timeout_s: float | None = None,
@@ -58,33 +66,31 @@ class HorovodRunner:
         log_sink: LogSink | None = print_log_line,
         executor_wait_s: float = resources.EXECUTOR_WAIT_S,
     ) -> None:
-        if isinstance(np, bool) or not isinstance(np, int) or np == 0:
+        self.placement = parse_placement(np, backend)
+        if driver_log_verbosity not in VERBOSITIES:
             raise ConfigError(
-                f"np must be a non-zero integer, got {np!r}: np>0 runs np Spark barrier tasks on executors, "
-                "np<0 runs -np processes on the driver only"
-            )
-        if data is not None and data.plan.num_shards != abs(np):
-            raise ConfigError(
-                f"the data was sharded for {data.plan.num_shards} ranks but np={np}: "
-                f"call shard_frame(data, {abs(np)}) for this run"
+                f"driver_log_verbosity must be one of {', '.join(VERBOSITIES)}, got {driver_log_verbosity!r}"
             )
         if progress_timeout_s <= heartbeat_interval_s:
             raise ConfigError(
                 f"progress_timeout_s ({progress_timeout_s}) must exceed heartbeat_interval_s ({heartbeat_interval_s})"
             )
-        get_backend(backend).check_available("driver")  # an unknown or missing backend fails now, not in every task
-        self.np = np
-        self.size = abs(np)
+        self.driver_log_verbosity = driver_log_verbosity
         self.data = data
-        self.backend = backend
         self.progress_timeout_s = progress_timeout_s
         self.collective_timeout_s = collective_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.log_sink = log_sink
         self.executor_wait_s = executor_wait_s
-        self.spark = spark or (data.frame.sparkSession if data is not None else SparkSession.getActiveSession())
-        if np > 0 and self.spark is None:
+        self.spark = spark or (data.sparkSession if data is not None else SparkSession.getActiveSession())
+        if not self.placement.on_driver and self.spark is None:
             raise ConfigError("np>0 runs on Spark executors: pass spark=SparkSession, or create one first")
+        if data is not None:
+            _check_partitions(data, self.placement.size)
+
+    @property
+    def np(self) -> int:
+        return self.placement.np
 
     def run(self, main: Callable[..., Any], **kwargs: Any) -> Any:
         """Run ``main(**kwargs)`` on every rank; return rank 0's return value (as sparkdl's HorovodRunner)."""
@@ -99,31 +105,37 @@ class HorovodRunner:
     def _launch(self, main: Callable[..., Any], kwargs: dict[str, Any], keep_all_values: bool) -> list[RankRecord]:
         if not callable(main):
             raise ConfigError(f"HorovodRunner.run needs a function, got {type(main).__name__}")
-        if self.np > 0:
-            resources.check_barrier_run(self.spark, self.size, self.executor_wait_s)  # type: ignore[arg-type]
-            threads = resources.task_cpus(self.spark)  # type: ignore[arg-type]
-        else:
-            threads = resources.check_local_run(self.size)
-        payload = cloudpickle.dumps((main, kwargs))
-        monitor = ProgressMonitor(self.size, self.progress_timeout_s)
+        placement = self.placement
+        if not placement.on_driver:
+            resources.check_barrier_run(self.spark, placement.size, self.executor_wait_s)  # type: ignore[arg-type]
+        devices = rank_devices(placement, self.spark)
+        monitor = ProgressMonitor(placement.size, self.progress_timeout_s)
         started_at = time.time()
-        logger.info("starting %d ranks (%s)", self.size, "barrier tasks" if self.np > 0 else "driver processes")
+        logger.info("starting %d ranks (%s)", placement.size, placement.where)
         with ChannelServer(self._on_event(monitor)) as server, \
-                get_backend(self.backend).driver_session(self.size) as backend_options:
-            if self.np > 0:
-                results = self._run_barrier(payload, keep_all_values, server.port, monitor, threads, backend_options)
+                driver_backend(placement.backend).driver_session(placement.size) as backend_options:
+            settings = RankSettings(
+                size=placement.size, backend=placement.backend, payload=cloudpickle.dumps((main, kwargs)),
+                has_data=self.data is not None, keep_all_values=keep_all_values,
+                driver_host=local.LOOPBACK if placement.on_driver else self._driver_host(),
+                driver_port=server.port, threads=devices.threads, heartbeat_interval_s=self.heartbeat_interval_s,
+                collective_timeout_s=self.collective_timeout_s, forward_output=self.driver_log_verbosity == ALL_OUTPUT,
+                backend_options=backend_options,
+            )
+            if placement.on_driver:
+                partitions = local.collect_partitions(self.data, placement.size) if self.data is not None else None
+                results = local.run_local(settings, partitions, devices, monitor, self.log_sink or _drop)
             else:
-                results = local.run_local(
-                    self.size, payload, self.backend, self.data, keep_all_values, server.port, monitor,
-                    self.log_sink or _drop, threads, resources.driver_gpus(self.spark),
-                    self.heartbeat_interval_s, self.collective_timeout_s, backend_options,
-                )
+                results = self._run_barrier(settings, devices, monitor)
         records = []
         for record, value_bytes in results:
             record.value = cloudpickle.loads(value_bytes) if value_bytes else None
             record.timings["run_started_at"] = started_at
             records.append(record)
         return records
+
+    def _driver_host(self) -> str:
+        return resources.spark_conf(self.spark, DRIVER_HOST_CONF) or socket.gethostname()  # type: ignore[arg-type]
 
     def _on_event(self, monitor: ProgressMonitor) -> Callable[[Event], None]:
         def on_event(event: Event) -> None:
@@ -135,19 +147,11 @@ class HorovodRunner:
         return on_event
 
     def _run_barrier(
-        self, payload: bytes, keep_all_values: bool, port: int, monitor: ProgressMonitor, threads: int,
-        backend_options: dict[str, Any],
+        self, settings: RankSettings, devices: RankDevices, monitor: ProgressMonitor
     ) -> list[tuple[RankRecord, bytes]]:
         spark = self.spark
         assert spark is not None
-        settings = barrier.StageSettings(
-            size=self.size, backend=self.backend, payload=payload, has_data=self.data is not None,
-            keep_all_values=keep_all_values,
-            driver_host=resources.spark_conf(spark, DRIVER_HOST_CONF) or socket.gethostname(), driver_port=port,
-            threads=threads, heartbeat_interval_s=self.heartbeat_interval_s,
-            collective_timeout_s=self.collective_timeout_s, backend_options=backend_options,
-        )
-        frame = self.data.frame if self.data is not None else spark.range(0, self.size, 1, self.size)
+        frame = self.data if self.data is not None else spark.range(0, settings.size, 1, settings.size)
         group = f"sparkml-mnist-{uuid.uuid4().hex}"
         # The watchdog ends a stalled run by cancelling its job: Spark then kills every task.
         with _cancellable(spark, group) as cancel:
@@ -159,6 +163,19 @@ class HorovodRunner:
             finally:
                 stop_watching()
         return barrier.assemble_results(rows)
+
+
+def _check_partitions(data: DataFrame, size: int) -> None:
+    """One partition per rank, checked before anything runs where Spark can tell (not over Connect)."""
+    try:
+        partitions = data.rdd.getNumPartitions()
+    except Exception:  # Spark Connect has no RDDs: the barrier tasks check their count instead
+        return
+    if partitions != size:
+        raise ConfigError(
+            f"the run's DataFrame has {partitions} partitions but np={size}: give it exactly one partition per "
+            f"rank (df.repartition({size}), or shard_frame(data, {size}) for the MNIST data stage)"
+        )
 
 
 _JOB_PROPERTIES = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")

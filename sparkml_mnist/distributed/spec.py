@@ -9,7 +9,7 @@ from typing import Any
 
 SPEC_FILE = "spec.json"
 PAYLOAD_FILE = "payload.pkl"  # the pickled (function, kwargs)
-SHARD_FILE = "shard.arrow"  # this rank's hand-off partition, Arrow IPC
+PARTITION_FILE = "partition.arrow"  # this rank's partition of the run's DataFrame, Arrow IPC
 RECORD_FILE = "record.json"  # written by the child when the function returned or raised
 VALUE_FILE = "value.pkl"  # the function's pickled return value
 
@@ -27,8 +27,6 @@ class RankSpec:
     backend: str
     driver_host: str
     driver_port: int
-    min_train_rows: int | None = None
-    min_validation_rows: int | None = None
     heartbeat_interval_s: float = 1.0
     collective_timeout_s: float | None = None
     keep_value: bool = True  # False: the return value is not needed (not rank 0, run() not run_all())

@@ -61,6 +61,8 @@ def keras_horovod_main(steps: int) -> dict[str, Any]:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
+    from sparkml_mnist import LogCallback
+
     hvd.init()
     tf.keras.utils.set_random_seed(100 + hvd.rank())
     model = tf.keras.Sequential([
@@ -74,7 +76,8 @@ def keras_horovod_main(steps: int) -> dict[str, Any]:
     y = tf.keras.utils.to_categorical(rng.integers(0, 10, steps * 16), 10)
     history = model.fit(
         x, y, batch_size=16, epochs=2, verbose=0,
-        callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0), hvd.callbacks.MetricAverageCallback()],
+        callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0), hvd.callbacks.MetricAverageCallback(),
+                   LogCallback()],  # sparkdl's: epoch logs to the driver, every batch counted as progress
     )
     return {"weights": model.get_weights(), "initial": initial, "history": history.history,
             "keras": sys.modules["keras"].__version__}
@@ -157,7 +160,7 @@ def test_a_horovodrunner_style_keras_function_ends_with_identical_weights(spark)
         np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-7)
     assert not all(np.allclose(a, b) for a, b in zip(first["weights"], first["initial"]))  # it trained
     assert first["history"] == second["history"]  # MetricAverageCallback: the same averaged metrics
-    assert records[0].steps == records[1].steps == 2 * 8  # the launcher counted every Keras batch
+    assert records[0].steps == records[1].steps == 2 * 8  # LogCallback counted every Keras batch
 
 
 def test_the_jobs_variant1_runs_end_to_end_with_horovod(spark, tmp_path: Path) -> None:

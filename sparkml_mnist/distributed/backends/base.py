@@ -1,57 +1,74 @@
-"""The backend interface: a driver-side session, the environment before the framework is imported,
-and the pieces a Keras training function needs (model scope, optimizer, callbacks, input pipeline)."""
+"""The two halves of a backend, apart: what the driver and the barrier task do, and what runs in the rank.
+
+``DriverBackend`` (driver and barrier task): can the backend run here, the run's driver-side
+services, and the variables the rank's process needs before it imports the framework.
+``RankBackend`` (inside the rank's process only): built from the rank's ``RankSpec`` alone, it makes
+the strategy and gives a Keras training function the model scope, the optimizer wrapper, the
+callbacks and the dataset distribution the backend needs.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator
+from typing import Any, Callable, ClassVar, ContextManager, Iterator
 
 from sparkml_mnist.distributed.spec import RankSpec
 
-if TYPE_CHECKING:
-    from sparkml_mnist.distributed.context import RankContext
+# make_dataset(per_replica_batch, replicas_in_this_pipeline) -> a tf.data.Dataset of this rank's batches
+DatasetMaker = Callable[[int, int], Any]
 
 
-class Backend(ABC):
-    """How ranks join each other and all-reduce. One instance per process (driver, task or rank)."""
+class DriverBackend(ABC):
+    """How a run is set up from the driver and the barrier tasks; never imports the framework."""
 
-    name: str
+    name: ClassVar[str]
 
     def check_available(self, where: str) -> None:
-        """Raise a ``ConfigError`` (driver) or ``LaunchError`` (rank host) if the backend cannot run here."""
+        """Raise ``ConfigError`` (``where="driver"``) or ``LaunchError`` (a rank's host) if it cannot run there."""
 
     @contextlib.contextmanager
     def driver_session(self, size: int) -> Iterator[dict[str, Any]]:
         """Driver-side services for one run (e.g. a rendezvous server); yields what each rank is told."""
         yield {}
 
-    def finish(self) -> None:
-        """In the rank's process, once every rank finished: let the framework leave in step (or nothing)."""
-
     @abstractmethod
     def environment(self, spec: RankSpec) -> dict[str, str]:
         """Variables the training process must have before it imports the framework (e.g. TF_CONFIG)."""
 
+
+class RankBackend(ABC):
+    """What the backend does inside one rank's process, made from that rank's spec."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        self.spec = spec
+        self._strategy: Any = None
+
     @abstractmethod
-    def strategy(self, spec: RankSpec) -> Any:
-        """The tf.distribute strategy the rank trains under (made once per process, on demand)."""
+    def make_strategy(self) -> Any:
+        """The tf.distribute strategy the rank trains under (called once, on first use)."""
 
-    def model_scope(self, context: RankContext) -> ContextManager[Any]:
+    @property
+    def strategy(self) -> Any:
+        if self._strategy is None:
+            self._strategy = self.make_strategy()
+        return self._strategy
+
+    def model_scope(self) -> ContextManager[Any]:
         """Where the model and its optimizer must be built."""
-        return context.strategy.scope()
+        return self.strategy.scope()
 
-    def distributed_optimizer(self, optimizer: Any) -> Any:
+    def wrap_optimizer(self, optimizer: Any) -> Any:
         """The optimizer as the backend needs it (tf.distribute all-reduces inside the strategy)."""
         return optimizer
 
-    def fit_callbacks(self, context: RankContext) -> list[Any]:
+    def fit_callbacks(self) -> list[Any]:
         """Callbacks every rank's ``fit`` needs for the backend to train correctly."""
         return []
 
     @abstractmethod
-    def dataset(
-        self, context: RankContext, arrays: tuple[Any, ...], global_batch_size: int, steps: int,
-        shuffle: bool, seed: int,
-    ) -> Any:
-        """This rank's arrays as ``steps`` batches of ``global_batch_size / size`` rows per pass, repeated."""
+    def distribute(self, make_dataset: DatasetMaker, global_batch_size: int) -> Any:
+        """This rank's input for ``fit``: global-batch semantics, ``global_batch_size / size`` rows per rank."""
+
+    def finish(self) -> None:
+        """Once every rank finished: let the framework leave in step (or nothing)."""

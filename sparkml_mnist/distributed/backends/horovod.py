@@ -23,16 +23,14 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from sparkml_mnist import keras_flavour
-from sparkml_mnist.distributed.backends.base import Backend
+from sparkml_mnist.distributed.backends.base import DatasetMaker, DriverBackend, RankBackend
 from sparkml_mnist.distributed.spec import RankSpec, local_ranks
 from sparkml_mnist.errors import ConfigError, LaunchError
 
-if TYPE_CHECKING:
-    from sparkml_mnist.distributed.context import RankContext
-
+NAME = "horovod"
 HOROVOD_TF_MODULE = "horovod.tensorflow"
 SHUTDOWN_WAIT_S = 3.0
 TF_EXTENSION_GLOB = "mpi_lib*.so"  # Horovod's TensorFlow ops, present only when built with TensorFlow
@@ -122,11 +120,8 @@ def horovod_problem() -> str | None:
     return None
 
 
-class HorovodBackend(Backend):
-    name = "horovod"
-
-    def __init__(self) -> None:
-        self._hvd: Any = None
+class HorovodDriverBackend(DriverBackend):
+    name = NAME
 
     def check_available(self, where: str) -> None:
         problem = horovod_problem()
@@ -177,22 +172,51 @@ class HorovodBackend(Backend):
             env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(max(1, int(spec.collective_timeout_s)))
         return env
 
-    # -- inside the rank's process ---------------------------------------------------------------
 
-    def hvd(self, spec: RankSpec) -> Any:
-        """``horovod.tensorflow.keras``, initialised, and checked against what the launcher said."""
+class HorovodRankBackend(RankBackend):
+    """Inside the rank: ``horovod.tensorflow.keras``, initialised once, checked against the spec."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        super().__init__(spec)
+        self._hvd: Any = None
+
+    @property
+    def hvd(self) -> Any:
         if self._hvd is None:
-            keras_flavour.tensorflow()
-            self.check_available(f"host {spec.host}")
+            keras_flavour.tensorflow()  # the launcher checked Horovod on this host before starting the rank
             import horovod.tensorflow.keras as hvd  # noqa: PLC0415 - only in Horovod's environment
 
             hvd.init()
-            if (hvd.rank(), hvd.size()) != (spec.rank, spec.size):
+            if (hvd.rank(), hvd.size()) != (self.spec.rank, self.spec.size):
                 raise LaunchError(
-                    f"Horovod says rank {hvd.rank()} of {hvd.size()}, the launcher rank {spec.rank} of {spec.size}"
+                    f"Horovod says rank {hvd.rank()} of {hvd.size()}, the launcher rank {self.spec.rank} of "
+                    f"{self.spec.size}"
                 )
             self._hvd = hvd
         return self._hvd
+
+    def make_strategy(self) -> Any:
+        """Horovod all-reduces in its optimizer; the model itself lives in TF's default strategy."""
+        self.hvd  # noqa: B018 - initialise Horovod first
+        return keras_flavour.tensorflow().distribute.get_strategy()
+
+    def model_scope(self) -> contextlib.AbstractContextManager[Any]:
+        self.hvd  # noqa: B018
+        return contextlib.nullcontext()
+
+    def wrap_optimizer(self, optimizer: Any) -> Any:
+        return self.hvd.DistributedOptimizer(optimizer)
+
+    def fit_callbacks(self) -> list[Any]:
+        return [
+            self.hvd.callbacks.BroadcastGlobalVariablesCallback(CHIEF_RANK),  # every rank starts from rank 0's weights
+            self.hvd.callbacks.MetricAverageCallback(),  # epoch metrics (train and validation) averaged over ranks
+        ]
+
+    def distribute(self, make_dataset: DatasetMaker, global_batch_size: int) -> Any:
+        """Horovod needs no distribution: each rank's own pipeline of ``B / size`` rows a step is its input."""
+        self.hvd  # noqa: B018
+        return make_dataset(global_batch_size // self.spec.size, 1)
 
     def finish(self) -> None:
         """Shut Horovod down on every rank together, so no rank's Gloo loop sees its peer vanish.
@@ -205,33 +229,3 @@ class HorovodBackend(Backend):
         done = threading.Thread(target=hvd.shutdown, daemon=True)
         done.start()
         done.join(SHUTDOWN_WAIT_S)  # the parent kills the process anyway if this does not return
-
-    def strategy(self, spec: RankSpec) -> Any:
-        """Horovod all-reduces in its optimizer; the model itself lives in TF's default strategy."""
-        self.hvd(spec)
-        return keras_flavour.tensorflow().distribute.get_strategy()
-
-    def model_scope(self, context: RankContext) -> contextlib.AbstractContextManager[Any]:
-        self.hvd(context.spec)
-        return contextlib.nullcontext()
-
-    def distributed_optimizer(self, optimizer: Any) -> Any:
-        if self._hvd is None:
-            raise LaunchError("build the model inside backend.model_scope(context): Horovod is not initialised")
-        return self._hvd.DistributedOptimizer(optimizer)
-
-    def fit_callbacks(self, context: RankContext) -> list[Any]:
-        hvd = self.hvd(context.spec)
-        return [
-            hvd.callbacks.BroadcastGlobalVariablesCallback(CHIEF_RANK),  # every rank starts from rank 0's weights
-            hvd.callbacks.MetricAverageCallback(),  # epoch metrics (train and validation) averaged over ranks
-        ]
-
-    def dataset(
-        self, context: RankContext, arrays: tuple[Any, ...], global_batch_size: int, steps: int,
-        shuffle: bool, seed: int,
-    ) -> Any:
-        from sparkml_mnist.distributed.dataset import rank_batches
-
-        self.hvd(context.spec)
-        return rank_batches(arrays, context.per_worker_batch(global_batch_size), steps, shuffle, seed)

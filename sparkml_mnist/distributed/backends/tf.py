@@ -8,15 +8,14 @@ so functions written for HorovodRunner or spark-tensorflow-distributor that buil
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sparkml_mnist import keras_flavour
-from sparkml_mnist.distributed.backends.base import Backend
+from sparkml_mnist.distributed.backends.base import DatasetMaker, DriverBackend, RankBackend
 from sparkml_mnist.distributed.spec import RankSpec
+from sparkml_mnist.errors import LaunchError
 
-if TYPE_CHECKING:
-    from sparkml_mnist.distributed.context import RankContext
-
+NAME = "tf"
 TF_CONFIG_ENV = "TF_CONFIG"
 WORKER_TASK = "worker"
 
@@ -25,8 +24,8 @@ def tf_config(addresses: list[str], rank: int) -> dict[str, Any]:
     return {"cluster": {WORKER_TASK: list(addresses)}, "task": {"type": WORKER_TASK, "index": rank}}
 
 
-class TensorFlowBackend(Backend):
-    name = "tf"
+class TfDriverBackend(DriverBackend):
+    name = NAME
 
     def environment(self, spec: RankSpec) -> dict[str, str]:
         return {
@@ -34,18 +33,35 @@ class TensorFlowBackend(Backend):
             TF_CONFIG_ENV: json.dumps(tf_config(spec.addresses, spec.rank)),
         }
 
-    def strategy(self, spec: RankSpec) -> Any:
+
+class TfRankBackend(RankBackend):
+    def make_strategy(self) -> Any:
         tf = keras_flavour.tensorflow()
         options = None
-        if spec.collective_timeout_s:
+        if self.spec.collective_timeout_s:
             # Each collective then fails after this many seconds instead of waiting forever.
-            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=spec.collective_timeout_s)
+            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=self.spec.collective_timeout_s)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
-    def dataset(
-        self, context: RankContext, arrays: tuple[Any, ...], global_batch_size: int, steps: int,
-        shuffle: bool, seed: int,
-    ) -> Any:
-        from sparkml_mnist.distributed.dataset import distribute_arrays
+    def distribute(self, make_dataset: DatasetMaker, global_batch_size: int) -> Any:
+        """One input pipeline per rank, each batching ``B / replicas`` rows per replica.
 
-        return distribute_arrays(context.strategy, arrays, global_batch_size, steps, context.size, shuffle, seed)
+        The data is already split per rank, so tf.distribute must not shard it again and must not
+        split one rank's batch across workers: ``distribute_datasets_from_function`` lets each
+        pipeline batch by ``get_per_replica_batch_size(B)``. Feeding an already-sharded dataset to
+        ``experimental_distribute_dataset`` instead trains each worker on half its shard, silently.
+        """
+        size = self.spec.size
+
+        def dataset_fn(input_context: Any) -> Any:
+            if input_context.num_input_pipelines != size:
+                raise LaunchError(
+                    f"expected one input pipeline per rank ({size}), tf.distribute has "
+                    f"{input_context.num_input_pipelines}"
+                )
+            per_replica = input_context.get_per_replica_batch_size(global_batch_size)
+            per_pipeline = global_batch_size // input_context.num_input_pipelines
+            # A rank with several GPUs has several replicas: each step takes one batch per replica.
+            return make_dataset(per_replica, per_pipeline // per_replica)
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)

@@ -1,4 +1,4 @@
-"""Where the job runs, and the defaults that follow from it (Databricks runtime detection).
+"""Databricks: detecting the runtime, and the defaults that follow from it (input data, report folder).
 
 Databricks sets ``DATABRICKS_RUNTIME_VERSION`` in every driver and executor process, which is the
 documented way to tell a Databricks cluster from anywhere else. On Databricks the defaults change:
@@ -12,49 +12,41 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import import_module
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from sparkml_mnist.config import default_conf_file, load_data_spec, load_yaml, require_field
-from sparkml_mnist.data.paths import DATABRICKS_RUNTIME_ENV
+from sparkml_mnist.config import default_conf_file, load_data_spec
+from sparkml_mnist.config.loader import load_file, rule
 from sparkml_mnist.errors import ConfigError
 
+DATABRICKS_RUNTIME_ENV = "DATABRICKS_RUNTIME_VERSION"  # set by Databricks in every driver and executor process
 PLATFORM_CONF_FILE = "platform.yaml"
 # Overrides conf/platform.yaml's databricks_output_root for one cluster or job (spark_env_vars).
 DATABRICKS_OUTPUT_ENV = "SPARKML_MNIST_DATABRICKS_OUTPUT"
 # dbfs:/x is mounted at /dbfs/x on Databricks drivers; the report writer needs the mounted form.
 DBFS_SCHEME = "dbfs"
 DBFS_FUSE_ROOT = "/dbfs"
-# Where Databricks ML runtimes up to 15.x ship their HorovodRunner.
-SPARKDL_MODULE = "sparkdl"
-SPARKDL_RUNNER = "HorovodRunner"
+
+
+def _as_fuse_path(value: Any) -> Any:
+    """The loader's conversion: a path the report writer can use, or a ValueError saying why not."""
+    return fuse_path(value, "the path") if isinstance(value, str) else value  # not a str: the type check says so
 
 
 @dataclass(frozen=True)
 class PlatformSettings:
     """``conf/platform.yaml``: defaults that only apply on a given platform."""
 
-    databricks_output_root: str
-
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any], source: str) -> "PlatformSettings":
-        known = {"databricks_output_root"}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; expected {sorted(known)}")
-        root = require_field(settings, "databricks_output_root", str, source)
-        return cls(databricks_output_root=fuse_path(root, f"{source}: field 'databricks_output_root'"))
+    databricks_output_root: str = field(metadata=rule(convert=_as_fuse_path))
 
 
 @lru_cache(maxsize=None)
 def load_platform_settings(path: str | None = None) -> PlatformSettings:
     """The platform defaults from ``conf/platform.yaml`` (or ``path``), read once per process."""
-    source = Path(path) if path is not None else default_conf_file(PLATFORM_CONF_FILE)
-    return PlatformSettings.from_mapping(load_yaml(source), str(source))
+    return load_file(PlatformSettings, Path(path) if path is not None else default_conf_file(PLATFORM_CONF_FILE))
 
 
 def _environment(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -131,18 +123,3 @@ def default_output_dir(
     if not run_name or "/" in run_name or run_name in (".", ".."):
         raise ConfigError(f"run name {run_name!r} cannot name a report folder; give --output DIR")
     return posixpath.join(databricks_output_root(environ, settings), run_name)
-
-
-def sparkdl_horovod_runner() -> type | None:
-    """Databricks' own ``sparkdl.HorovodRunner`` when this runtime ships it, else None.
-
-    Only older Databricks ML runtimes have it (it needs Horovod, which stops at TF 2.15); a Horovod
-    backend may prefer it there and fall back to ``sparkml_mnist.distributed.HorovodRunner``.
-    Importing only, no side effects: a missing module or a ``sparkdl`` without the runner is None.
-    """
-    try:
-        module = import_module(SPARKDL_MODULE)
-    except ImportError:
-        return None
-    runner = getattr(module, SPARKDL_RUNNER, None)
-    return runner if isinstance(runner, type) else None

@@ -1,0 +1,83 @@
+"""``conf/runs/*.yaml``: one job's variants, data, worker count and output; command-line flags override fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sparkml_mnist.config.files import named_or_path
+from sparkml_mnist.config.loader import Invalid, from_mapping, load_file, positive, rule
+from sparkml_mnist.config.variants import VariantConfig, available_variants, load_variant
+from sparkml_mnist.errors import ConfigError
+
+RUNS_FOLDER = "runs"
+DEFAULT_RUN = "sample"
+ALL_VARIANTS = "all"
+SAMPLE_DATA = "sample"
+OVERRIDDEN = " (with command-line overrides)"
+
+
+def variant_names(value: Any) -> tuple[str, ...]:
+    """``all``, a comma list or a list of names/paths -> the names, each once."""
+    if value == ALL_VARIANTS or value == [ALL_VARIANTS]:
+        return tuple(available_variants())
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be 'all' or a list of variant names")
+    if len(set(value)) != len(value):
+        raise ValueError(f"names a variant twice: {list(value)}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One job. ``np`` stays the number the user wrote: the job parses it once into a placement."""
+
+    name: str
+    np: int
+    output: str
+    seed: int
+    backend: str  # checked against the launcher's backends where np is parsed (sparkml_mnist.plan)
+    progress_timeout_s: float = field(metadata=rule(positive))
+    variants: tuple[str, ...] = field(default=(ALL_VARIANTS,), metadata=rule(convert=variant_names))
+    data: str | None = None  # "sample", a folder, or None for the environment's default
+    train: str | None = None  # explicit files win over ``data``
+    test: str | None = None
+    epochs: int | None = field(default=None, metadata=rule(positive))  # None keeps each variant's own
+    source: str = ""
+
+    def validate(self) -> None:
+        if bool(self.train) != bool(self.test):
+            raise Invalid("", "give both 'train' and 'test' files, or neither (then 'data')")
+
+    def with_overrides(self, **overrides: Any) -> RunConfig:
+        """Command-line values (None = not given) replace the file's; the result goes through the loader again."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        if not given:
+            return self
+        if "train" in given or "test" in given:
+            given.setdefault("data", None)
+        if "data" in given and "train" not in given:
+            given.update(train=None, test=None)
+        settings = {**asdict(self), **given}
+        settings.pop("source")
+        source = self.source if self.source.endswith(OVERRIDDEN) else self.source + OVERRIDDEN
+        return from_mapping(RunConfig, settings, source)
+
+    def load_variants(self) -> tuple[VariantConfig, ...]:
+        """Every variant of the run, with the run's epochs; names must differ (they name report files)."""
+        variants = tuple(load_variant(name).with_epochs(self.epochs) for name in self.variants)
+        names = [variant.name for variant in variants]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigError(
+                f"{self.source}: field 'variants' gives two variants named {', '.join(twice)}; "
+                "each variant's 'name' must be unique (it names the report's files)"
+            )
+        return variants
+
+
+def load_run(name_or_path: str = DEFAULT_RUN) -> RunConfig:
+    """A shipped run config by name (``sample``, ``lab``) or any run YAML file by path."""
+    return load_file(RunConfig, named_or_path(name_or_path, RUNS_FOLDER, "run config"))

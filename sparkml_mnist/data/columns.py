@@ -1,0 +1,7 @@
+"""Column names shared by the data stage (Spark side) and the training side (Arrow/numpy in the ranks)."""
+
+ROW_COLUMN = "row"  # each image's 0-based position in its file
+LABEL_COLUMN = "label"
+SHARD_COLUMN = "shard"  # hand-off frame: which rank's shard a row belongs to
+VALIDATION_COLUMN = "validation"  # hand-off frame: the row is in the validation split
+PIXELS_COLUMN = "pixels"  # hand-off frame: the image's 784 raw pixel values

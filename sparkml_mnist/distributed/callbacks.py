@@ -1,0 +1,67 @@
+"""Keras callbacks for functions a ``HorovodRunner`` runs: progress for the watchdog, logs for the driver.
+
+``LogCallback`` is sparkdl's (``from sparkdl.horovod.tensorflow.keras import LogCallback``): it
+streams epoch logs (and optionally batch logs) to the driver's output. Importing this module
+imports Keras (through ``keras_flavour``), so it is imported only inside a rank, or when asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sparkml_mnist import keras_flavour
+from sparkml_mnist.distributed.context import RankContext, get_context, log_to_driver
+
+_keras = keras_flavour.keras()
+CHIEF_RANK = 0
+
+
+def format_logs(logs: dict[str, Any] | None) -> str:
+    return "  ".join(f"{name} {float(value):.4f}" for name, value in (logs or {}).items())
+
+
+class ProgressCallback(_keras.callbacks.Callback):
+    """Counts every training batch as progress (and the rank's examples), for the driver's watchdog."""
+
+    def __init__(self, context: RankContext | None = None) -> None:
+        super().__init__()
+        self.context = context or get_context()
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        progress = self.context.progress
+        if progress.first_step_at is None:
+            progress.first_step_at = time.time()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.context.report_progress(steps=1, examples=self.context.progress.examples_per_step)
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.context.report_progress(steps=0)
+
+
+class LogCallback(ProgressCallback):
+    """sparkdl's ``LogCallback(per_batch_log=False)``: rank 0's epoch (and batch) logs on the driver.
+
+    Every rank counts its batches as progress; only rank 0 logs, since the ranks' metrics agree.
+    """
+
+    def __init__(self, per_batch_log: bool = False) -> None:
+        super().__init__()
+        self.per_batch_log = per_batch_log
+        self._epoch = 0
+        self._started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        super().on_train_batch_end(batch, logs)
+        if self.per_batch_log and self.context.rank == CHIEF_RANK:
+            log_to_driver(f"epoch {self._epoch + 1} batch {batch + 1}: {format_logs(logs)}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.context.rank == CHIEF_RANK:
+            seconds = time.perf_counter() - self._started
+            log_to_driver(f"epoch {epoch + 1}: {format_logs(logs)} ({seconds:.1f} s)")

@@ -1,0 +1,93 @@
+"""The report's result model: what one trained variant shows, plain data filled in by the caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from sparkml_mnist.config.variants import safe_name
+from sparkml_mnist.errors import SparkMnistError
+from sparkml_mnist.evaluate import Evaluation
+
+LOSS_PNG_SUFFIX = "-loss.png"
+CONFUSION_PNG_SUFFIX = "-confusion.png"
+# The key of VariantResult.seconds that is the variant's wall time; without it the values are summed.
+WALL_TIME_KEY = "total"
+
+
+class ReportError(SparkMnistError):
+    """The report cannot be written (folder exists, bad result data, a file to copy is missing)."""
+
+
+@dataclass
+class VariantResult:
+    """Everything the report shows about one trained variant; plain data, filled in by the caller.
+
+    ``history`` is Keras ``History.history`` (rank 0's: every rank's is identical under
+    data-parallel training). ``seconds`` holds named timings; ``seconds["total"]`` is the wall time
+    shown in the tables (the sum of the values when absent). ``model_files`` are copied into
+    ``models/<name>/`` of the report folder; the originals stay where they are.
+    """
+
+    name: str
+    description: str
+    np: int
+    epochs: int
+    history: dict[str, list[float]]
+    evaluation: Evaluation
+    parameter_count: int
+    rank_records: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    lab_reference_accuracy: float | None = None
+    model_files: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        where = f"variant {self.name!r}"
+        problem = safe_name(self.name) if isinstance(self.name, str) else "is not a string"
+        if problem:
+            raise ReportError(f"{where}: name {problem}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ReportError(f"{where}: field 'epochs' must be a positive integer, got {self.epochs!r}")
+        if not isinstance(self.evaluation, Evaluation):
+            got = type(self.evaluation).__name__
+            raise ReportError(f"{where}: field 'evaluation' must be an Evaluation, got {got}")
+        self.history = {str(key): [float(v) for v in values] for key, values in self.history.items()}
+        lengths = {key: len(values) for key, values in self.history.items()}
+        if any(length > self.epochs for length in lengths.values()):
+            raise ReportError(f"{where}: field 'history' has more entries than its {self.epochs} epochs: {lengths}")
+        if len(set(lengths.values())) > 1:
+            raise ReportError(f"{where}: field 'history' series differ in length: {lengths}")
+        ref = self.lab_reference_accuracy
+        if ref is not None and not (0.0 <= ref <= 1.0):
+            raise ReportError(f"{where}: field 'lab_reference_accuracy' must be a fraction in [0, 1], got {ref!r}")
+        self.model_files = [Path(p) for p in self.model_files]
+
+    @property
+    def wall_seconds(self) -> float | None:
+        if WALL_TIME_KEY in self.seconds:
+            return float(self.seconds[WALL_TIME_KEY])
+        return float(sum(self.seconds.values())) if self.seconds else None
+
+    @property
+    def loss_plot(self) -> str:
+        return f"{self.name}{LOSS_PNG_SUFFIX}"
+
+    @property
+    def confusion_plot(self) -> str:
+        return f"{self.name}{CONFUSION_PNG_SUFFIX}"
+
+    def to_dict(self, model_paths: Sequence[str] = ()) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "np": self.np,
+            "epochs": self.epochs,
+            "parameter_count": self.parameter_count,
+            "lab_reference_accuracy": self.lab_reference_accuracy,
+            "history": self.history,
+            "test": self.evaluation.to_dict(),
+            "rank_records": self.rank_records,
+            "seconds": self.seconds,
+            "files": {"loss_plot": self.loss_plot, "confusion_plot": self.confusion_plot, "models": list(model_paths)},
+        }
