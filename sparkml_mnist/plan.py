@@ -30,9 +30,10 @@ class JobPlan:
     inputs: DatasetPaths
     output: Path
     overwrite: bool = False
+    resume: bool = False
 
 
-def plan_job(run: RunConfig, overwrite: bool = False) -> JobPlan:
+def plan_job(run: RunConfig, overwrite: bool = False, resume: bool = False) -> JobPlan:
     """Every check that needs no Spark: a bad setting ends here with one line naming it."""
     placement = parse_placement(run.np, run.backend, run.source)
     variants = run.load_variants()
@@ -41,7 +42,8 @@ def plan_job(run: RunConfig, overwrite: bool = False) -> JobPlan:
     inputs = resolve_inputs(run.data, run.train, run.test)
     output = Path(run.output)
     check_output_folder(output, overwrite)
-    return JobPlan(run=run, placement=placement, variants=variants, inputs=inputs, output=output, overwrite=overwrite)
+    return JobPlan(run=run, placement=placement, variants=variants, inputs=inputs, output=output, overwrite=overwrite,
+                   resume=resume)
 
 
 def check_devices(plan: JobPlan, spark: Any) -> bool:

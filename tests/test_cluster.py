@@ -355,3 +355,41 @@ def test_spark_submit_on_a_standalone_cluster_runs_the_ranks_in_two_executor_jvm
     stages = "|".join(str(stage) for stage in barrier_stage_ids(log))
     synced = re.compile(rf"from Stage ({stages})\(Attempt \d+\) finished global sync successfully")
     assert synced.search(log0) and synced.search(log1), "each executor's barrier task passed the global sync"
+
+
+def test_a_rank_killed_on_the_cluster_resumes_without_shared_storage(cluster, tmp_path):
+    """Rank 1's process, in an executor JVM, SIGKILLed mid-epoch: the launcher's retry resumes from the
+    checkpoint rank 0 sent the driver over the channel; no folder is shared by the executors."""
+    from rank_processes import rank_pids
+
+    from sparkml_mnist.data.paths import sample_paths
+
+    wheel = build_wheel(tmp_path)
+    python = python_without_the_editable_install(tmp_path)
+    output = tmp_path / "out"
+    env = {**cluster.env, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python)}
+    command = [
+        str(spark_home() / "bin" / "spark-submit"), "--master", cluster.master_url,
+        "--conf", "spark.executor.cores=1", "--conf", "spark.cores.max=2", "--conf", "spark.executor.memory=1g",
+        "--conf", f"spark.driver.host={LOCALHOST}", "--conf", "spark.ui.enabled=false",
+        "--conf", "spark.sql.shuffle.partitions=4", "--py-files", str(wheel), str(REPO / "jobs" / "train_mnist.py"),
+        "--variant", "variant3", "--epochs", "3", "--np", "2",
+        "--train", sample_paths().train, "--test", sample_paths().test, "--output", str(output),
+    ]
+    submit = cluster.launch("submit-kill", command, env=env)
+    driver_log = cluster.root / "logs" / "submit-kill.err"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while "variant3 epoch 1/3" not in tail(driver_log, 200_000) and submit.poll() is None:
+        assert time.monotonic() < deadline, f"epoch 1 never ended:\n{tail(driver_log)}"
+        time.sleep(POLL_S)
+    time.sleep(0.5)  # into epoch 2
+    os.kill(rank_pids()[1], signal.SIGKILL)
+    try:
+        code = submit.wait(JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    assert code == 0, f"spark-submit ended with {code}:\n{tail(driver_log)}"
+    variant = json.loads((output / "report.json").read_text())["variants"][0]
+    assert [a["outcome"] for a in variant["attempts"]] == ["failed", "succeeded"]
+    assert variant["attempts"][1]["resumed_from_epoch"] == 1
+    assert all(len(values) == 3 for values in variant["history"].values())
