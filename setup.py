@@ -19,7 +19,7 @@ setup(
     # The repository's top-level conf/ ships inside the package, so a wheel on a cluster has it.
     package_dir={"sparkml_mnist.conf": "conf"},
     package_data={
-        "sparkml_mnist.conf": ["*.yaml", "*/*.yaml"],
+        "sparkml_mnist.conf": ["*.yaml", "*/*.yaml", "*.properties"],
         "sparkml_mnist.data": ["sample/*.bz2", "sample/SHA256SUMS"],
     },
     # What a Databricks ML runtime already has is only bounded here; Spark and TensorFlow come from
@@ -39,11 +39,14 @@ setup(
             "tensorflow-cpu>=2.21,<2.22",
             "tf-keras>=2.21,<2.22",
         ],
+        # MLflow tracking (sparkml-mnist train --mlflow, or MLFLOW_TRACKING_URI): the index serves up to 3.17.
+        "mlflow": ["mlflow>=3.10,<3.18"],
         "test": [
             "pytest>=8,<10",
             "pyspark[connect]>=4.0,<4.4",  # the Spark Connect client, for tests/test_connect.py
             "jsonschema>=4.20,<5",
             "regex>=2024.4",
+            "mlflow>=3.10,<3.18",  # tests/test_observability.py runs a tracking server
         ],
     },
     entry_points={"console_scripts": ["sparkml-mnist=sparkml_mnist.cli:main"]},

@@ -39,7 +39,7 @@ def measure_once(folder: Path) -> dict:
     if not job.wait_for("variant3 epoch 1/3", TIMEOUT_S):
         raise RuntimeError(job.text()[-2000:])
     time.sleep(MID_EPOCH_S)
-    os.kill(rank_pids()[1], signal.SIGKILL)
+    os.kill(rank_pids(job.mark)[1], signal.SIGKILL)
     killed_at = time.time()
     if job.finish(TIMEOUT_S) != 0:
         raise RuntimeError(job.text()[-2000:])

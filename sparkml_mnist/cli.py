@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sparkml_mnist.config import DEFAULT_RUN, RunConfig
 from sparkml_mnist.distributed.backends import BACKEND_NAMES
@@ -28,6 +28,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="Train the Keras MNIST lab's ConvNets on Spark.")
+    _add_loudness(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser(
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read, validate and shard the input; print what each worker would get",
         description="Preview the data stage: LIBSVM on Spark -> validated rows -> equal shards.",
     )
+    _add_loudness(data, argparse.SUPPRESS)
     _add_data_arguments(data)
     data.add_argument("--np", type=int, default=2, help="number of shards (workers), default 2")
     data.add_argument(
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the lab's ConvNets data-parallel on Spark, evaluate, write the report",
         description="Train variants through the launcher; write report.json/.md, plots and models to --output.",
     )
+    _add_loudness(train, argparse.SUPPRESS)
     train.add_argument("--conf", metavar="FILE", help="run config: a name in conf/runs or a YAML path (default: sample)")
     train.add_argument("--variant", action="append", metavar="NAME", help="variant(s): a name, a comma list, a YAML path, or 'all'; repeatable")
     train.add_argument("--np", type=int, help="workers: > 0 barrier tasks on executors, < 0 processes on the driver")
@@ -65,9 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--deterministic", action="store_true", default=None, help="bit-identical weights for the same seed on the same machine (slower)")
     train.add_argument("--resume", metavar="OUTPUT", help="continue the unfinished run into OUTPUT with its own settings: finished variants are kept, the one in flight resumes from its last epoch")
     train.add_argument("--master", help="Spark master, or sc://HOST:PORT for Spark Connect (default: spark-submit's or SPARK_REMOTE, else local[*])")
+    train.add_argument("--mlflow", action="store_true", default=None,
+                       help="log the run to MLflow (also on when MLFLOW_TRACKING_URI is set; needs the mlflow extra)")
+    train.add_argument("--mlflow-experiment", metavar="NAME", help="MLflow experiment (default: sparkml-mnist)")
     train.set_defaults(handler=_run_training)
     _add_download_command(commands)
     return parser
+
+
+def _add_loudness(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-v/-q, before or after the command (``sparkml-mnist -q train`` and ``sparkml-mnist train -q``)."""
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", default=default,
+                          help="more detail: debug lines, times, TensorFlow's native notices, Spark's warnings")
+    loudness.add_argument("-q", "--quiet", action="store_true", default=default,
+                          help="only the result table and errors")
 
 
 def _add_download_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -77,6 +92,7 @@ def _add_download_command(commands: "argparse._SubParsersAction[argparse.Argumen
         description="Download the four MNIST IDX files (conf/download.yaml), check them, convert them to "
         "mnist-digits-{train,test}.txt.bz2 in DIR; does nothing when DIR already holds them.",
     )
+    _add_loudness(download, argparse.SUPPRESS)
     download.add_argument("dir", metavar="DIR", help="folder for the LIBSVM files (created if missing)")
     download.add_argument("--mirror", metavar="URL", help="mirror folder URL (default: conf/download.yaml's)")
     download.add_argument("--force", action="store_true", help="download and convert again even if DIR is complete")
@@ -117,8 +133,28 @@ def _run_training(args: argparse.Namespace) -> None:
         plan = plan_job(stored_run(Path(args.resume)), resume=True)
     else:
         plan = plan_job(_run_config(args), overwrite=args.overwrite)  # every setting checked, before Spark starts
-    spark = create_spark(f"{PROGRAM} train", master=args.master)
-    run_job(spark, plan)
+    tracking = _tracking(args)  # an MLflow asked for but missing is a usage error, before Spark starts
+    spark = create_spark(f"{PROGRAM} train", master=args.master, verbose=args.verbose)
+    folder = run_job(spark, plan, tracking=tracking)
+    if args.quiet:  # the progress log (and its table) is off: the result still is the output
+        print(_summary_table(folder))
+
+
+def _tracking(args: argparse.Namespace) -> Any:
+    from sparkml_mnist.tracking import Tracking, tracking_wanted
+
+    if not tracking_wanted(args.mlflow) and not args.mlflow_experiment:
+        return None
+    return Tracking(experiment=args.mlflow_experiment)
+
+
+def _summary_table(folder: Path) -> str:
+    import json
+
+    from sparkml_mnist.report import VariantResult, format_summary_table
+
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    return format_summary_table([VariantResult.from_dict(entry) for entry in report["variants"]])
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -202,6 +238,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sparkml_mnist import console
+
+    console.configure(console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL)
     previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         args.handler(args)

@@ -8,6 +8,8 @@ run resumes (``--resume``) where it stopped. The report folder appears only once
 
 from __future__ import annotations
 
+import logging
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -25,12 +27,19 @@ from sparkml_mnist.distributed.checkpoints import CheckpointStore
 from sparkml_mnist.distributed.runner import HorovodRunner
 from sparkml_mnist.evaluate import evaluate
 from sparkml_mnist.plan import JobPlan, check_devices, plan_job
+from sparkml_mnist import log as log_module
+from sparkml_mnist.errors import SparkMnistError
 from sparkml_mnist.redact import redact, redact_all
 from sparkml_mnist.report import ReportError, VariantResult, collect_versions, format_summary_table, write_report
 from sparkml_mnist.run_state import RunState, StateError
+from sparkml_mnist.tracking import TRACKING_URI_ENV, Tracking, log_variants, run_params, variant_params
 from sparkml_mnist.versions import enforce_versions
 
+logger = logging.getLogger(__name__)
+Say = Callable[[str], None]
+
 MODEL_FILE_SUFFIX = ".keras"
+SIGNATURE_EXAMPLES = 5  # test images that show MLflow the model's input and output
 PREDICT_BATCH = 1024  # driver-side inference batch: large batches are faster, memory is small
 
 
@@ -38,41 +47,79 @@ def run_job(
     spark: SparkSession,
     job: RunConfig | JobPlan,
     overwrite: bool = False,
-    log: Callable[[str], None] = print,
+    log: Say | None = None,
+    tracking: Tracking | None = None,
 ) -> Path:
-    """Train every variant of the run (a config, or a plan already made) and write the report folder."""
+    """Train every variant of the run (a config, or a plan already made) and write the report folder.
+
+    Progress goes to the ``sparkml_mnist.job`` logger (``log`` replaces it). ``tracking`` logs the run
+    to MLflow; without it, ``MLFLOW_TRACKING_URI`` in the environment turns MLflow on.
+    """
+    say: Say = log or (lambda message: log_module.info(logger, message))
     started = time.perf_counter()
-    enforce_versions(log)  # an impossible pyspark / TensorFlow / tf_keras stops here, untested ones warn
+    enforce_versions(lambda message: logger.warning(message.removeprefix("warning: ")))
     plan = job if isinstance(job, JobPlan) else plan_job(job, overwrite)
     check_devices(plan, spark)
+    tracking = tracking if tracking is not None else _tracking_from_environment()
+    versions = {**collect_versions(), "python": platform.python_version()}
     with RunState.claim(plan.output, plan.run, resume=plan.resume, overwrite=plan.overwrite) as state:
-        results, timings = _train_all(spark, plan, state, log)
-        timings["total_s"] = time.perf_counter() - started
+        if tracking is not None:
+            tracking.start(plan.run.name, run_params(plan.run, plan.placement, versions))
         try:
-            folder = write_report(
-                plan.output, results,
-                config=redact_all({"run": asdict(plan.run), "variants": {v.name: asdict(v) for v in plan.variants},
-                                   "inputs": asdict(plan.inputs)}),
-                versions={**collect_versions(), "python": platform.python_version()},
-                timings=timings, overwrite=plan.overwrite,
-            )
-        except OSError as error:
-            raise ReportError(
-                f"cannot write the report into {plan.output} ({error.strerror}); free space or choose another "
-                f"--output, then `sparkml-mnist train --resume {plan.output}` writes it from the kept results in "
-                f"{state.folder}"
-            ) from None
+            results, timings, x_sample = _train_all(spark, plan, state, say)
+            timings["total_s"] = time.perf_counter() - started
+            folder = _write(plan, results, timings, versions, state, say)
+        except BaseException:
+            if tracking is not None:
+                tracking.finish(None, failed=True)
+            raise
+        if tracking is not None:
+            params = {v.name: variant_params(v, plan.placement, plan.run.seed, plan.run.deterministic)
+                      for v in plan.variants}
+            log_variants(tracking, results, params, folder, x_sample)
+            tracking.finish(folder)
         state.finish()
-    log(format_summary_table(results))
-    log(f"report: {folder / 'report.md'} (plots and models beside it)")
+    say(format_summary_table(results))
+    say(f"report: {folder / 'report.md'} (plots and models beside it)")
     return folder
 
 
+def _write(plan: JobPlan, results: list[VariantResult], timings: dict[str, float], versions: dict[str, str],
+           state: RunState, say: Say) -> Path:
+    say(f"writing the report to {plan.output}")
+    clock = time.perf_counter()
+    try:
+        folder = write_report(
+            plan.output, results,
+            config=redact_all({"run": asdict(plan.run), "variants": {v.name: asdict(v) for v in plan.variants},
+                               "inputs": asdict(plan.inputs)}),
+            versions=versions, timings=timings, overwrite=plan.overwrite,
+        )
+    except OSError as error:
+        raise ReportError(
+            f"cannot write the report into {plan.output} ({error.strerror}); free space or choose another "
+            f"--output, then `sparkml-mnist train --resume {plan.output}` writes it from the kept results in "
+            f"{state.folder}"
+        ) from None
+    say(f"  report written ({time.perf_counter() - clock:.1f} s)")
+    return folder
+
+
+def _tracking_from_environment() -> Tracking | None:
+    if not os.environ.get(TRACKING_URI_ENV):
+        return None
+    try:
+        return Tracking()
+    except SparkMnistError as error:
+        logger.warning("%s is set but %s; the run goes on without tracking", TRACKING_URI_ENV, error)
+        return None
+
+
 def _train_all(
-    spark: SparkSession, plan: JobPlan, state: RunState, log: Callable[[str], None]
-) -> tuple[list[VariantResult], dict[str, float]]:
+    spark: SparkSession, plan: JobPlan, state: RunState, log: Say
+) -> tuple[list[VariantResult], dict[str, float], np.ndarray]:
     paths, timings = plan.inputs, {}
-    log(f"reading {redact(paths.train)} and {redact(paths.test)}")
+    log(f"reading and checking {redact(paths.train)} and {redact(paths.test)}")
     clock = time.perf_counter()
     train = load_libsvm(spark, paths.train)
     test = load_libsvm(spark, paths.test)
@@ -94,7 +141,7 @@ def _train_all(
             shards[split] = shard_frame(train, plan.placement.size, split)
         result = train_variant(spark, plan, variant, shards[split], x_test, y_test, state, log)
         results.append(state.save_finished(result))
-    return results, timings
+    return results, timings, x_test[:SIGNATURE_EXAMPLES]
 
 
 def train_variant(
@@ -121,7 +168,7 @@ def train_variant(
     checkpoints: CheckpointStore = state.checkpoints(variant.name)
     runner = HorovodRunner(
         np=placement, spark=spark, data=sharded.frame, progress_timeout_s=run.progress_timeout_s,
-        max_retries=run.max_retries, checkpoints=checkpoints,
+        max_retries=run.max_retries, checkpoints=checkpoints, name=variant.name,
     )
     try:
         records = runner.run_all(train_rank, variant=variant, plan=shard_plan, seed=run.seed,
@@ -131,6 +178,7 @@ def train_variant(
     train_s = time.perf_counter() - clock
     chief = records[0].value
 
+    log(f"{variant.name}: evaluating rank 0's model on {len(x_test):,} test images")
     clock = time.perf_counter()
     model = build_model(variant)
     model.set_weights(chief["weights"])
@@ -145,7 +193,11 @@ def train_variant(
         raise StateError(f"cannot save the model of {variant.name} in {folder} ({error.strerror}); free space or "
                          "fix permissions, then `sparkml-mnist train --resume` the run") from None
     evaluate_s = time.perf_counter() - clock
-    log(f"{variant.name}: test accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f} ({train_s:.0f} s training)")
+    log(f"{variant.name}: test accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f} "
+        f"({train_s:.0f} s training, {evaluate_s:.1f} s evaluating)")
+    progress = runner.attempts[-1].progress or {}
+    if progress.get("straggler"):
+        logger.warning("%s: %s", variant.name, progress["straggler"])
 
     return VariantResult(
         name=variant.name,
@@ -162,6 +214,7 @@ def train_variant(
         attempts=attempts,
         seed=run.seed,
         deterministic=run.deterministic,
+        ranks=progress,
     )
 
 

@@ -16,6 +16,10 @@ from sparkml_mnist.errors import ConfigError
 
 LOCAL_MASTER = "local[*]"
 QUIET_LOG_LEVEL = "ERROR"
+VERBOSE_LOG_LEVEL = "WARN"  # Spark's own default
+DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"
+LOG4J_CONFIG_OPTION = "log4j2.configurationFile"
+QUIET_LOG4J_FILE = "log4j2-quiet.properties"
 # Spark's console progress bar interleaves with the job's own per-epoch progress lines.
 DEFAULT_CONF = {"spark.ui.showConsoleProgress": "false"}
 REMOTE_ENV = "SPARK_REMOTE"
@@ -24,7 +28,9 @@ CONNECT_DEFAULT_PORT = 15002
 CONNECT_PROBE_TIMEOUT_S = 10.0
 
 
-def create_spark(app_name: str, master: str | None = None, conf: dict[str, str] | None = None) -> SparkSession:
+def create_spark(
+    app_name: str, master: str | None = None, conf: dict[str, str] | None = None, verbose: bool = False
+) -> SparkSession:
     """Get or create the session; ``local[*]`` only when neither the caller nor spark-submit set a master.
 
     ``master="sc://HOST:PORT"``, or ``SPARK_REMOTE`` when no master is given, opens a Spark Connect
@@ -43,6 +49,8 @@ def create_spark(app_name: str, master: str | None = None, conf: dict[str, str] 
     chosen = master or submitted_master or LOCAL_MASTER
     if not submitted_master or master:
         builder = builder.master(chosen)
+    if not verbose and not _jvm_running():  # Spark's start-up and task-failure lines off the console
+        builder = builder.config(DRIVER_JAVA_OPTIONS, _with_quiet_log4j(SparkConf().get(DRIVER_JAVA_OPTIONS, "")))
     if chosen.startswith("local") and not os.environ.get("PYSPARK_PYTHON"):
         # Local Python workers must run this interpreter (its venv has pyarrow, TF), not "python3".
         os.environ["PYSPARK_PYTHON"] = sys.executable
@@ -50,8 +58,23 @@ def create_spark(app_name: str, master: str | None = None, conf: dict[str, str] 
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     if not is_remote():  # Spark Connect has no SparkContext; its server owns the logs
-        spark.sparkContext.setLogLevel(QUIET_LOG_LEVEL)
+        spark.sparkContext.setLogLevel(VERBOSE_LOG_LEVEL if verbose else QUIET_LOG_LEVEL)
     return spark
+
+
+def _jvm_running() -> bool:
+    from pyspark import SparkContext
+
+    return SparkContext._gateway is not None  # type: ignore[attr-defined]
+
+
+def _with_quiet_log4j(options: str) -> str:
+    """The driver's Java options with the package's quiet log4j2 configuration, unless one is given."""
+    if LOG4J_CONFIG_OPTION in options:
+        return options
+    from sparkml_mnist.config import default_conf_file
+
+    return f"{options} -D{LOG4J_CONFIG_OPTION}={default_conf_file(QUIET_LOG4J_FILE)}".strip()
 
 
 def connect_spark(app_name: str, url: str, conf: dict[str, str] | None = None) -> SparkSession:

@@ -7,14 +7,20 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 CHILD_MODULE = b"sparkml_mnist.distributed.child"
 POLL_S = 0.2
 
 
-def rank_pids() -> dict[int, int]:
-    """rank -> pid of every live rank process on this machine (its work folder's spec names the rank)."""
+MARK_ENV = "SPARKML_MNIST_TEST_MARK"
+
+
+def rank_pids(mark: str | None = None, mark_env: str = MARK_ENV) -> dict[int, int]:
+    """rank -> pid of the live rank processes on this machine (its work folder's spec names the rank);
+    with ``mark``, only those whose environment carries ``<mark_env>=<mark>`` (this test's own)."""
+    needle = f"{mark_env}={mark}".encode() if mark else None
     found: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -24,6 +30,12 @@ def rank_pids() -> dict[int, int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
+        if needle is not None:
+            try:
+                if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+            except OSError:
+                continue
         if CHILD_MODULE in args and state != "Z":
             workdir = Path(args[args.index(CHILD_MODULE) + 1].decode())
             try:
@@ -38,10 +50,11 @@ class CliRun:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path) -> None:
         self.log = log
+        self.mark = uuid.uuid4().hex  # its rank processes inherit it: rank_pids(run.mark) finds only them
         self._out = open(log, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sparkml_mnist.cli", *args], stdout=self._out, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {}), MARK_ENV: self.mark},
         )
 
     def text(self) -> str:

@@ -377,13 +377,13 @@ def test_a_rank_killed_on_the_cluster_resumes_without_shared_storage(cluster, tm
         "--train", sample_paths().train, "--test", sample_paths().test, "--output", str(output),
     ]
     submit = cluster.launch("submit-kill", command, env=env)
-    driver_log = cluster.root / "logs" / "submit-kill.err"
+    driver_log = cluster.root / "logs" / "submit-kill.out"  # spark-submit merges the Python driver's stderr
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while "variant3 epoch 1/3" not in tail(driver_log, 200_000) and submit.poll() is None:
-        assert time.monotonic() < deadline, f"epoch 1 never ended:\n{tail(driver_log)}"
+    while "variant3 epoch 1/3" not in tail(driver_log, 200_000):
+        assert submit.poll() is None and time.monotonic() < deadline, f"epoch 1 never ended:\n{tail(driver_log)}"
         time.sleep(POLL_S)
     time.sleep(0.5)  # into epoch 2
-    os.kill(rank_pids()[1], signal.SIGKILL)
+    os.kill(rank_pids(cluster.marker, MARKER_ENV)[1], signal.SIGKILL)  # this cluster's rank 1, nobody else's
     try:
         code = submit.wait(JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:

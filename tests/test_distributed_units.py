@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -143,19 +144,30 @@ NOTICES = [
 REAL_ERROR = "E0000 00:00:1795619535.238840   19118 collective_ops.cc:12] Collective ops is aborted by: timeout"
 
 
-def test_console_sink_hides_tensorflow_start_up_notices_but_not_errors(capsys, monkeypatch):
+def test_console_sink_hides_tensorflow_start_up_notices_but_not_errors(caplog, monkeypatch):
     from sparkml_mnist.distributed.channel import print_log_line
     from sparkml_mnist.tf_notices import SHOW_NOTICES_ENV
 
+    caplog.set_level(logging.INFO, logger="sparkml_mnist.ranks")
     monkeypatch.delenv(SHOW_NOTICES_ENV, raising=False)
     for line in NOTICES:
         print_log_line(0, "stderr", line)
     print_log_line(1, "stderr", REAL_ERROR)
     print_log_line(1, "stdout", "variant1 epoch 1/3: loss 1.0471")
-    assert capsys.readouterr().err.splitlines() == [f"[rank 1] {REAL_ERROR}", "[rank 1] variant1 epoch 1/3: loss 1.0471"]
+    assert [(r.rank, r.getMessage()) for r in caplog.records] == [(1, REAL_ERROR), (1, "variant1 epoch 1/3: loss 1.0471")]
+    caplog.clear()
     monkeypatch.setenv(SHOW_NOTICES_ENV, "1")  # the verbose setting shows them
     print_log_line(0, "stderr", NOTICES[3])
-    assert capsys.readouterr().err.splitlines() == [f"[rank 0] {NOTICES[3]}"]
+    assert [(r.rank, r.getMessage()) for r in caplog.records] == [(0, NOTICES[3])]
+
+
+def test_without_logging_configured_rank_lines_still_reach_stderr(capsys, monkeypatch):
+    import sparkml_mnist.log as log_module
+
+    monkeypatch.setattr(log_module, "_configured", lambda logger: False)  # a plain script, no handlers anywhere
+    log_module.rank_line(1, "stdout", "visible")
+    log_module.info(logging.getLogger("sparkml_mnist.job"), "also visible")
+    assert capsys.readouterr().err.splitlines() == ["[rank 1] visible", "also visible"]
 
 
 def test_the_drivers_own_tensorflow_notices_are_filtered_at_the_file_descriptor(monkeypatch):

@@ -45,8 +45,8 @@ def work_folders(root: Path) -> list[Path]:
     return sorted(root.rglob("sparkml-mnist-rank*"))
 
 
-def kill_rank(rank: int) -> int:
-    pid = rank_pids()[rank]
+def kill_rank(rank: int, mark: str) -> int:
+    pid = rank_pids(mark)[rank]
     os.kill(pid, signal.SIGKILL)
     return pid
 
@@ -68,7 +68,7 @@ def test_a_rank_killed_mid_epoch_costs_one_retry_not_the_run(undisturbed, tmp_pa
                  log=tmp_path / "cli.log", env={"SPARK_LOCAL_DIRS": str(tmp_path / "local")})
     assert job.wait_for("variant3 epoch 1/3", START_TIMEOUT_S), job.text()[-3000:]
     time.sleep(MID_EPOCH_S)
-    kill_rank(1)
+    kill_rank(1, job.mark)
     assert job.finish(RUN_TIMEOUT_S) == 0, job.text()[-3000:]
     variant = report(output)["variants"][0]
     attempts = variant["attempts"]
@@ -97,9 +97,9 @@ def test_sigterm_then_resume_keeps_the_first_variant_and_resumes_the_second(tmp_
     assert f"--resume {output}" in job.text()
     assert not output.exists()  # nothing half written under the output's name
     deadline = time.monotonic() + GONE_WAIT_S
-    while rank_pids() and time.monotonic() < deadline:
+    while rank_pids(job.mark) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not rank_pids(), "no rank outlives the stopped driver"
+    assert not rank_pids(job.mark), "no rank outlives the stopped driver"
 
     resumed = CliRun("train", "--resume", str(output), log=tmp_path / "resume.log", env=env)
     assert resumed.finish(RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]

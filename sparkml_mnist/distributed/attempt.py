@@ -23,6 +23,7 @@ from sparkml_mnist.distributed.channel import ChannelServer, Event, LogSink, cle
 from sparkml_mnist.distributed.checkpoints import GET, PUT, CheckpointReceiver
 from sparkml_mnist.distributed.monitor import ProgressMonitor
 from sparkml_mnist.distributed.placement import Placement, rank_devices
+from sparkml_mnist.distributed.progress import DEFAULT_INTERVAL_S, ProgressBoard
 from sparkml_mnist.distributed.rank_setup import RankSettings
 from sparkml_mnist.distributed.records import RankRecord, RankStalledError, find_failure
 from sparkml_mnist.errors import LaunchError
@@ -44,6 +45,8 @@ class LaunchOptions:
     heartbeat_interval_s: float
     forward_output: bool
     executor_wait_s: float
+    title: str = ""  # what the live progress lines call the run (the job: the variant's name)
+    progress_interval_s: float = DEFAULT_INTERVAL_S
 
 
 @dataclass
@@ -57,16 +60,19 @@ class AttemptRecord:
     outcome: str = "running"  # "succeeded" or "failed"
     cause: str | None = None  # the first line of the failure
     first_step_at: float | None = None  # the earliest first training step of its ranks, when known
+    progress: dict[str, Any] | None = None  # per-rank step rates and the straggler, if any
 
 
 class AttemptEvents:
     """The driver's side of the channel for one attempt: heartbeats to the watchdog, lines to the sink,
     checkpoints to the store."""
 
-    def __init__(self, monitor: ProgressMonitor, log_sink: LogSink | None, receiver: CheckpointReceiver) -> None:
+    def __init__(self, monitor: ProgressMonitor, log_sink: LogSink | None, receiver: CheckpointReceiver,
+                 board: ProgressBoard) -> None:
         self.monitor = monitor
         self.log_sink = log_sink
         self.receiver = receiver
+        self.board = board
         self.first_step_at: float | None = None
 
     def on_event(self, rank: int, event: Event) -> Event | list[Event] | None:
@@ -75,6 +81,7 @@ class AttemptEvents:
             progress = event.get("progress")
             if isinstance(progress, int) and not isinstance(progress, bool):
                 self.monitor.heartbeat(rank, progress, event.get("done") is True, _text(event.get("host")))
+            self.board.update(rank, {**event, "host": _text(event.get("host"))})
             first = event.get("first_step_at")
             if isinstance(first, (int, float)) and (self.first_step_at is None or first < self.first_step_at):
                 self.first_step_at = float(first)
@@ -119,7 +126,9 @@ def run_attempt(
     devices = rank_devices(placement, spark)
     connect_host, bind_host = driver_addresses(placement, spark)
     monitor = ProgressMonitor(placement.size, options.progress_timeout_s, startup_timeout_s=options.startup_timeout_s)
-    events = AttemptEvents(monitor, log_sink, receiver)
+    board = ProgressBoard(placement.size, title=options.title, interval_s=options.progress_interval_s)
+    events = AttemptEvents(monitor, log_sink, receiver, board)
+    stop_board = board.start()
     secret = secrets.token_hex(SECRET_BYTES)
     try:
         server = ChannelServer(placement.size, secret, events.on_event, bind_host,
@@ -145,7 +154,9 @@ def run_attempt(
                 return local.run_local(settings, partitions, devices, monitor, log_sink or _drop)
             return _run_barrier(spark, data, settings, monitor, options)  # type: ignore[arg-type]
     finally:
+        stop_board()
         record.first_step_at = events.first_step_at
+        record.progress = board.summary()
 
 
 def _run_barrier(

@@ -28,12 +28,19 @@ class ProgressCallback(_keras.callbacks.Callback):
         super().__init__()
         self.context = context or get_context()
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        progress = self.context.progress
+        progress.epoch, progress.epochs = epoch + 1, (self.params or {}).get("epochs")
+
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         progress = self.context.progress
         if progress.first_step_at is None:
             progress.first_step_at = time.time()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None:
+            self.context.progress.loss = float(loss)
         self.context.report_progress(steps=1, examples=self.context.progress.examples_per_step)
 
     def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -53,6 +60,7 @@ class LogCallback(ProgressCallback):
         self._started = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_begin(epoch, logs)
         self._epoch = epoch
         self._started = time.perf_counter()
 

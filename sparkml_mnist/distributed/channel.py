@@ -23,13 +23,16 @@ import json
 import re
 import socket
 import socketserver
+import logging
 import struct
-import sys
 import threading
 import time
 from typing import Any, Callable
 
+from sparkml_mnist.log import rank_line
 from sparkml_mnist.tf_notices import is_native_notice, notices_wanted
+
+logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 20  # a checkpoint travels in chunks well below this
@@ -66,14 +69,14 @@ def clean_line(line: str) -> str:
 
 
 def print_log_line(rank: int, stream: str, line: str) -> None:
-    """Default sink: the rank's line on the driver's stderr, prefixed so ranks can be told apart.
+    """Default sink: the rank's line as a record of the ``sparkml_mnist.ranks`` logger, with its rank
+    (``[rank r] line`` on stderr while logging is not configured).
 
     TensorFlow's native start-up notices are left out unless asked for (``sparkml_mnist.tf_notices``).
     """
     if is_native_notice(line) and not notices_wanted():
         return
-    sys.stderr.write(f"[rank {rank}] {line}\n")
-    sys.stderr.flush()
+    rank_line(rank, stream, line)
 
 
 def _read_exactly(sock: socket.socket, count: int) -> bytes | None:
@@ -132,7 +135,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 try:
                     reply = server.on_event(rank, frame)
                 except Exception as error:  # a bad message must not take the driver's run down
-                    sys.stderr.write(f"sparkml_mnist: ignored a rank message ({type(error).__name__}: {error})\n")
+                    logger.warning("ignored a message of rank %d (%s: %s)", rank, type(error).__name__, error)
                     continue
                 for frame_out in reply if isinstance(reply, list) else [reply] if reply is not None else []:
                     write_frame(sock, frame_out)

@@ -59,6 +59,9 @@ class Progress:
     examples: int | None = None
     examples_per_step: int | None = None  # this rank's rows per step, once a dataset was distributed
     first_step_at: float | None = None
+    epoch: int | None = None  # what the rank's progress callback last reported, for the driver's live lines
+    epochs: int | None = None
+    loss: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def advance(self, steps: int = 0, examples: int | None = None) -> None:

@@ -7,13 +7,15 @@ trusts it; the devices the ranks get follow from it by one rule (``rank_devices`
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from sparkml_mnist.distributed import resources
 from sparkml_mnist.distributed.backends import DEFAULT_BACKEND, check_backend_name, driver_backend
 from sparkml_mnist.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,9 @@ def rank_devices(placement: Placement, spark: Any) -> RankDevices:
     gpus = resources.driver_gpus(spark)
     cores = resources.driver_cores()
     if placement.size > cores:
-        warnings.warn(
-            f"np=-{placement.size} starts {placement.size} training processes on a driver with {cores} cores: "
-            f"they will compete for them. Use np>=-{cores}, or np>0 to run on executors",
-            ResourceWarning,
-            stacklevel=3,
+        logger.warning(
+            "np=-%d starts %d training processes on a driver with %d cores: they will compete for them. "
+            "Use np>=-%d, or np>0 to run on executors", placement.size, placement.size, cores, cores,
         )
     per_rank = tuple((gpu,) for gpu in gpus[: placement.size]) if len(gpus) >= placement.size else ()
     return RankDevices(threads=max(1, cores // placement.size), on_gpus=bool(per_rank), driver_gpus=per_rank)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from typing import Any, Callable
 
 from pyspark import cloudpickle
@@ -72,6 +71,7 @@ class HorovodRunner:
         checkpoints: CheckpointStore | None = None,
         log_sink: LogSink | None = print_log_line,
         executor_wait_s: float = resources.EXECUTOR_WAIT_S,
+        name: str = "",
     ) -> None:
         self.placement = parse_placement(np, backend)
         if driver_log_verbosity not in VERBOSITIES:
@@ -95,6 +95,7 @@ class HorovodRunner:
             heartbeat_interval_s=heartbeat_interval_s,
             forward_output=driver_log_verbosity == ALL_OUTPUT,
             executor_wait_s=executor_wait_s,
+            title=name,
         )
         self.log_sink = log_sink
         self.attempts: list[AttemptRecord] = []
@@ -124,7 +125,7 @@ class HorovodRunner:
         if not self.placement.on_driver:
             risk = resources.check_secured_cluster(self.spark)  # type: ignore[arg-type]
             if risk:
-                warnings.warn(risk, UserWarning, stacklevel=3)
+                logger.warning(risk)
         payload = cloudpickle.dumps((main, kwargs))
         receiver = CheckpointReceiver(self.checkpoints)
         self.attempts = []
@@ -134,7 +135,7 @@ class HorovodRunner:
             attempt = AttemptRecord(number=number, started_at=time.time(),
                                     resumed_from_epoch=latest.epoch if latest else None)
             self.attempts.append(attempt)
-            logger.info("attempt %d: starting %d ranks (%s)", number, self.placement.size, self.placement.where)
+            logger.debug("attempt %d: starting %d ranks (%s)", number, self.placement.size, self.placement.where)
             try:
                 results = run_attempt(number, self.placement, self.spark, self.data, self.options, payload,
                                       keep_all_values, self.log_sink, receiver, attempt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -14,8 +15,10 @@ COMPARISON_PNG = "comparison.png"
 # Keras History keys, in the order the per-epoch tables show them; any others follow alphabetically.
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 PERCENT = 100.0
-# Table cells show 4 decimals (losses, accuracies) below this, 1 above (timestamps, seconds).
+# Table cells show 4 decimals (losses, accuracies) below this, 1 above (seconds).
 LARGE_NUMBER = 1e4
+TIME_SUFFIX = "_at"  # report.json keeps times as seconds since the epoch; report.md shows them as ISO-8601
+START_KEY, END_KEY, DURATION_COLUMN = "started_at", "ended_at", "seconds"
 
 
 def summary_rows(results: Sequence[VariantResult]) -> list[list[str]]:
@@ -98,6 +101,9 @@ def render_markdown(report: Mapping[str, Any], results: Sequence[VariantResult])
             out += ["### Ranks", ""]
             out += _records_table(r.rank_records)
             out += [""]
+            summary = _ranks_summary(r.ranks)
+            if summary:
+                out += [" ".join(summary), ""]
         if len(r.attempts) > 1:
             out += ["### Attempts", ""]
             out += _attempts_table(r.attempts)
@@ -115,14 +121,47 @@ def _history_table(history: Mapping[str, list[float]]) -> list[str]:
 
 
 def _records_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Rank records are free-form dicts: show their scalar fields, in first-seen order."""
+    """Rank records are free-form dicts: show their scalar fields, in first-seen order.
+
+    Times (``*_at``, seconds since the epoch in report.json) show as ISO-8601 (UTC), and a record with
+    a start and an end gets its duration in seconds.
+    """
     keys: list[str] = []
     for record in records:
         for key, value in record.items():
             if key not in keys and (value is None or isinstance(value, (str, int, float, np.generic))):
                 keys.append(key)
-    rows = [[_md(_number(rec.get(k)) if rec.get(k) is not None else "-") for k in keys] for rec in records]
-    return _markdown_table(keys, rows, set())
+    with_duration = all(rec.get(START_KEY) is not None and rec.get(END_KEY) is not None for rec in records)
+    header = keys + ([DURATION_COLUMN] if with_duration else [])
+    rows = []
+    for rec in records:
+        cells = [_md(_cell(k, rec.get(k))) for k in keys]
+        if with_duration:
+            cells.append(f"{float(rec[END_KEY]) - float(rec[START_KEY]):.1f}")
+        rows.append(cells)
+    return _markdown_table(header, rows, set())
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.endswith(TIME_SUFFIX) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return iso_time(float(value))
+    return _number(value)
+
+
+def iso_time(seconds: float) -> str:
+    """Seconds since the epoch as ISO-8601 in UTC, to the second."""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _ranks_summary(ranks: Mapping[str, Any]) -> list[str]:
+    rates = ranks.get("steps_per_s") or {}
+    shown = [f"rank {rank} {rate:.2f} steps/s" for rank, rate in rates.items() if rate]
+    lines = [("Step rates: " + ", ".join(shown) + ".") if shown else ""]
+    if ranks.get("straggler"):
+        lines.append(f"Straggler: {_md(ranks['straggler'])}.")
+    return [line for line in lines if line]
 
 
 def _attempts_table(attempts: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -132,11 +171,12 @@ def _attempts_table(attempts: Sequence[Mapping[str, Any]]) -> list[str]:
         resumed = attempt.get("resumed_from_epoch")
         cost = attempt.get("seconds_from_failure_to_first_step")
         rows.append([
-            str(attempt.get("number", "?")), _md(attempt.get("outcome", "?")),
+            str(attempt.get("number", "?")), _cell("started_at", attempt.get("started_at")),
+            _md(attempt.get("outcome", "?")),
             "start" if resumed is None else f"after epoch {resumed}",
             "-" if cost is None else format_seconds(cost), _md(attempt.get("cause") or "-"),
         ])
-    header = ["attempt", "outcome", "resumed", "failure to first step", "cause"]
+    header = ["attempt", "started", "outcome", "resumed", "failure to first step", "cause"]
     return _markdown_table(header, rows, {0})
 
 

@@ -44,6 +44,7 @@ class VariantResult:
     attempts: list[dict[str, Any]] = field(default_factory=list)  # the launcher's attempts (retries)
     seed: int | None = None
     deterministic: bool = False
+    ranks: dict[str, Any] = field(default_factory=dict)  # per-rank step rates and the straggler line, if any
 
     def __post_init__(self) -> None:
         where = f"variant {self.name!r}"
@@ -94,6 +95,7 @@ class VariantResult:
             "attempts": self.attempts,
             "seed": self.seed,
             "deterministic": self.deterministic,
+            "ranks": self.ranks,
             "seconds": self.seconds,
             "files": {"loss_plot": self.loss_plot, "confusion_plot": self.confusion_plot, "models": list(model_paths)},
         }
@@ -107,5 +109,5 @@ class VariantResult:
             parameter_count=data["parameter_count"], rank_records=data.get("rank_records", []),
             seconds=data.get("seconds", {}), lab_reference_accuracy=data.get("lab_reference_accuracy"),
             model_files=list(model_files), attempts=data.get("attempts", []), seed=data.get("seed"),
-            deterministic=bool(data.get("deterministic", False)),
+            deterministic=bool(data.get("deterministic", False)), ranks=data.get("ranks", {}),
         )

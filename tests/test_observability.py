@@ -1,0 +1,256 @@
+"""What a user sees: MLflow runs read back, live per-rank progress, logging they can route, readable reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pyspark import cloudpickle
+from spark_processes import LOCALHOST, free_port
+
+from sparkml_mnist.config import load_run
+from sparkml_mnist.distributed import HorovodRunner
+from sparkml_mnist.distributed.progress import ProgressBoard, straggler_summary
+from sparkml_mnist.job import run_job
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+EPOCHS, STEPS = 2, 6
+SERVER_START_S = 120.0
+CLI_TIMEOUT_S = 600
+
+
+def keras_main() -> int:
+    """Written for HorovodRunner, with sparkdl's LogCallback (which reports progress)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from sparkml_mnist import LogCallback
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = tf.keras.Sequential([tf.keras.layers.Input((4,)), tf.keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    x = np.random.default_rng(0).random((STEPS * 8, 4), dtype=np.float32)
+    y = np.eye(2, dtype=np.float32)[np.arange(STEPS * 8) % 2]
+
+    class Slow(tf.keras.callbacks.Callback):  # time for the board to see several steps
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(0.3)
+
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    model.fit(data, epochs=EPOCHS, steps_per_epoch=STEPS, verbose=0, callbacks=[LogCallback(), Slow()])
+    return 0
+
+
+# -- MLflow ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend and a local artifact root."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", LOCALHOST, "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://{LOCALHOST}:{port}"
+    deadline = time.monotonic() + SERVER_START_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield url
+    os.killpg(server.pid, 15)
+    server.wait(30)
+    log.close()
+
+
+def tracked_run(spark, tmp_path: Path, tracking_uri: str) -> tuple[Path, Any]:
+    from sparkml_mnist.tracking import Tracking
+
+    run = load_run("sample").with_overrides(variants="variant1", np=-1, epochs=EPOCHS, output=str(tmp_path / "out"))
+    tracking = Tracking(tracking_uri, experiment=f"test-{tmp_path.name}",
+                        artifact_location=None if tracking_uri.startswith("http") else (tmp_path / "artifacts").as_uri())
+    return run_job(spark, run, tracking=tracking), tracking
+
+
+def read_back(tracking_uri: str, tracking: Any, folder: Path) -> None:
+    """Parent and child runs, parameters, per-epoch metrics with steps, test metrics, artifacts, the model."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sparkml_mnist.data.libsvm import load_libsvm  # noqa: F401 - the test set below comes from the sample
+    from sparkml_mnist.keras_flavour import keras
+
+    client = MlflowClient(tracking_uri)
+    report = json.loads((folder / "report.json").read_text())["variants"][0]
+    parent = client.get_run(next(iter(client.search_runs(
+        [client.get_experiment_by_name(tracking.experiment).experiment_id],
+        filter_string="attributes.run_name = 'sample'"))).info.run_id)
+    child = client.get_run(tracking.children["variant1"])
+    assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.params["np"] == "-1" and parent.data.params["seed"] == "42"
+    assert child.data.params["optimizer"] == "adam" and child.data.params["epochs"] == str(EPOCHS)
+    for key in ("loss", "accuracy", "val_loss"):
+        history = client.get_metric_history(child.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1))
+        assert [m.value for m in history] == pytest.approx(report["history"][key])
+    assert child.data.metrics["test_accuracy"] == pytest.approx(report["test"]["accuracy"])
+    assert child.data.metrics["test_loss"] == pytest.approx(report["test"]["loss"])
+    assert "test_recall_7" in child.data.metrics
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"variant1-loss.png", "variant1-confusion.png"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "report.json", "comparison.png"}
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(child.data.tags["model_uri"])
+    images = np.random.default_rng(3).random((4, 28, 28, 1), dtype=np.float32)
+    expected = keras().models.load_model(next(folder.rglob("variant1.keras")), compile=False).predict(images, verbose=0)
+    predicted = np.asarray(model.predict(images))
+    assert predicted.shape == (4, 10)
+    np.testing.assert_array_equal(predicted.argmax(axis=1), expected.argmax(axis=1))
+    assert model.metadata.signature is not None
+
+
+@pytest.mark.mlflow
+def test_a_run_logged_to_an_mlflow_server_reads_back_whole(spark, tmp_path: Path, mlflow_server: str) -> None:
+    folder, tracking = tracked_run(spark, tmp_path, mlflow_server)
+    read_back(mlflow_server, tracking, folder)
+
+
+@pytest.mark.mlflow
+def test_a_run_logged_to_a_local_store_reads_back_whole(spark, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'local.db'}"
+    folder, tracking = tracked_run(spark, tmp_path, uri)
+    read_back(uri, tracking, folder)
+
+
+@pytest.mark.mlflow
+def test_an_unreachable_tracking_server_is_a_warning_and_the_report_is_written(spark, tmp_path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="sparkml_mnist")
+    folder, tracking = tracked_run(spark, tmp_path, f"http://{LOCALHOST}:{free_port()}")
+    assert (folder / "report.json").is_file() and not tracking.enabled
+    assert any("cannot be reached" in r.getMessage() and "report is written" in r.getMessage() for r in caplog.records)
+
+
+# -- live progress ----------------------------------------------------------------------------------
+
+
+def test_the_driver_sees_every_ranks_steps_and_logs_them_now_and_then(spark, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="sparkml_mnist.progress")
+    runner = HorovodRunner(np=2, spark=spark, log_sink=None)
+    runner.options = runner.options.__class__(**{**runner.options.__dict__, "progress_interval_s": 1.0})
+    records = runner.run_all(keras_main)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sparkml_mnist.progress"]
+    for rank in (0, 1):
+        steps = [int(line.split("step ")[1].split()[0]) for line in lines if f"rank {rank} (" in line and "step " in line]
+        assert len(steps) >= 2 and steps == sorted(steps), lines  # periodic, in order
+        assert records[rank].steps == EPOCHS * STEPS  # the totals match the training
+    summary = runner.attempts[-1].progress
+    assert summary is not None and all(rate and rate > 0 for rate in summary["steps_per_s"].values())
+    assert any("loss" in line and f"/{EPOCHS}  step " in line for line in lines)  # img/s: when the input is ours
+
+
+def test_the_board_names_a_straggler_and_renders_one_line_per_rank() -> None:
+    clock = [100.0]
+    board = ProgressBoard(2, title="v", clock=lambda: clock[0])
+    board.update(0, {"steps": 40, "first_step_at": 90.0, "epoch": 2, "epochs": 3, "loss": 0.5, "examples": 640,
+                     "host": "a"})
+    board.update(1, {"steps": 20, "first_step_at": 90.0, "host": "b"})
+    assert board.lines()[0] == "v rank 0 (a):  epoch 2/3  step 40  loss 0.5000  64 img/s"
+    summary = board.summary()
+    assert summary["straggler"] == "rank 1 on b ran at 0.50x the fastest rank's step rate"
+    assert straggler_summary({0: 2.0, 1: 1.9}, {0: "a", 1: "b"})["straggler"] is None
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_a_terminal_shows_the_ranks_lines_updating_in_place(tmp_path: Path) -> None:
+    session = f"sparkml-mnist-{os.getpid()}"
+    command = (f"{sys.executable} -m sparkml_mnist.cli train --variant variant3 --epochs 3 --np 2 "
+               f"--output {tmp_path / 'out'}; echo EXIT=$?; sleep 600")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command], check=True)
+    screens = []
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while time.monotonic() < deadline:
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+            screens.append(screen)
+            if "EXIT=" in screen:
+                break
+            time.sleep(1.0)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert "EXIT=0" in screens[-1], screens[-1]
+    live = [s for s in screens if "variant3 rank 1 (" in s and " step " in s]
+    assert any(" img/s" in s for s in live)  # the job's input pipeline says how many images a step takes
+    assert len(live) >= 2, "the ranks' progress lines were on screen while they trained"
+    for screen in live:  # in place: one line per rank on the screen at any time, never a growing list
+        assert screen.count("variant3 rank 0 (") == 1 and screen.count("variant3 rank 1 (") == 1
+    steps = {int(s.split("variant3 rank 0 (")[1].split(" step ")[1].split()[0]) for s in live}
+    assert len(steps) >= 2, "the same line showed different steps over time"
+    assert "variant3 rank 0 (" not in screens[-1]  # cleared when training ended
+
+
+# -- logging -----------------------------------------------------------------------------------------
+
+
+def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sparkml_mnist.cli", *args, "train", "--variant", "variant1", "--epochs", "1",
+         "--np", "-1", "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_quiet_prints_only_the_result_table_and_errors(tmp_path: Path) -> None:
+    done = cli("-q", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[0].startswith("variant ") and "variant1" in done.stdout.splitlines()[2]
+    ours = [line for line in done.stderr.splitlines()
+            if not line.startswith(("WARNING: Using incubator modules", "Setting default log level",
+                                    "To adjust logging level"))]
+    assert ours == [], ours  # the JVM's own start-up lines are all that is left
+
+
+def test_verbose_shows_tensorflows_notices_and_times(tmp_path: Path) -> None:
+    done = cli("-v", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "oneDNN" in done.stderr or "cpu_feature_guard" in done.stderr
+    assert " sparkml_mnist.job: reading and checking " in done.stderr  # time and logger name at -v
+
+
+def test_a_library_users_handler_gets_rank_lines_with_the_rank(spark) -> None:
+    received: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            received.append(record)
+
+    logger = logging.getLogger("sparkml_mnist.ranks")
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        HorovodRunner(np=-2, spark=spark).run(keras_main)
+    finally:
+        logger.removeHandler(handler)
+    epochs = [r for r in received if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == EPOCHS and all(r.rank == 0 and r.stream == "log" for r in epochs)
