@@ -1,16 +1,28 @@
 """sparkml_mnist: the Keras MNIST lab's ConvNets trained data-parallel on Apache Spark."""
 
+import ast
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-VERSION = {}
-exec((HERE / "sparkml_mnist" / "__init__.py").read_text(), VERSION)
+
+
+def read_version() -> str:
+    """``__version__`` from the package's __init__.py, read without running it.
+
+    Running it would import the package, which is not on the path of an isolated (PEP 517) build.
+    """
+    tree = ast.parse((HERE / "sparkml_mnist" / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError("sparkml_mnist/__init__.py defines no __version__")
+
 
 setup(
     name="sparkml-mnist",
-    version=VERSION["__version__"],
+    version=read_version(),
     description="Distributed training of the Keras MNIST lab's ConvNets on Apache Spark",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
