@@ -306,9 +306,9 @@ def task_problems(bundle: Bundle, config: dict[str, Any], job: str, task: dict[s
     if args.command != TRAIN_COMMAND:
         return problems
     try:
-        np = args.np if args.np is not None else load_run(args.conf).np
+        np = args.np if args.np is not None else load_run(args.run_config).np
     except SparkMnistError as error:
-        return problems + [f"{where}: --conf {args.conf!r}: {error}"]
+        return problems + [f"{where}: --run-config {args.run_config!r}: {error}"]
     if np < 1:
         problems.append(f"{where}: np={np} runs on the driver only; a GPU job cluster needs np >= 1")
     if not args.output or not args.output.startswith(FUSE_ROOTS):
@@ -489,7 +489,7 @@ def test_every_variant_is_trained(bundle):
         args, error = parse_train_arguments(task["python_wheel_task"]["parameters"])
         assert error is None
         variants = ",".join(args.variant) if args.variant else None
-        trained.extend(load_run(args.conf).with_overrides(variants=variants).variants)
+        trained.extend(load_run(args.run_config).with_overrides(variants=variants).variants)
     assert sorted(trained) == [f"variant{i}" for i in range(1, 5)]
 
 
