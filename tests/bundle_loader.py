@@ -1,5 +1,7 @@
 """A Databricks Asset Bundle read the way the Databricks CLI reads it: ``databricks.yml`` with its
-``include``d files merged, a target's settings laid over the top-level ones, ``${var.x}`` filled in.
+``include``d files merged, a target's settings laid over the top-level ones, ``${var.x}`` filled in
+(from defaults, the target's values and ``--var``); and a task's parameters as a run sees them, with
+``{{job.parameters.x}}`` filled in.
 
 The CLI cannot be installed here (it is not on the package registries CI reaches), so
 tests/test_databricks_bundle.py checks what it would deploy through this model of it.
@@ -11,11 +13,12 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 VAR_REFERENCE = re.compile(r"\$\{var\.([A-Za-z][\w-]*)\}")
+JOB_PARAMETER_REFERENCE = re.compile(r"\{\{job\.parameters\.([\w.-]+)\}\}")
 # Sequences that targets override item by item (matched on this key), as the CLI does.
 SEQUENCE_KEYS = {"tasks": "task_key", "job_clusters": "job_cluster_key"}
 
@@ -105,11 +108,14 @@ def override_keyed(base: list[Any], update: list[Any], key: str) -> list[Any]:
     return merged
 
 
-def variable_values(document: dict[str, Any]) -> dict[str, Any]:
+def variable_values(document: dict[str, Any], target: str) -> dict[str, Any]:
     values = {}
     for name, spec in (document.get("variables") or {}).items():
         if not isinstance(spec, dict) or "default" not in spec:
-            raise BundleError(f"variable {name!r} has no default: every deploy would have to set it")
+            raise BundleError(
+                f"variable {name!r} has no value in target {target!r}, so the CLI stops there: give it a default, "
+                f'a value in targets.{target}.variables, or deploy with --var="{name}=..."'
+            )
         values[name] = spec["default"]
     return values
 
@@ -134,8 +140,10 @@ def substitute(node: Any, values: dict[str, Any]) -> Any:
     return VAR_REFERENCE.sub(lambda match: str(lookup(match.group(1))), node)
 
 
-def resolve_target(document: dict[str, Any], target: str) -> dict[str, Any]:
-    """The configuration ``databricks bundle deploy -t target`` deploys, variables filled in."""
+def resolve_target(
+    document: dict[str, Any], target: str, deploy_variables: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The configuration ``databricks bundle deploy -t target --var=...`` deploys, variables filled in."""
     settings = (document.get("targets") or {}).get(target)
     if not isinstance(settings, dict):
         raise BundleError(f"target {target!r} is not defined")
@@ -144,10 +152,28 @@ def resolve_target(document: dict[str, Any], target: str) -> dict[str, Any]:
         if key not in ("mode", "default", "variables"):
             resolved[key] = override(resolved.get(key), value)
     variables = resolved.setdefault("variables", {})
-    for name, value in (settings.get("variables") or {}).items():
+    given = {name: value["default"] if isinstance(value, dict) else value for name, value in (settings.get("variables") or {}).items()}
+    for name, value in {**given, **(deploy_variables or {})}.items():
         if name not in variables:
             raise BundleError(f"target {target!r} sets variable {name!r}, which is not defined")
-        variables[name] = {**variables[name], "default": value["default"] if isinstance(value, dict) else value}
-    values = variable_values(resolved)
+        variables[name] = {**variables[name], "default": value}
+    values = variable_values(resolved, target)
     values = {name: substitute(value, values) for name, value in values.items()}  # defaults using others
     return substitute(resolved, values)
+
+
+def job_parameter_defaults(job: dict[str, Any]) -> dict[str, str]:
+    """A job's parameters (name -> default), what a run gets unless ``--params`` says otherwise."""
+    return {str(entry.get("name")): entry.get("default") for entry in job.get("parameters") or [] if isinstance(entry, dict)}
+
+
+def fill_job_parameters(values: list[Any], parameters: Mapping[str, Any]) -> list[str]:
+    """A task's parameters as a run passes them: ``{{job.parameters.x}}`` replaced by the run's value of x."""
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in parameters:
+            raise BundleError(f"{match.group(0)} is used but the job defines no parameter {name!r}")
+        return str(parameters[name])
+
+    return [JOB_PARAMETER_REFERENCE.sub(lookup, str(value)) for value in values]
