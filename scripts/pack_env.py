@@ -105,8 +105,20 @@ def prepare_venv(venv: Path, wheel: Path, flavour: str, say: Callable[[str], Non
     shutil.rmtree(venv, ignore_errors=True)
     say(f"creating {venv} with {wheel.name}[{flavour}] (TensorFlow comes from pip's cache, or minutes)")
     run([sys.executable, "-m", "venv", str(venv)])
+    stamp.write_text("incomplete\n")  # ours from now on, but not reusable until the install succeeds
     run([str(venv / "bin" / "python"), *PIP, f"{wheel}[{flavour}]"])
     stamp.write_text(key + "\n")
+
+
+def check_venv_folder(venv: Path) -> None:
+    """``--venv`` is replaced at will: refuse a folder this script did not make (e.g. the project's .venv)."""
+    if venv.exists() and not (venv / VENV_STAMP).is_file():
+        raise PackError(f"{venv} exists and was not made by this script; give --venv a new folder (it is replaced at will)")
+
+
+def archive_key(flavour: str, python_prefix: str | None) -> str:
+    """What the archive depends on: every packaged source, the flavour, this Python, the nodes' prefix."""
+    return digest(source_files(), flavour, sys.version, python_prefix or "")
 
 
 def pack(venv: Path, output: Path, python_prefix: str | None) -> None:
@@ -116,7 +128,10 @@ def pack(venv: Path, output: Path, python_prefix: str | None) -> None:
         raise PackError('venv-pack is not installed in this Python: pip install -e ".[pack]"') from None
     output.parent.mkdir(parents=True, exist_ok=True)
     filters = [("exclude", pattern) for pattern in EXCLUDED]
-    venv_pack.pack(prefix=str(venv), output=str(output), python_prefix=python_prefix, force=True, filters=filters)
+    try:
+        venv_pack.pack(prefix=str(venv), output=str(output), python_prefix=python_prefix, force=True, filters=filters)
+    except venv_pack.VenvPackException as error:
+        raise PackError(f"venv-pack could not pack {venv}: {error}") from None
 
 
 def pack_environment(
@@ -125,10 +140,13 @@ def pack_environment(
 ) -> Path:
     """Build (or reuse) the venv and pack it to ``output``; nothing is done while ``output`` is current."""
     stamp = output.with_name(output.name + STAMP_SUFFIX)
-    key = digest(source_files(), flavour, sys.version, python_prefix or "")
+    key = archive_key(flavour, python_prefix)
     if not force and output.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         say(f"{output} is up to date")
         return output
+    if venv is not None:
+        check_venv_folder(venv)
+    stamp.unlink(missing_ok=True)  # an archive left half-written below must not look current
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sparkml-mnist-pack-") as scratch:
         wheel = build_wheel(Path(scratch))
