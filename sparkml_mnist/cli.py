@@ -4,16 +4,20 @@ code that tells a scheduler whether retrying can help (see ``EXIT_*`` and README
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from sparkml_mnist import __version__
-from sparkml_mnist.config import DEFAULT_RUN
+from sparkml_mnist.config import DEFAULT_RUN, RunConfig
 from sparkml_mnist.distributed.backends import BACKEND_NAMES
 from sparkml_mnist.distributed.records import PreflightError
 from sparkml_mnist.data.paths import DatasetPaths
 from sparkml_mnist.errors import ConfigError, SparkMnistError
+from sparkml_mnist.redact import redact
 from sparkml_mnist.versions import VersionError
 
 if TYPE_CHECKING:  # Spark is imported only by the commands that need it
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train variants through the launcher; write report.json/.md, plots and models to --output.",
     )
     train.add_argument(
-        RUN_CONFIG_OPTION, dest="run_config", default=DEFAULT_RUN, metavar="FILE",
+        RUN_CONFIG_OPTION, dest="run_config", metavar="FILE",
         help="run config: a name in conf/runs or a YAML path (default: sample)",
     )
     # The old name; spark-submit's own --conf made `spark-submit ... --conf k=v jobs/train_mnist.py --conf lab` confusing.
@@ -108,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tf: MultiWorkerMirroredStrategy (default); horovod: Horovod over Gloo (its own TF 2.15 environment)",
     )
     train.add_argument("--progress-timeout", type=float, metavar="SECONDS", help="end the run if a rank makes no progress this long")
+    train.add_argument("--max-retries", type=int, metavar="N", help="attempts after a failed one, each resuming from the last epoch (default 2)")
+    train.add_argument("--deterministic", action="store_true", default=None, help="bit-identical weights for the same seed on the same machine (slower)")
+    train.add_argument("--resume", metavar="OUTPUT", help="continue the unfinished run into OUTPUT with its own settings: finished variants are kept, the one in flight resumes from its last epoch")
     train.add_argument("--master", help="Spark master, or sc://HOST:PORT for Spark Connect (default: spark-submit's or SPARK_REMOTE, else local[*])")
     train.set_defaults(handler=_run_training)
     _add_download_command(commands)
@@ -141,25 +148,46 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--test", metavar="PATH", help="test file (any Hadoop path)")
 
 
+RUN_SETTINGS = ("run_config", "variant", "np", "epochs", "data", "train", "test", "output", "seed", "backend",
+                "progress_timeout", "max_retries", "deterministic", "overwrite")
+
+
 def _run_training(args: argparse.Namespace) -> None:
-    from sparkml_mnist import databricks
-    from sparkml_mnist.config import load_run
     from sparkml_mnist.job import run_job
     from sparkml_mnist.plan import plan_job
     from sparkml_mnist.session import create_spark
+
+    if args.resume:
+        given = [f"--{name.replace('_', '-')}" for name in RUN_SETTINGS if getattr(args, name) not in (None, False)]
+        if given:
+            raise ConfigError(
+                f"--resume continues a run with the settings it was started with; drop {', '.join(given)}"
+            )
+        from sparkml_mnist.run_state import stored_run
+
+        plan = plan_job(stored_run(Path(args.resume)), resume=True)
+    else:
+        plan = plan_job(_run_config(args), overwrite=args.overwrite)  # every setting checked, before Spark starts
+    spark = create_spark(f"{PROGRAM} train", master=args.master)
+    run_job(spark, plan)
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    from sparkml_mnist import databricks
+    from sparkml_mnist.config import load_run
 
     if args.data and (args.train or args.test):
         raise ConfigError("give either --data DIR or --train/--test PATH, not both")
     data = args.data
     if not (args.data or args.train or args.test):
         data = databricks.default_data_dir() or data  # on Databricks: the runtime's copy of MNIST
-    run = load_run(args.run_config)
+    run = load_run(args.run_config or DEFAULT_RUN)
     output = args.output
     if output is None:
         output = databricks.default_output_dir(run.name)  # None off Databricks: the run config's
     elif databricks.is_databricks():
         output = databricks.fuse_path(output, "--output")  # the report is written through /dbfs or /Volumes
-    run = run.with_overrides(
+    return run.with_overrides(
         variants=",".join(args.variant) if args.variant else None,
         np=args.np,
         epochs=args.epochs,
@@ -170,10 +198,9 @@ def _run_training(args: argparse.Namespace) -> None:
         seed=args.seed,
         progress_timeout_s=args.progress_timeout,
         backend=args.backend,
+        max_retries=args.max_retries,
+        deterministic=args.deterministic,
     )
-    plan = plan_job(run, overwrite=args.overwrite)  # every setting checked, before Spark starts
-    spark = create_spark(f"{PROGRAM} train", master=args.master)
-    run_job(spark, plan)
 
 
 def _input_paths(args: argparse.Namespace) -> DatasetPaths:
@@ -213,10 +240,15 @@ def _preview_file(spark: SparkSession, split: str, path: str) -> LibsvmData:
     data = load_libsvm(spark, path)
     seconds = time.perf_counter() - started
     counts = data.frame.groupBy("label").count().orderBy("label").collect()
-    print(f"{split}: {path}")
+    print(f"{split}: {redact(path)}")
     print(f"  {data.num_rows:,} valid rows, read and checked in {seconds:.1f} s")
     print("  labels: " + "  ".join(f"{int(r['label'])}:{r['count']}" for r in counts))
     return data
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler stopping the job) is handled like Ctrl-C: ranks stopped, nothing half written."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def exit_code(error: SparkMnistError) -> int:
@@ -226,14 +258,21 @@ def exit_code(error: SparkMnistError) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits here with EXIT_USAGE (argparse's 2)
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         args.handler(args)
     except SparkMnistError as error:
-        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        print(f"{PROGRAM}: error: {redact(str(error))}", file=sys.stderr)
         return _finish(exit_code(error))
     except KeyboardInterrupt:
-        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        output = getattr(args, "resume", None) or getattr(args, "output", None)
+        hint = f"; `{PROGRAM} train --resume {output}` continues it" if output and args.command == "train" else ""
+        print(f"{PROGRAM}: interrupted: the ranks were stopped, finished variants and checkpoints are kept{hint}",
+              file=sys.stderr)
         return _finish(EXIT_INTERRUPTED)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 
 

@@ -30,7 +30,10 @@ class DataError(SparkMnistError, ValueError):
         super().__init__(self._format())
 
     def _format(self) -> str:
-        where = self.path if self.line_number is None else f"{self.path}, line {self.line_number}"
+        from sparkml_mnist.redact import redact
+
+        path = redact(self.path)
+        where = path if self.line_number is None else f"{path}, line {self.line_number}"
         message = f"{where}: {self.problem}"
         if self.line_text is not None:
             message += f" [line: {_shorten(self.line_text)!r}]"

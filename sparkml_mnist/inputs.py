@@ -79,24 +79,38 @@ def steps_per_epoch(rows_per_rank: int, global_batch_size: int, ranks: int, part
 
 
 def rank_batches(
-    arrays: tuple[Any, ...], batch_size: int, steps: int, shuffle: bool = False, seed: int = 0, replicas: int = 1
+    arrays: tuple[Any, ...], batch_size: int, steps: int, shuffle: bool = False, seed: int = 0, replicas: int = 1,
+    first_epoch: int = 0,
 ) -> Any:
-    """``steps`` batches of ``batch_size`` rows per replica of this rank's arrays per pass, over and over."""
+    """``steps`` batches of ``batch_size`` rows per replica of this rank's arrays per epoch, epoch after epoch.
+
+    Shuffled, epoch ``e``'s order is a stateless function of ``(seed, e)``: the same in every run, and a
+    run resumed at ``first_epoch`` sees exactly the batches an undisturbed one would have.
+    """
     tf = keras_flavour.tensorflow()
-    dataset = tf.data.Dataset.from_tensor_slices(arrays)
-    if shuffle:
-        dataset = dataset.shuffle(len(arrays[0]), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.take(steps * batch_size * replicas).batch(batch_size, drop_remainder=True)
-    return dataset.repeat().prefetch(tf.data.AUTOTUNE)
+    tensors = tuple(tf.constant(array) for array in arrays)
+    rows = steps * batch_size * replicas
+    count = len(arrays[0])
+
+    def epoch_order(epoch: Any) -> Any:
+        everything = tf.range(count, dtype=tf.int64)
+        if shuffle:
+            key = tf.stack([tf.constant(seed, tf.int64), epoch])
+            everything = tf.random.experimental.stateless_shuffle(everything, seed=key)
+        return everything[:rows]
+
+    indices = tf.data.Dataset.counter(first_epoch).map(epoch_order).unbatch().batch(batch_size, drop_remainder=True)
+    gathered = indices.map(lambda index: tuple(tf.gather(tensor, index) for tensor in tensors))
+    return gathered.prefetch(tf.data.AUTOTUNE)
 
 
 def distributed_dataset(
     context: RankContext, arrays: tuple[Any, ...], global_batch_size: int, steps: int,
-    shuffle: bool = False, seed: int = 0,
+    shuffle: bool = False, seed: int = 0, first_epoch: int = 0,
 ) -> Any:
-    """This rank's arrays as the backend's input: ``steps`` global batches per pass, repeated."""
+    """This rank's arrays as the backend's input: ``steps`` global batches per epoch, from ``first_epoch`` on."""
 
     def make(per_replica_batch: int, replicas: int) -> Any:
-        return rank_batches(arrays, per_replica_batch, steps, shuffle, seed, replicas)
+        return rank_batches(arrays, per_replica_batch, steps, shuffle, seed, replicas, first_epoch)
 
     return context.distribute_dataset(make, global_batch_size)

@@ -35,9 +35,10 @@ class JobPlan:
     inputs: DatasetPaths
     output: Path
     overwrite: bool = False
+    resume: bool = False
 
 
-def plan_job(run: RunConfig, overwrite: bool = False) -> JobPlan:
+def plan_job(run: RunConfig, overwrite: bool = False, resume: bool = False) -> JobPlan:
     """Every check that needs no Spark: a bad setting ends here with one line naming it."""
     placement = parse_placement(run.np, run.backend, run.source)
     variants = run.load_variants()
@@ -49,7 +50,8 @@ def plan_job(run: RunConfig, overwrite: bool = False) -> JobPlan:
         check_output_folder(output, overwrite)
     except ReportError as error:  # found before any work: a usage error, like every other check here
         raise ConfigError(str(error)) from None
-    return JobPlan(run=run, placement=placement, variants=variants, inputs=inputs, output=output, overwrite=overwrite)
+    return JobPlan(run=run, placement=placement, variants=variants, inputs=inputs, output=output, overwrite=overwrite,
+                   resume=resume)
 
 
 def local_output_folder(run: RunConfig) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sparkml_mnist import keras_flavour
+from sparkml_mnist import keras_flavour, training_state
 from sparkml_mnist.config import VariantConfig
 from sparkml_mnist.data.split import ShardPlan
 from sparkml_mnist.distributed.context import RankContext
@@ -61,18 +61,72 @@ def _check_shard(rows: int, expected: int, part: str, context: RankContext) -> N
         )
 
 
-def train_rank(context: RankContext, variant: VariantConfig, plan: ShardPlan, seed: int) -> dict[str, Any]:
-    """Train ``variant`` on this rank's shard of ``plan``; every rank returns the (identical) history."""
+def _epoch_checkpointer(keras: Any, context: RankContext, model: Any, history: dict[str, list[float]],
+                        epoch_seconds: list[float]) -> Any:
+    """Rank 0 hands the driver a checkpoint after every epoch (weights, optimizer, history so far)."""
+
+    class EpochCheckpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            for name, value in (logs or {}).items():
+                history.setdefault(name, []).append(float(value))
+            context.save_checkpoint(training_state.pack(model, epoch + 1, history, epoch_seconds), epoch + 1)
+
+    return EpochCheckpoint()
+
+
+def make_deterministic(tf: Any, threads: int | None) -> None:
+    """Same seed, same machine, same weights: deterministic kernels and fixed thread pools.
+
+    On CPUs the job's runs were already bit-identical without it (measured: benchmarks/RESULTS.md,
+    "Determinism"); GPU kernels with atomics are where this matters.
+    """
+    tf.config.experimental.enable_op_determinism()
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(threads or 1)
+
+
+def determinism_settings(tf: Any) -> dict[str, Any]:
+    """What this rank ran with, for the report (TensorFlow has no public query for op determinism)."""
+    try:
+        from tensorflow.python.framework import config as tf_config  # noqa: PLC0415 - private, read only
+
+        op_determinism: bool | None = bool(tf_config.is_op_determinism_enabled())
+    except (ImportError, AttributeError):
+        op_determinism = None
+    return {"op_determinism": op_determinism,
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+
+
+def train_rank(
+    context: RankContext, variant: VariantConfig, plan: ShardPlan, seed: int, deterministic: bool = False
+) -> dict[str, Any]:
+    """Train ``variant`` on this rank's shard of ``plan``; every rank returns the (identical) history.
+
+    Resumes from the run's last checkpoint when an earlier attempt left one (every epoch once in the
+    history); rank 0 checkpoints every epoch.
+    """
     from sparkml_mnist.distributed.callbacks import ProgressCallback  # imports Keras: only inside the rank
 
     keras = keras_flavour.keras()
+    if deterministic:
+        make_deterministic(keras_flavour.tensorflow(), context.spec.threads)
     keras.utils.set_random_seed(seed)  # the same initial weights on every rank
     shard = shard_tensors(context.partition())
     _check_shard(len(shard.x_train), plan.train_per_shard, "training", context)
     _check_shard(len(shard.x_validation), plan.validation_per_shard, "validation", context)
     steps = steps_per_epoch(plan.train_per_shard, variant.batch_size, context.size)
+    checkpoint = context.latest_checkpoint()
+    resumed = training_state.unpack(checkpoint.data) if checkpoint is not None else None
     with context.model_scope():
         model = build_model(variant, wrap_optimizer=context.distributed_optimizer)
+        if resumed is not None:
+            training_state.restore(model, resumed)
+    first_epoch = resumed.epoch if resumed is not None else 0
+    history: dict[str, list[float]] = resumed.history if resumed is not None else {}
+    epoch_seconds: list[float] = resumed.epoch_seconds if resumed is not None else []
+    if resumed is not None and context.rank == CHIEF_RANK:
+        context.log(f"{variant.name}: attempt {context.attempt} resumes after epoch {first_epoch}")
     fit_options: dict[str, Any] = {}
     if plan.validation_per_shard:
         validation_steps = steps_per_epoch(plan.validation_per_shard, variant.batch_size, context.size, "validation")
@@ -82,27 +136,34 @@ def train_rank(context: RankContext, variant: VariantConfig, plan: ShardPlan, se
             ),
             "validation_steps": validation_steps,
         }
-    epoch_seconds: list[float] = []
     # The backend's callbacks first: Horovod's metric averaging must run before the others read the logs.
     callbacks = [*context.fit_callbacks(), _epoch_timer(keras, epoch_seconds)]
     if context.rank == CHIEF_RANK:
-        callbacks.append(_epoch_logger(keras, context, variant, steps))
+        callbacks += [_epoch_logger(keras, context, variant, steps),
+                      _epoch_checkpointer(keras, context, model, history, epoch_seconds)]
     callbacks.append(ProgressCallback(context))
-    history = model.fit(
+    fitted = model.fit(
         distributed_dataset(
-            context, (shard.x_train, shard.y_train), variant.batch_size, steps, shuffle=True, seed=seed + context.rank
+            context, (shard.x_train, shard.y_train), variant.batch_size, steps, shuffle=True, seed=seed + context.rank,
+            first_epoch=first_epoch,
         ),
         epochs=variant.epochs,
+        initial_epoch=first_epoch,
         steps_per_epoch=steps,
         callbacks=callbacks,
         verbose=0,
         **fit_options,
     )
+    if context.rank != CHIEF_RANK:  # rank 0's history grew epoch by epoch in its checkpoint callback
+        for name, values in fitted.history.items():
+            history.setdefault(name, []).extend(float(v) for v in values)
     return {
-        "history": {name: [float(v) for v in values] for name, values in history.history.items()},
+        "history": history,
         "weights": model.get_weights() if context.rank == CHIEF_RANK else None,
         "steps_per_epoch": steps,
         "epoch_seconds": epoch_seconds,
         "train_rows": int(len(shard.x_train)),
         "validation_rows": int(len(shard.x_validation)),
+        "resumed_from_epoch": first_epoch,
+        "determinism": determinism_settings(keras_flavour.tensorflow()),
     }

@@ -123,7 +123,8 @@ def test_the_exit_code_says_whether_the_command_or_the_run_failed(monkeypatch, c
 def test_an_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
     _handler_raises(monkeypatch, KeyboardInterrupt())
     assert main(["download-data", "unused"]) == EXIT_INTERRUPTED == 130
-    assert capsys.readouterr().err == "sparkml-mnist: interrupted\n"
+    err = capsys.readouterr().err
+    assert err.startswith("sparkml-mnist: interrupted") and len(err.splitlines()) == 1
 
 
 def test_an_unexpected_exception_is_not_hidden(monkeypatch):
@@ -142,7 +143,7 @@ def test_version(capsys):
 def test_run_config_option_and_its_deprecated_alias(capsys):
     assert build_parser().parse_args(["train", "--run-config", "lab"]).run_config == "lab"
     assert capsys.readouterr().err == ""
-    assert build_parser().parse_args(["train"]).run_config == "sample"
+    assert build_parser().parse_args(["train"]).run_config is None  # the sample; None lets --resume tell it apart
     assert build_parser().parse_args(["train", "--conf", "lab"]).run_config == "lab"
     assert capsys.readouterr().err == "sparkml-mnist: warning: --conf is deprecated, use --run-config\n"
 
@@ -163,3 +164,8 @@ def test_an_output_uri_is_refused_before_spark_starts(monkeypatch, capsys):
     monkeypatch.setattr("sparkml_mnist.session.create_spark", no_spark)
     assert main(["train", "--variant", "variant1", "--output", "hdfs://namenode/reports/run-1"]) == EXIT_USAGE
     assert "local filesystem, which cannot write hdfs: URIs" in capsys.readouterr().err
+
+
+def test_resume_with_a_run_config_is_a_usage_error_naming_the_new_option(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--run-config", "lab"]) == EXIT_USAGE
+    assert "--resume continues a run with the settings it was started with; drop --run-config" in capsys.readouterr().err

@@ -10,21 +10,27 @@ from pyspark's own ``spark-class`` launcher classes on 127.0.0.1), two ways of s
 
 Each run trains variant1 for one epoch at ``np=2`` on a slice of the bundled sample, and the two
 ranks must have run in two different executor JVMs (``standalone_cluster.assert_ranks_ran_in_two_
-executor_jvms``). Everything started is stopped, also on failure. Deselect with ``-m "not cluster"``.
+executor_jvms``). A third run kills a rank's process mid-epoch and must resume without shared
+storage. Everything started is stopped, also on failure. Deselect with ``-m "not cluster"``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 import uuid
 from pathlib import Path
 
 import pytest
-from spark_processes import LOG_TAIL_CHARS
+from spark_processes import LOCALHOST, LOG_TAIL_CHARS, POLL_S, spark_home, tail
 from standalone_cluster import (
+    JOB_TIMEOUT_S,
     PACK_SCRIPT,
     REPO,
     START_TIMEOUT_S,
@@ -85,12 +91,17 @@ def python_without_the_editable_install(root: Path) -> Path:
     return python
 
 
-def test_spark_submit_on_a_standalone_cluster_runs_the_ranks_in_two_executor_jvms(cluster, tmp_path):
-    wheel = pack_script().build_wheel(tmp_path)
-    # pyspark puts only .zip/.egg/.jar files of --py-files on the executors' sys.path (its
-    # PACKAGE_EXTENSIONS); a .whl is shipped but never importable there. A wheel is a zip.
+def shipped_wheel(root: Path) -> Path:
+    """The package's wheel as a .zip: pyspark puts only .zip/.egg/.jar files of --py-files on the
+    executors' sys.path (its PACKAGE_EXTENSIONS); a .whl is shipped but never importable there."""
+    wheel = pack_script().build_wheel(root)
     shipped = wheel.with_suffix(".zip")
     shipped.write_bytes(wheel.read_bytes())
+    return shipped
+
+
+def test_spark_submit_on_a_standalone_cluster_runs_the_ranks_in_two_executor_jvms(cluster, tmp_path):
+    shipped = shipped_wheel(tmp_path)
     python = python_without_the_editable_install(tmp_path)
     env = {**cluster.env, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python)}
     submission = submit_job(cluster, tmp_path, "submit-wheel", env, {}, ["--py-files", str(shipped)])
@@ -128,3 +139,41 @@ def check_the_archive_was_the_executors_python(cluster, submission, packed_env: 
         # needs inside the unpacked archive, and nowhere else.
         origins = module_origins(unpacked / "bin" / "python", JOB_MODULES, folder)
         assert all(origin and Path(origin).is_relative_to(unpacked) for origin in origins), origins
+
+
+def test_a_rank_killed_on_the_cluster_resumes_without_shared_storage(cluster, tmp_path):
+    """Rank 1's process, in an executor JVM, SIGKILLed mid-epoch: the launcher's retry resumes from the
+    checkpoint rank 0 sent the driver over the channel; no folder is shared by the executors."""
+    from rank_processes import rank_pids
+
+    from sparkml_mnist.data.paths import sample_paths
+
+    wheel = shipped_wheel(tmp_path)
+    python = python_without_the_editable_install(tmp_path)
+    output = tmp_path / "out"
+    env = {**cluster.env, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python)}
+    command = [
+        str(spark_home() / "bin" / "spark-submit"), "--master", cluster.master_url,
+        "--conf", "spark.executor.cores=1", "--conf", "spark.cores.max=2", "--conf", "spark.executor.memory=1g",
+        "--conf", f"spark.driver.host={LOCALHOST}", "--conf", "spark.ui.enabled=false",
+        "--conf", "spark.sql.shuffle.partitions=4", "--py-files", str(wheel), str(REPO / "jobs" / "train_mnist.py"),
+        "--variant", "variant3", "--epochs", "3", "--np", "2",
+        "--train", sample_paths().train, "--test", sample_paths().test, "--output", str(output),
+    ]
+    submit = cluster.launch("submit-kill", command, env=env)
+    driver_log = cluster.root / "logs" / "submit-kill.err"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while "variant3 epoch 1/3" not in tail(driver_log, 200_000) and submit.poll() is None:
+        assert time.monotonic() < deadline, f"epoch 1 never ended:\n{tail(driver_log)}"
+        time.sleep(POLL_S)
+    time.sleep(0.5)  # into epoch 2
+    os.kill(rank_pids()[1], signal.SIGKILL)
+    try:
+        code = submit.wait(JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    assert code == 0, f"spark-submit ended with {code}:\n{tail(driver_log)}"
+    variant = json.loads((output / "report.json").read_text())["variants"][0]
+    assert [a["outcome"] for a in variant["attempts"]] == ["failed", "succeeded"]
+    assert variant["attempts"][1]["resumed_from_epoch"] == 1
+    assert all(len(values) == 3 for values in variant["history"].values())

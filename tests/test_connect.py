@@ -184,7 +184,7 @@ def _():
         context.report_progress()  # the ranks report progress, then none moves
         time.sleep(120)
 
-    HorovodRunner(np=NP, spark=spark, progress_timeout_s=5, log_sink=None).run(stall)
+    HorovodRunner(np=NP, spark=spark, progress_timeout_s=5, log_sink=None, max_retries=0).run(stall)
 
 
 @probe("job_cli")

@@ -192,7 +192,7 @@ def test_training_gives_identical_weights_and_each_rank_only_its_shard(sharded, 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
 def test_a_raising_rank_ends_the_run_naming_it(spark, tmp_path: Path, np_: int) -> None:
     with pytest.raises(RankFailedError) as caught:
-        HorovodRunner(np=np_, spark=spark, log_sink=None).run(failing_main, pid_dir=str(tmp_path))
+        HorovodRunner(np=np_, spark=spark, log_sink=None, max_retries=0).run(failing_main, pid_dir=str(tmp_path))
     failure = caught.value
     assert failure.rank == 1 and failure.host
     message = str(failure)
@@ -203,7 +203,7 @@ def test_a_raising_rank_ends_the_run_naming_it(spark, tmp_path: Path, np_: int) 
 
 def test_a_crashing_rank_reports_exit_code_and_stderr(spark, tmp_path: Path) -> None:
     with pytest.raises(RankFailedError) as caught:
-        HorovodRunner(np=2, spark=spark, log_sink=None).run(crashing_main, pid_dir=str(tmp_path))
+        HorovodRunner(np=2, spark=spark, log_sink=None, max_retries=0).run(crashing_main, pid_dir=str(tmp_path))
     assert caught.value.rank == 1 and caught.value.error.kind == CRASH and caught.value.error.exit_code == 7
     assert "rank one about to crash" in str(caught.value)
     assert wait_until_gone(read_pids(tmp_path)) == []
@@ -211,7 +211,7 @@ def test_a_crashing_rank_reports_exit_code_and_stderr(spark, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("how", "reason"), [("sleeps", "no progress"), ("stopped", "heartbeat")])
 def test_a_stalled_rank_ends_the_run_with_a_timeout_naming_it(spark, tmp_path: Path, how: str, reason: str) -> None:
-    runner = HorovodRunner(np=2, spark=spark, log_sink=None, progress_timeout_s=STALL_TIMEOUT_S)
+    runner = HorovodRunner(np=2, spark=spark, log_sink=None, progress_timeout_s=STALL_TIMEOUT_S, max_retries=0)
     with pytest.raises(RankStalledError) as caught:
         runner.run(stalling_main, pid_dir=str(tmp_path), how=how)
     assert caught.value.ranks == [1] and reason in caught.value.reason

@@ -175,3 +175,26 @@ def test_the_drivers_own_tensorflow_notices_are_filtered_at_the_file_descriptor(
     loud = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, SHOW_NOTICES_ENV: "1"})
     assert "oneDNN" in loud.stderr or "cpu_feature_guard" in loud.stderr
+
+
+def test_the_watchdog_arms_at_launch() -> None:
+    clock = FakeClock()
+    silent = ProgressMonitor(size=2, timeout_s=TIMEOUT_S, clock=clock, startup_timeout_s=30.0)
+    clock.now = 29.0
+    assert silent.check() is None
+    clock.now = 31.0  # no task, no rank ever reached the driver
+    verdict = silent.check()
+    assert verdict is not None and verdict.ranks == [0, 1] and verdict.setting == "startup_timeout_s"
+    assert "never reached the driver" in verdict.reason
+
+    clock.now = 0.0
+    one_late = ProgressMonitor(size=2, timeout_s=TIMEOUT_S, clock=clock, startup_timeout_s=30.0)
+    one_late.task_started(1, "host-b")
+    clock.now = 5.0
+    one_late.heartbeat(0, progress=0, host="host-a")  # rank 0 started; rank 1's process never does
+    for second in range(6, 40):
+        clock.now = float(second)
+        one_late.heartbeat(0, progress=second, host="host-a")
+    verdict = one_late.check()
+    assert verdict is not None and verdict.ranks == [1] and verdict.hosts == ["host-b"]
+    assert "never started" in verdict.reason

@@ -40,6 +40,8 @@ def test_np2_run_records_both_ranks(np2_report):
     assert [r["rank"] for r in ranks] == [0, 1]
     assert len({r["pid"] for r in ranks}) == 2
     assert all(r["steps_per_epoch"] == 42 and r["train_rows"] == 2700 for r in ranks)
+    assert all(r["determinism"]["op_determinism"] is False for r in ranks)  # only with --deterministic
+    assert [a["outcome"] for a in variant["attempts"]] == ["succeeded"] and variant["deterministic"] is False
     history = variant["history"]
     assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
     assert history["loss"][1] < history["loss"][0]
@@ -114,3 +116,33 @@ def test_missing_data_folder_exits_1_naming_the_file(spark, tmp_path, capsys):
     assert main(["train", "--data", str(missing), "--output", str(tmp_path / "out")]) == EXIT_RUN_FAILED
     assert f"{missing / 'mnist-digits-train.txt'}: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_run_for_resume(spark, tmp_path, monkeypatch):
+    import errno
+
+    from sparkml_mnist import job as job_module
+    from sparkml_mnist.report import ReportError
+    from sparkml_mnist.run_state import state_folder
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    output = tmp_path / "out"
+    run = load_run("sample").with_overrides(variants="variant1", np=-1, epochs=1, output=str(output))
+    monkeypatch.setattr(job_module, "write_report", disk_full)
+    with pytest.raises(ReportError) as caught:
+        run_job(spark, run)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1 and "No space left on device" in message and "--resume" in message
+    kept = state_folder(output) / "variants" / "variant1"
+    assert (kept / "result.json").is_file() and (kept / "variant1.keras").is_file()
+
+    monkeypatch.undo()  # space again: --resume writes the report from what was kept, without training
+    from sparkml_mnist.plan import plan_job
+    from sparkml_mnist.run_state import stored_run
+
+    lines: list[str] = []
+    folder = run_job(spark, plan_job(stored_run(output), resume=True), log=lines.append)
+    assert any("finished by an earlier attempt" in line for line in lines)
+    assert load_report(folder)["variants"][0]["name"] == "variant1" and not state_folder(output).exists()

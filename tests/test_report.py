@@ -264,3 +264,20 @@ def test_bad_result_sets_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ReportError, match="no variant results"):
         write_report(tmp_path / "run", [])
     assert not (tmp_path / "run").exists()
+
+
+def test_the_final_rename_never_replaces_a_report_that_appeared(tmp_path, monkeypatch):
+    results = [make_result("variant1", 1, tmp_path)]
+    target = tmp_path / "run"
+    real_rename = report_folder.rename_no_replace
+
+    def someone_else_wrote_first(source, destination):
+        destination.mkdir()
+        (destination / "report.json").write_text("theirs")  # another run's report, just in time
+        real_rename(source, destination)
+
+    monkeypatch.setattr(report_folder, "rename_no_replace", someone_else_wrote_first)
+    with pytest.raises(ReportError, match="another report appeared there while this run was writing"):
+        write_report(target, results)
+    assert (target / "report.json").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []

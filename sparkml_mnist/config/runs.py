@@ -30,6 +30,10 @@ def variant_names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _not_negative(value: int) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value}"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One job. ``np`` stays the number the user wrote: the job parses it once into a placement."""
@@ -45,6 +49,8 @@ class RunConfig:
     train: str | None = None  # explicit files win over ``data``
     test: str | None = None
     epochs: int | None = field(default=None, metadata=rule(positive))  # None keeps each variant's own
+    max_retries: int = field(default=2, metadata=rule(_not_negative))  # attempts after a failed one
+    deterministic: bool = False  # bit-identical weights for the same seed on the same machine (slower)
     source: str = ""
 
     def validate(self) -> None:

@@ -15,9 +15,8 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 
 from sparkml_mnist.distributed.backends import driver_backend
-from sparkml_mnist.distributed.channel import ChannelClient
 from sparkml_mnist.distributed.process import RankOutcome, RankProcess, free_port, rank_workdir
-from sparkml_mnist.distributed.rank_setup import RankSettings, prepare_rank
+from sparkml_mnist.distributed.rank_setup import RankSettings, channel_client, prepare_rank
 from sparkml_mnist.distributed.records import EXCEPTION, RankError, RankFailedError, RankRecord, failure_marker
 from sparkml_mnist.errors import LaunchError
 
@@ -77,7 +76,8 @@ def make_task(settings: RankSettings) -> Callable[[Iterator[pa.RecordBatch]], It
                 f"partition per rank (df.repartition({settings.size}))"
             ))
         with rank_workdir(rank) as workdir:
-            client = ChannelClient(settings.driver_host, settings.driver_port)
+            client = channel_client(settings, rank)
+            client.send({"type": "task_started", "host": hosts[rank]})  # the watchdog: this task is alive
             try:
                 partition = batches if settings.has_data else None
                 if partition is None:
@@ -97,7 +97,7 @@ def make_task(settings: RankSettings) -> Callable[[Iterator[pa.RecordBatch]], It
                 def on_line(stream: str, line: str) -> None:
                     forwarded = settings.forward_output and not client.failed
                     if forwarded:
-                        client.log(rank, stream, line)
+                        client.log(stream, line)
                     if not local_to_driver or (settings.forward_output and not forwarded):
                         sys.stderr.write(f"[rank {rank}] {line}\n")  # the executor's log keeps every line
 

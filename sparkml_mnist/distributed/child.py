@@ -49,12 +49,27 @@ def _heartbeats(client: Any, context: Any, interval_s: float, finished: threadin
         done = finished.is_set()
         progress = context.progress
         client.send({
-            "type": "heartbeat", "rank": spec.rank, "host": spec.host, "pid": os.getpid(),
-            "progress": progress.events, "steps": progress.steps, "done": done,
+            "type": "heartbeat", "host": spec.host, "pid": os.getpid(), "progress": progress.events,
+            "steps": progress.steps, "first_step_at": progress.first_step_at, "done": done,
         })
         if done:
             return
         finished.wait(interval_s)
+
+
+def _abort(workdir: Path, record: Any, reason: str) -> None:
+    """The driver is gone for good: report why (the task tells Spark) and leave now, wherever training is."""
+    from sparkml_mnist.distributed.records import EXCEPTION, RankError
+    from sparkml_mnist.distributed.spec import RECORD_FILE, VALUE_FILE
+
+    record.error = RankError(kind=EXCEPTION, error_type="DriverLost", message=f"rank {record.rank}: {reason}")
+    record.ended_at = time.time()
+    try:
+        (workdir / VALUE_FILE).write_bytes(b"")
+        (workdir / RECORD_FILE).write_text(record.to_json())
+        os.write(int(os.environ[STATUS_FD_ENV]), DONE_BYTE)
+    finally:
+        os._exit(1)
 
 
 def main(workdir: Path) -> None:
@@ -69,7 +84,11 @@ def main(workdir: Path) -> None:
     from sparkml_mnist.distributed.spec import PARTITION_FILE, PAYLOAD_FILE, RECORD_FILE, VALUE_FILE, RankSpec
 
     spec = RankSpec.read(workdir)
-    client = ChannelClient(spec.driver_host, spec.driver_port)
+    record = RankRecord(rank=spec.rank, host=spec.host, pid=os.getpid(), started_at=started_at)
+    client = ChannelClient(
+        spec.driver_host, spec.driver_port, spec.rank, spec.channel_token,
+        give_up_after_s=spec.driver_loss_timeout_s, on_lost=lambda reason: _abort(workdir, record, reason),
+    )
     partition = workdir / PARTITION_FILE
     context = context_module.RankContext(
         spec=spec, partition_file=partition if partition.exists() else None, channel=client
@@ -80,7 +99,6 @@ def main(workdir: Path) -> None:
         target=_heartbeats, args=(client, context, spec.heartbeat_interval_s, finished), daemon=True
     ).start()
 
-    record = RankRecord(rank=spec.rank, host=spec.host, pid=os.getpid(), started_at=started_at)
     value_bytes = b""
     try:
         from pyspark import cloudpickle
@@ -92,7 +110,8 @@ def main(workdir: Path) -> None:
         value_bytes = cloudpickle.dumps(value) if spec.keep_value else cloudpickle.dumps(None)
     except BaseException as error:  # noqa: BLE001 - every failure must reach the driver with its traceback
         record.error = RankError(
-            kind=EXCEPTION, error_type=type(error).__name__, message=str(error), traceback=traceback.format_exc()
+            kind=EXCEPTION, error_type=type(error).__name__, message=str(error), traceback=traceback.format_exc(),
+            steps=context.progress.steps,
         )
     record.ended_at = time.time()
     record.steps = context.progress.steps

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from sparkml_mnist.distributed.backends.base import DatasetMaker, RankBackend
     from sparkml_mnist.distributed.channel import ChannelClient
+    from sparkml_mnist.distributed.checkpoints import Checkpoint
 
 CONTEXT_PARAMETER = "context"
 DRIVER_LOG_STREAM = "log"  # log_to_driver's lines: shown at every driver_log_verbosity
@@ -46,7 +47,7 @@ def log_to_driver(message: str) -> None:
     if _current is None or _current.channel is None:
         print(message, file=sys.stderr, flush=True)
         return
-    _current.channel.log(_current.rank, DRIVER_LOG_STREAM, str(message))
+    _current.channel.log(DRIVER_LOG_STREAM, str(message))
 
 
 @dataclass
@@ -77,6 +78,7 @@ class RankContext:
     channel: ChannelClient | None = None
     progress: Progress = field(default_factory=Progress)
     _backend: RankBackend | None = None
+    _partition: pa.Table | None = None
 
     @property
     def rank(self) -> int:
@@ -105,13 +107,48 @@ class RankContext:
     # -- data -----------------------------------------------------------------------------------
 
     def partition(self) -> pa.Table:
-        """This rank's partition of the run's DataFrame as an Arrow table (memory-mapped, no copy)."""
+        """This rank's partition of the run's DataFrame as an Arrow table (memory-mapped, no copy).
+
+        The file is unlinked once mapped: its space is freed when the rank ends, however it ends.
+        """
         import pyarrow as pa
 
-        if self.partition_file is None:
-            raise LaunchError("this run was given no data: pass HorovodRunner(np=..., data=<a DataFrame>)")
-        with pa.memory_map(str(self.partition_file)) as source:
-            return pa.ipc.open_file(source).read_all()
+        if self._partition is None:
+            if self.partition_file is None:
+                raise LaunchError("this run was given no data: pass HorovodRunner(np=..., data=<a DataFrame>)")
+            with pa.memory_map(str(self.partition_file)) as source:
+                self._partition = pa.ipc.open_file(source).read_all()
+            self.partition_file.unlink(missing_ok=True)
+        return self._partition
+
+    # -- checkpoints, kept by the driver ----------------------------------------------------------
+
+    @property
+    def attempt(self) -> int:
+        """Which attempt of the run this is (1 for the first; retries count up)."""
+        return self.spec.attempt
+
+    def save_checkpoint(self, data: bytes, epoch: int) -> None:
+        """Rank 0: hand the driver a checkpoint (after ``epoch`` epochs) and wait until it is kept.
+
+        The next attempt's ranks get it from ``latest_checkpoint()``; no shared filesystem is needed.
+        """
+        from sparkml_mnist.distributed.checkpoints import CHIEF_RANK, send_checkpoint
+
+        if self.rank != CHIEF_RANK:
+            raise LaunchError(f"save_checkpoint is for rank {CHIEF_RANK}; rank {self.rank} called it")
+        send_checkpoint(self._channel(), epoch, data)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The last checkpoint rank 0 handed the driver in this run (an earlier attempt's), or None."""
+        from sparkml_mnist.distributed.checkpoints import fetch_checkpoint
+
+        return fetch_checkpoint(self._channel())
+
+    def _channel(self) -> ChannelClient:
+        if self.channel is None or self.channel.disabled:
+            raise LaunchError("this rank has no connection to the driver (it was not started by HorovodRunner)")
+        return self.channel
 
     # -- the backend's pieces -------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from sparkml_mnist.distributed.channel import LogSink
+from sparkml_mnist.distributed.channel import LogSink, clean_line
 from sparkml_mnist.distributed.monitor import ProgressMonitor
 from sparkml_mnist.distributed.placement import RankDevices
 from sparkml_mnist.distributed.process import RankOutcome, RankProcess, free_port, rank_workdir
@@ -73,14 +73,14 @@ def run_local(
                 outcomes[process.spec.rank] = outcome
             verdict = monitor.check()
             if verdict is not None:
-                raise RankStalledError(verdict.ranks, verdict.hosts, verdict.reason, monitor.timeout_s)
+                raise RankStalledError(verdict.ranks, verdict.hosts, verdict.reason, verdict.limit_s, verdict.setting)
         for process in processes:  # all finished: the ranks may now exit together
             process.release()
         return [(outcomes[rank].record, outcomes[rank].value_bytes) for rank in range(size)]
 
 
 def _sink_for(log_sink: LogSink, rank: int) -> Callable[[str, str], None]:
-    return lambda stream, line: log_sink(rank, stream, line)
+    return lambda stream, line: log_sink(rank, stream, clean_line(line))
 
 
 def _keep_nothing(stream: str, line: str) -> None:

@@ -26,6 +26,9 @@ from sparkml_mnist.distributed.records import CRASH, RankError, RankRecord
 from sparkml_mnist.distributed.spec import PAYLOAD_FILE, RECORD_FILE, VALUE_FILE, RankSpec
 
 CHILD_MODULE = "sparkml_mnist.distributed.child"
+SPARK_LOCAL_DIRS_ENV = "SPARK_LOCAL_DIRS"  # set by Spark for Python workers on executors
+WORKDIR_PREFIX = "sparkml-mnist-rank"
+OWNER_FILE = "owner.pid"
 STDERR_TAIL_LINES = 40
 EXIT_GRACE_S = 5.0  # how long a released process may take to exit before it is killed
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
@@ -45,10 +48,49 @@ class RankOutcome:
     value_bytes: bytes
 
 
+def work_root() -> Path:
+    """Where rank work folders go: Spark's local directory on an executor, else the temporary folder."""
+    local_dirs = os.environ.get(SPARK_LOCAL_DIRS_ENV, "")
+    first = next((part for part in local_dirs.split(",") if part.strip()), None)
+    return Path(first.strip()) if first else Path(tempfile.gettempdir())
+
+
+def sweep_work_folders(root: Path) -> list[Path]:
+    """Remove rank work folders whose owner (the task's Python worker) is gone: a task Spark SIGKILLed
+    never ran its cleanup. Returns what was removed."""
+    removed = []
+    for folder in root.glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if not _alive(owner):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def rank_workdir(rank: int) -> Iterator[Path]:
-    """The rank's work folder (spec, payload, partition, results): its one owner creates and removes it."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"sparkml-mnist-rank{rank}-"))
+    """The rank's work folder (spec, payload, partition, results), private to the user (0700).
+
+    Its one owner creates and removes it; folders of killed tasks are swept when the next one starts.
+    """
+    root = work_root()
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_work_folders(root)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{rank}-", dir=root))  # mkdtemp: mode 0700
+    (workdir / OWNER_FILE).write_text(str(os.getpid()))
     try:
         yield workdir
     finally:

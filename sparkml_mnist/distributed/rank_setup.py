@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from sparkml_mnist.distributed.backends import driver_backend
+from sparkml_mnist.distributed.channel import ChannelClient, rank_token
 from sparkml_mnist.distributed.process import child_environment
 from sparkml_mnist.distributed.spec import PARTITION_FILE, RankSpec, local_ranks
 
@@ -29,11 +30,19 @@ class RankSettings:
     keep_all_values: bool  # run_all(): every rank's return value comes back, not only rank 0's
     driver_host: str
     driver_port: int
+    secret: str  # the run's channel secret: only the run's tasks receive it
+    attempt: int
     threads: int | None
     heartbeat_interval_s: float
     collective_timeout_s: float | None
+    driver_loss_timeout_s: float
     forward_output: bool  # the ranks' stdout/stderr lines go to the driver (driver_log_verbosity="all")
     backend_options: dict[str, Any] = field(default_factory=dict)
+
+
+def channel_client(settings: RankSettings, rank: int) -> ChannelClient:
+    """The barrier task's own connection to the driver (for its rank's forwarded lines)."""
+    return ChannelClient(settings.driver_host, settings.driver_port, rank, rank_token(settings.secret, rank))
 
 
 def write_partition(batches: Iterable[pa.RecordBatch], path: Path) -> int:
@@ -66,6 +75,8 @@ def prepare_rank(
         rank=rank, size=settings.size, local_rank=local_rank, local_size=local_size, host=hosts[rank],
         addresses=[f"{host}:{port}" for host, port in zip(hosts, ports)],
         backend=settings.backend, driver_host=settings.driver_host, driver_port=settings.driver_port,
+        channel_token=rank_token(settings.secret, rank), attempt=settings.attempt,
+        driver_loss_timeout_s=settings.driver_loss_timeout_s,
         heartbeat_interval_s=settings.heartbeat_interval_s, collective_timeout_s=settings.collective_timeout_s,
         keep_value=settings.keep_all_values or rank == 0, gpus=list(gpus), threads=settings.threads,
         backend_options=settings.backend_options,

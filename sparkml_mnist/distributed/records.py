@@ -33,6 +33,7 @@ class RankError:
     traceback: str = ""
     exit_code: int | None = None
     output_tail: str = ""
+    steps: int | None = None  # training steps the rank had taken when it failed (None: unknown)
 
 
 @dataclass
@@ -82,17 +83,19 @@ class RankFailedError(LaunchError):
 
 
 class RankStalledError(LaunchError):
-    """Ranks stopped making progress for longer than the run's progress timeout; the run was ended."""
+    """Ranks stopped making progress (or never started) for longer than a timeout; the attempt was ended."""
 
-    def __init__(self, ranks: list[int], hosts: list[str], reason: str, timeout_s: float) -> None:
+    def __init__(self, ranks: list[int], hosts: list[str], reason: str, timeout_s: float,
+                 setting: str = "progress_timeout_s") -> None:
         self.ranks = ranks
         self.hosts = hosts
         self.reason = reason
         self.timeout_s = timeout_s
+        self.setting = setting
         where = ", ".join(f"rank {rank} on {host}" for rank, host in zip(ranks, hosts))
         super().__init__(
-            f"{where}: {reason}; the run was ended after progress_timeout_s={timeout_s:g}. If that rank is "
-            "legitimately slow (a long first step, rank-0-only work), raise progress_timeout_s"
+            f"{where}: {reason}; the run was ended after {setting}={timeout_s:g}. If that rank is "
+            f"legitimately slow (a long first step, rank-0-only work), raise {setting}"
         )
 
 
@@ -101,7 +104,7 @@ def describe_failure(rank: int, host: str, error: RankError) -> str:
     if error.kind == CRASH:
         head = f"rank {rank} on {host} crashed: its process exited with code {error.exit_code} without a result"
         detail = f"Last lines of its stderr:\n{error.output_tail}" if error.output_tail else "It wrote nothing to stderr."
-        return f"{head}. {detail}"
+        return f"{head}.\n{detail}"
     head = f"rank {rank} on {host} failed: {error.error_type}: {error.message}"
     return f"{head}\nTraceback from rank {rank}:\n{error.traceback}" if error.traceback else head
 

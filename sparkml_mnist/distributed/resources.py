@@ -81,6 +81,33 @@ def check_barrier_run(spark: SparkSession, num_tasks: int, executor_wait_s: floa
         )
 
 
+# Spark settings that say the cluster's operators want its traffic encrypted or authenticated.
+SECURITY_CONFS = ("spark.authenticate", "spark.network.crypto.enabled", "spark.ssl.enabled", "spark.ssl.rpc.enabled")
+ACCEPT_RISK_CONF = "spark.sparkml_mnist.allowUnencryptedCollectives"
+
+
+def check_secured_cluster(spark: SparkSession) -> str | None:
+    """Refuse to send collectives in clear on a cluster whose operators turned on Spark's security.
+
+    The ranks' collective traffic (TensorFlow's gRPC, Gloo) is neither encrypted nor authenticated,
+    whatever Spark's own settings are. Returns a warning when the risk was accepted explicitly.
+    """
+    enabled = [key for key in SECURITY_CONFS if (spark_conf(spark, key, "false") or "").strip().lower() == "true"]
+    if not enabled:
+        return None
+    problem = (
+        f"this cluster has {', '.join(f'{key}=true' for key in enabled)}, but the ranks' collective traffic "
+        "(TensorFlow gRPC, Gloo) is neither encrypted nor authenticated: weights and gradients would cross the "
+        "network in clear"
+    )
+    if (spark_conf(spark, ACCEPT_RISK_CONF, "false") or "").strip().lower() == "true":
+        return f"{problem} ({ACCEPT_RISK_CONF}=true accepts that)"
+    raise PreflightError(
+        f"{problem}. Set {ACCEPT_RISK_CONF}=true to accept the risk (e.g. on a private network that the "
+        "cluster's policy isolates), or train where that is acceptable"
+    )
+
+
 def driver_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

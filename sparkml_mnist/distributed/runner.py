@@ -8,36 +8,38 @@ set before TensorFlow is imported, so functions written for HorovodRunner or
 spark-tensorflow-distributor run unchanged. Given ``data`` (a DataFrame with ``np`` partitions),
 rank ``r`` gets partition ``r`` as Arrow (``get_context().partition()``); the launcher knows
 nothing of its columns.
+
+Spark never retries a failed barrier stage, so the runner does: a failed, stalled or lost attempt
+is launched again (``max_retries`` times), and its ranks find the last checkpoint rank 0 handed the
+driver (``context.save_checkpoint`` / ``latest_checkpoint``). A failure that repeats identically is
+not retried again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import time
-import uuid
-from typing import Any, Callable, Iterator
+import warnings
+from typing import Any, Callable
 
 from pyspark import cloudpickle
 from pyspark.sql import DataFrame, SparkSession
 
-from sparkml_mnist.distributed import barrier, local, resources
-from sparkml_mnist.distributed.backends import DEFAULT_BACKEND, driver_backend
-from sparkml_mnist.distributed.channel import ChannelServer, Event, LogSink, print_log_line
-from sparkml_mnist.distributed.monitor import ProgressMonitor
-from sparkml_mnist.distributed.placement import Placement, RankDevices, parse_placement, rank_devices
-from sparkml_mnist.distributed.rank_setup import RankSettings
-from sparkml_mnist.distributed.records import RankRecord, RankStalledError, find_failure
+from sparkml_mnist.distributed import resources
+from sparkml_mnist.distributed.attempt import AttemptRecord, LaunchOptions, run_attempt
+from sparkml_mnist.distributed.backends import DEFAULT_BACKEND
+from sparkml_mnist.distributed.channel import LogSink, print_log_line
+from sparkml_mnist.distributed.checkpoints import CheckpointReceiver, CheckpointStore
+from sparkml_mnist.distributed.placement import Placement, parse_placement
+from sparkml_mnist.distributed.records import PreflightError, RankFailedError, RankRecord, RankStalledError
 from sparkml_mnist.errors import ConfigError, LaunchError
 
 DEFAULT_PROGRESS_TIMEOUT_S = 600.0  # must exceed the slowest step and any rank-0-only work
 DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
-DRIVER_HOST_CONF = "spark.driver.host"
+DEFAULT_MAX_RETRIES = 2
 LOG_CALLBACK_ONLY = "log_callback_only"  # sparkdl's default: only log_to_driver / LogCallback lines
 ALL_OUTPUT = "all"  # also every line the ranks print
 VERBOSITIES = (LOG_CALLBACK_ONLY, ALL_OUTPUT)
-_SPARK_ERROR_LINES = 3
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +49,11 @@ class HorovodRunner:
 
     ``np``: an int in sparkdl's convention, or a ``Placement`` already parsed. ``data``: a DataFrame
     with one partition per rank. ``progress_timeout_s``: a rank that sends no heartbeat for this long,
-    or a run whose ranks report progress but none moved for this long, is ended with a
-    ``RankStalledError`` naming the rank(s). ``collective_timeout_s`` additionally bounds each
-    collective of the strategy the context makes (TF's CommunicationOptions; Gloo's timeout).
+    or an attempt whose ranks report progress but none moved for this long, is ended with a
+    ``RankStalledError`` naming the rank(s); ``startup_timeout_s`` (default: the same) bounds the time
+    until every rank's first heartbeat. ``collective_timeout_s`` (default: ``progress_timeout_s``) bounds
+    each collective of the backend's strategy. ``max_retries``: attempts after the first, each resuming
+    from the checkpoint store (``checkpoints``; in memory when not given).
     """
 
     def __init__(
@@ -61,8 +65,11 @@ class HorovodRunner:
         data: DataFrame | None = None,
         backend: str = DEFAULT_BACKEND,
         progress_timeout_s: float = DEFAULT_PROGRESS_TIMEOUT_S,
+        startup_timeout_s: float | None = None,
         collective_timeout_s: float | None = None,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        checkpoints: CheckpointStore | None = None,
         log_sink: LogSink | None = print_log_line,
         executor_wait_s: float = resources.EXECUTOR_WAIT_S,
     ) -> None:
@@ -75,13 +82,22 @@ class HorovodRunner:
             raise ConfigError(
                 f"progress_timeout_s ({progress_timeout_s}) must exceed heartbeat_interval_s ({heartbeat_interval_s})"
             )
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
         self.driver_log_verbosity = driver_log_verbosity
         self.data = data
-        self.progress_timeout_s = progress_timeout_s
-        self.collective_timeout_s = collective_timeout_s
-        self.heartbeat_interval_s = heartbeat_interval_s
+        self.max_retries = max_retries
+        self.checkpoints = checkpoints if checkpoints is not None else CheckpointStore()
+        self.options = LaunchOptions(
+            progress_timeout_s=progress_timeout_s,
+            startup_timeout_s=startup_timeout_s if startup_timeout_s is not None else progress_timeout_s,
+            collective_timeout_s=collective_timeout_s if collective_timeout_s is not None else progress_timeout_s,
+            heartbeat_interval_s=heartbeat_interval_s,
+            forward_output=driver_log_verbosity == ALL_OUTPUT,
+            executor_wait_s=executor_wait_s,
+        )
         self.log_sink = log_sink
-        self.executor_wait_s = executor_wait_s
+        self.attempts: list[AttemptRecord] = []
         self.spark = spark or (data.sparkSession if data is not None else SparkSession.getActiveSession())
         if not self.placement.on_driver and self.spark is None:
             raise ConfigError("np>0 runs on Spark executors: pass spark=SparkSession, or create one first")
@@ -105,64 +121,68 @@ class HorovodRunner:
     def _launch(self, main: Callable[..., Any], kwargs: dict[str, Any], keep_all_values: bool) -> list[RankRecord]:
         if not callable(main):
             raise ConfigError(f"HorovodRunner.run needs a function, got {type(main).__name__}")
-        placement = self.placement
-        if not placement.on_driver:
-            resources.check_barrier_run(self.spark, placement.size, self.executor_wait_s)  # type: ignore[arg-type]
-        devices = rank_devices(placement, self.spark)
-        monitor = ProgressMonitor(placement.size, self.progress_timeout_s)
-        started_at = time.time()
-        logger.info("starting %d ranks (%s)", placement.size, placement.where)
-        with ChannelServer(self._on_event(monitor)) as server, \
-                driver_backend(placement.backend).driver_session(placement.size) as backend_options:
-            settings = RankSettings(
-                size=placement.size, backend=placement.backend, payload=cloudpickle.dumps((main, kwargs)),
-                has_data=self.data is not None, keep_all_values=keep_all_values,
-                driver_host=local.LOOPBACK if placement.on_driver else self._driver_host(),
-                driver_port=server.port, threads=devices.threads, heartbeat_interval_s=self.heartbeat_interval_s,
-                collective_timeout_s=self.collective_timeout_s, forward_output=self.driver_log_verbosity == ALL_OUTPUT,
-                backend_options=backend_options,
-            )
-            if placement.on_driver:
-                partitions = local.collect_partitions(self.data, placement.size) if self.data is not None else None
-                results = local.run_local(settings, partitions, devices, monitor, self.log_sink or _drop)
-            else:
-                results = self._run_barrier(settings, devices, monitor)
+        if not self.placement.on_driver:
+            risk = resources.check_secured_cluster(self.spark)  # type: ignore[arg-type]
+            if risk:
+                warnings.warn(risk, UserWarning, stacklevel=3)
+        payload = cloudpickle.dumps((main, kwargs))
+        receiver = CheckpointReceiver(self.checkpoints)
+        self.attempts = []
+        previous: tuple[Any, ...] | None = None
+        for number in range(1, self.max_retries + 2):
+            latest = self.checkpoints.latest()
+            attempt = AttemptRecord(number=number, started_at=time.time(),
+                                    resumed_from_epoch=latest.epoch if latest else None)
+            self.attempts.append(attempt)
+            logger.info("attempt %d: starting %d ranks (%s)", number, self.placement.size, self.placement.where)
+            try:
+                results = run_attempt(number, self.placement, self.spark, self.data, self.options, payload,
+                                      keep_all_values, self.log_sink, receiver, attempt)
+            except LaunchError as error:
+                attempt.ended_at, attempt.outcome = time.time(), "failed"
+                attempt.cause = str(error).splitlines()[0]
+                signature = failure_signature(error, attempt.resumed_from_epoch)
+                error.attempts = list(self.attempts)  # type: ignore[attr-defined]
+                if isinstance(error, PreflightError) or number > self.max_retries or signature == previous:
+                    if signature == previous:
+                        logger.warning("attempt %d failed as attempt %d did; not retrying: %s",
+                                       number, number - 1, attempt.cause)
+                    raise
+                previous = signature
+                logger.warning("attempt %d of %d failed: %s; retrying%s", number, self.max_retries + 1,
+                               attempt.cause, _resume_note(self.checkpoints))
+                continue
+            except BaseException:
+                attempt.ended_at, attempt.outcome, attempt.cause = time.time(), "interrupted", "interrupted"
+                raise
+            attempt.ended_at, attempt.outcome = time.time(), "succeeded"
+            return self._records(results, attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _records(self, results: list[tuple[RankRecord, bytes]], attempt: AttemptRecord) -> list[RankRecord]:
         records = []
         for record, value_bytes in results:
             record.value = cloudpickle.loads(value_bytes) if value_bytes else None
-            record.timings["run_started_at"] = started_at
+            record.timings["run_started_at"] = self.attempts[0].started_at
+            record.timings["attempt_started_at"] = attempt.started_at
             records.append(record)
         return records
 
-    def _driver_host(self) -> str:
-        return resources.spark_conf(self.spark, DRIVER_HOST_CONF) or socket.gethostname()  # type: ignore[arg-type]
 
-    def _on_event(self, monitor: ProgressMonitor) -> Callable[[Event], None]:
-        def on_event(event: Event) -> None:
-            if event.get("type") == "heartbeat":
-                monitor.heartbeat(event["rank"], event["progress"], event.get("done", False), event.get("host"))
-            elif event.get("type") == "log" and self.log_sink is not None:
-                self.log_sink(event["rank"], event["stream"], event["line"])
+def failure_signature(error: LaunchError, resumed_from_epoch: int | None) -> tuple[Any, ...]:
+    """What makes two failures "the same": the same rank failing the same way at the same point."""
+    if isinstance(error, RankFailedError):
+        failure = error.error
+        return ("failed", resumed_from_epoch, error.rank, failure.kind, failure.error_type, failure.message,
+                failure.exit_code, failure.steps)
+    if isinstance(error, RankStalledError):
+        return ("stalled", resumed_from_epoch, tuple(error.ranks), error.reason)
+    return ("launch", resumed_from_epoch, str(error))
 
-        return on_event
 
-    def _run_barrier(
-        self, settings: RankSettings, devices: RankDevices, monitor: ProgressMonitor
-    ) -> list[tuple[RankRecord, bytes]]:
-        spark = self.spark
-        assert spark is not None
-        frame = self.data if self.data is not None else spark.range(0, settings.size, 1, settings.size)
-        group = f"sparkml-mnist-{uuid.uuid4().hex}"
-        # The watchdog ends a stalled run by cancelling its job: Spark then kills every task.
-        with _cancellable(spark, group) as cancel:
-            stop_watching = monitor.watch(lambda verdict: cancel())
-            try:
-                rows = frame.mapInArrow(barrier.make_task(settings), barrier.RESULT_SCHEMA, barrier=True).collect()
-            except Exception as error:
-                raise _translate(error, monitor) from None
-            finally:
-                stop_watching()
-        return barrier.assemble_results(rows)
+def _resume_note(store: CheckpointStore) -> str:
+    latest = store.latest()
+    return f" from the checkpoint after epoch {latest.epoch}" if latest else " from the start (no checkpoint yet)"
 
 
 def _check_partitions(data: DataFrame, size: int) -> None:
@@ -176,52 +196,3 @@ def _check_partitions(data: DataFrame, size: int) -> None:
             f"the run's DataFrame has {partitions} partitions but np={size}: give it exactly one partition per "
             f"rank (df.repartition({size}), or shard_frame(data, {size}) for the MNIST data stage)"
         )
-
-
-_JOB_PROPERTIES = ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel")
-
-
-@contextlib.contextmanager
-def _cancellable(spark: SparkSession, group: str) -> Iterator[Callable[[], None]]:
-    """Jobs started in this block (on this thread) can be cancelled from another thread.
-
-    Classic Spark: a job group with interruptOnCancel (cancels within a fraction of a second);
-    the thread's previous job properties are restored afterwards. Spark Connect has no
-    SparkContext: an operation tag instead.
-    """
-    try:
-        sc = spark.sparkContext
-    except Exception:
-        sc = None
-    if sc is None:
-        spark.addTag(group)
-        try:
-            yield lambda: spark.interruptTag(group) and None
-        finally:
-            spark.removeTag(group)
-        return
-    saved = {key: sc.getLocalProperty(key) for key in _JOB_PROPERTIES}
-    sc.setJobGroup(group, "sparkml_mnist distributed training", interruptOnCancel=True)
-    try:
-        yield lambda: sc.cancelJobGroup(group)
-    finally:
-        for key, value in saved.items():
-            sc.setLocalProperty(key, value)  # type: ignore[arg-type] - None removes the property
-
-
-def _translate(error: Exception, monitor: ProgressMonitor) -> LaunchError:
-    """Spark's stage failure -> the rank's own error (or the watchdog's), without Py4J's wall of text."""
-    verdict = monitor.verdict
-    if verdict is not None:
-        failure: LaunchError = RankStalledError(verdict.ranks, verdict.hosts, verdict.reason, monitor.timeout_s)
-    else:
-        failure = find_failure(str(error)) or LaunchError(
-            "the barrier stage failed before any rank reported: "
-            + " ".join(str(error).strip().splitlines()[:_SPARK_ERROR_LINES])
-        )
-    failure.spark_error = error  # type: ignore[attr-defined] - kept for debugging, not shown
-    return failure
-
-
-def _drop(rank: int, stream: str, line: str) -> None:
-    """A log sink that discards lines (``log_sink=None``)."""

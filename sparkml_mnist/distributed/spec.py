@@ -27,6 +27,9 @@ class RankSpec:
     backend: str
     driver_host: str
     driver_port: int
+    channel_token: str = ""  # this rank's token for the driver's channel (channel.rank_token)
+    attempt: int = 1
+    driver_loss_timeout_s: float | None = None  # the driver unreachable this long: the rank gives up
     heartbeat_interval_s: float = 1.0
     collective_timeout_s: float | None = None
     keep_value: bool = True  # False: the return value is not needed (not rank 0, run() not run_all())

@@ -8,7 +8,9 @@ complete (the old one survives a failure).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -72,7 +74,7 @@ def write_report(
     partial = _make_sibling_dir(target, PARTIAL_MARKER)
     try:
         _write_contents(partial, results, config, versions, timings)
-        _move_into_place(partial, target)
+        _move_into_place(partial, target, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -113,11 +115,26 @@ def _make_sibling_dir(target: Path, marker: str) -> Path:
             continue
 
 
-def _move_into_place(partial: Path, target: Path) -> None:
-    """Rename ``partial`` to ``target``; an existing ``target`` is set aside first and removed after."""
+def _move_into_place(partial: Path, target: Path, overwrite: bool) -> None:
+    """Rename ``partial`` to ``target``; never onto another run's report unless ``overwrite``.
+
+    Without ``overwrite`` the rename refuses an existing target atomically (Linux ``renameat2`` with
+    ``RENAME_NOREPLACE``), so a report that appeared meanwhile is never replaced. With it, the old
+    report is set aside first and removed only after the new one is in place.
+    """
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # an empty folder someone made for the report: take its place
     if not target.exists():
-        os.rename(partial, target)
+        try:
+            rename_no_replace(partial, target)
+        except FileExistsError:
+            raise ReportError(
+                f"{target}: another report appeared there while this run was writing; this run's report was "
+                "not written: choose another --output (the run's state is kept for --resume)"
+            ) from None
         return
+    if not overwrite:
+        raise ReportError(f"{target}: exists; choose another --output, or allow replacing it (--overwrite)")
     old = _make_sibling_dir(target, OLD_MARKER)
     old.rmdir()
     os.rename(target, old)
@@ -127,6 +144,27 @@ def _move_into_place(partial: Path, target: Path) -> None:
         os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_NOREPLACE = 1  # <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def rename_no_replace(source: Path, target: Path) -> None:
+    """``os.rename`` that fails with FileExistsError instead of replacing ``target``."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not Linux/glibc: the check before is all there is
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        os.rename(source, target)
+        return
+    if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) != 0:
+        code = ctypes.get_errno()
+        raise FileExistsError(code, os.strerror(code), str(target)) if code == errno.EEXIST else OSError(
+            code, os.strerror(code), str(target)
+        )
 
 
 def _write_contents(

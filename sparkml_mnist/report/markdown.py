@@ -98,6 +98,10 @@ def render_markdown(report: Mapping[str, Any], results: Sequence[VariantResult])
             out += ["### Ranks", ""]
             out += _records_table(r.rank_records)
             out += [""]
+        if len(r.attempts) > 1:
+            out += ["### Attempts", ""]
+            out += _attempts_table(r.attempts)
+            out += [""]
     return "\n".join(out)
 
 
@@ -119,6 +123,21 @@ def _records_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
                 keys.append(key)
     rows = [[_md(_number(rec.get(k)) if rec.get(k) is not None else "-") for k in keys] for rec in records]
     return _markdown_table(keys, rows, set())
+
+
+def _attempts_table(attempts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A run that was retried: each attempt, what ended it, where the next one resumed, what it cost."""
+    rows = []
+    for attempt in attempts:
+        resumed = attempt.get("resumed_from_epoch")
+        cost = attempt.get("seconds_from_failure_to_first_step")
+        rows.append([
+            str(attempt.get("number", "?")), _md(attempt.get("outcome", "?")),
+            "start" if resumed is None else f"after epoch {resumed}",
+            "-" if cost is None else format_seconds(cost), _md(attempt.get("cause") or "-"),
+        ])
+    header = ["attempt", "outcome", "resumed", "failure to first step", "cause"]
+    return _markdown_table(header, rows, {0})
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:

@@ -41,6 +41,9 @@ class VariantResult:
     seconds: dict[str, float] = field(default_factory=dict)
     lab_reference_accuracy: float | None = None
     model_files: list[Path] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # the launcher's attempts (retries)
+    seed: int | None = None
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         where = f"variant {self.name!r}"
@@ -88,6 +91,21 @@ class VariantResult:
             "history": self.history,
             "test": self.evaluation.to_dict(),
             "rank_records": self.rank_records,
+            "attempts": self.attempts,
+            "seed": self.seed,
+            "deterministic": self.deterministic,
             "seconds": self.seconds,
             "files": {"loss_plot": self.loss_plot, "confusion_plot": self.confusion_plot, "models": list(model_paths)},
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], model_files: Sequence[Path] = ()) -> VariantResult:
+        """The inverse of ``to_dict`` (a finished variant kept in the run's state, read back on resume)."""
+        return cls(
+            name=data["name"], description=data["description"], np=data["np"], epochs=data["epochs"],
+            history=data["history"], evaluation=Evaluation.from_dict(data["test"]),
+            parameter_count=data["parameter_count"], rank_records=data.get("rank_records", []),
+            seconds=data.get("seconds", {}), lab_reference_accuracy=data.get("lab_reference_accuracy"),
+            model_files=list(model_files), attempts=data.get("attempts", []), seed=data.get("seed"),
+            deterministic=bool(data.get("deterministic", False)),
+        )

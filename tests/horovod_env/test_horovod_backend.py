@@ -185,13 +185,14 @@ def test_the_jobs_variant1_runs_end_to_end_with_horovod(spark, tmp_path: Path) -
 
 def test_a_raising_rank_ends_the_run_naming_it(spark) -> None:
     with pytest.raises(RankFailedError) as caught:
-        HorovodRunner(np=2, spark=spark, backend="horovod", log_sink=None).run(failing_main)
+        HorovodRunner(np=2, spark=spark, backend="horovod", log_sink=None, max_retries=0).run(failing_main)
     assert caught.value.rank == 1
     assert str(caught.value).startswith(f"rank 1 on {caught.value.host} failed: ValueError: rank one broke on purpose")
 
 
 def test_a_hanging_rank_ends_the_run_naming_it(spark) -> None:
-    runner = HorovodRunner(np=2, spark=spark, backend="horovod", log_sink=None, progress_timeout_s=STALL_TIMEOUT_S)
+    runner = HorovodRunner(np=2, spark=spark, backend="horovod", log_sink=None, progress_timeout_s=STALL_TIMEOUT_S,
+                           max_retries=0)
     with pytest.raises(RankStalledError) as caught:
         runner.run(hanging_main)
     assert caught.value.ranks == [1] and "no progress" in caught.value.reason

@@ -28,8 +28,9 @@ class DriverBackend(ABC):
         """Raise ``ConfigError`` (``where="driver"``) or ``LaunchError`` (a rank's host) if it cannot run there."""
 
     @contextlib.contextmanager
-    def driver_session(self, size: int) -> Iterator[dict[str, Any]]:
-        """Driver-side services for one run (e.g. a rendezvous server); yields what each rank is told."""
+    def driver_session(self, size: int, bind_host: str) -> Iterator[dict[str, Any]]:
+        """Driver-side services for one attempt (e.g. a rendezvous server, bound to ``bind_host``, the
+        address the ranks reach the driver at); yields what each rank is told."""
         yield {}
 
     @abstractmethod

@@ -130,15 +130,23 @@ class HorovodDriverBackend(DriverBackend):
             raise error(f"backend 'horovod' was asked for, but on the {where} {problem}. {INSTALL_HINT}")
 
     @contextlib.contextmanager
-    def driver_session(self, size: int) -> Iterator[dict[str, Any]]:
-        from horovod.runner.http.http_server import RendezvousServer
+    def driver_session(self, size: int, bind_host: str) -> Iterator[dict[str, Any]]:
+        """Horovod's own rendezvous server (what its gloo launcher starts), bound to the driver's address.
 
-        server = RendezvousServer(verbose=0)
-        port = server.start()  # binds every interface: executors reach it at spark.driver.host
+        Horovod's ``RendezvousServer.start`` binds every interface; its HTTP server class is made here on
+        ``bind_host`` instead. It serves the ranks' Gloo addresses without authentication (Horovod's
+        C++ client sends none): README "Security" says what an operator should firewall.
+        """
+        from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+
+        server = RendezvousHTTPServer((bind_host, 0), RendezvousHandler, 0)
+        thread = threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True)
+        thread.start()
         try:
-            yield {RENDEZVOUS_PORT: port}
+            yield {RENDEZVOUS_PORT: server.server_address[1]}
         finally:
-            server.stop()
+            server.shutdown()
+            server.server_close()
 
     def environment(self, spec: RankSpec) -> dict[str, str]:
         port = spec.backend_options.get(RENDEZVOUS_PORT)

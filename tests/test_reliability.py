@@ -1,0 +1,191 @@
+"""A lost rank costs one epoch, not the run; a stopped run resumes; reruns are reproducible; outputs are claimed.
+
+The chaos here comes from outside, as it would on a cluster: rank processes are found through /proc
+and SIGKILLed, the driver gets SIGTERM. Each test can fail if its mechanism is removed: without the
+launcher's retry the killed run fails; without checkpoints its history restarts at epoch 1; without
+the run state ``--resume`` retrains the first variant; without the claim both runs write the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pyspark import cloudpickle
+from rank_processes import CliRun, rank_pids
+
+from sparkml_mnist.config import load_run
+from sparkml_mnist.distributed import HorovodRunner, get_context
+from sparkml_mnist.distributed.records import RankFailedError
+from sparkml_mnist.job import run_job
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.reliability
+
+START_TIMEOUT_S = 300.0
+RUN_TIMEOUT_S = 600.0
+MID_EPOCH_S = 0.5  # after rank 0 logged epoch 1, epoch 2 (about 2-3 s on 2 cores) is under way
+ACCURACY_TOLERANCE = 0.03
+GONE_WAIT_S = 30.0  # killed processes disappear within this (polled; not a timing assertion)
+
+
+def report(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "report.json").read_text())
+
+
+def work_folders(root: Path) -> list[Path]:
+    return sorted(root.rglob("sparkml-mnist-rank*"))
+
+
+def kill_rank(rank: int) -> int:
+    pid = rank_pids()[rank]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+# -- a rank SIGKILLed in the middle of epoch 2 ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def undisturbed(spark, tmp_path_factory) -> dict[str, Any]:
+    """variant3, 3 epochs at np=2 on the sample: the reference for the killed run (same seed)."""
+    run = load_run("sample").with_overrides(variants="variant3", np=2, epochs=3,
+                                            output=str(tmp_path_factory.mktemp("ref") / "out"))
+    return report(run_job(spark, run))["variants"][0]
+
+
+def test_a_rank_killed_mid_epoch_costs_one_retry_not_the_run(undisturbed, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    job = CliRun("train", "--variant", "variant3", "--epochs", "3", "--np", "2", "--output", str(output),
+                 log=tmp_path / "cli.log", env={"SPARK_LOCAL_DIRS": str(tmp_path / "local")})
+    assert job.wait_for("variant3 epoch 1/3", START_TIMEOUT_S), job.text()[-3000:]
+    time.sleep(MID_EPOCH_S)
+    kill_rank(1)
+    assert job.finish(RUN_TIMEOUT_S) == 0, job.text()[-3000:]
+    variant = report(output)["variants"][0]
+    attempts = variant["attempts"]
+    assert [a["outcome"] for a in attempts] == ["failed", "succeeded"]
+    assert "rank 1" in attempts[0]["cause"] and "exited with code -9" in attempts[0]["cause"]
+    assert attempts[1]["resumed_from_epoch"] == 1  # epoch 2 was lost, epoch 1 was not
+    assert attempts[1]["seconds_from_failure_to_first_step"] > 0
+    assert all(len(values) == 3 for values in variant["history"].values())  # every epoch once
+    assert {r["resumed_from_epoch"] for r in variant["rank_records"]} == {1}
+    assert abs(variant["test"]["accuracy"] - undisturbed["test"]["accuracy"]) < ACCURACY_TOLERANCE
+    assert "attempt 2 resumes after epoch 1" in job.text()
+    assert work_folders(tmp_path / "local") == []
+
+
+# -- the driver stopped during the second variant, then --resume ----------------------------------
+
+
+def test_sigterm_then_resume_keeps_the_first_variant_and_resumes_the_second(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    env = {"SPARK_LOCAL_DIRS": str(tmp_path / "local")}
+    job = CliRun("train", "--variant", "variant1,variant3", "--epochs", "3", "--np", "2", "--output", str(output),
+                 log=tmp_path / "first.log", env=env)
+    assert job.wait_for("variant3 epoch 1/3", START_TIMEOUT_S), job.text()[-3000:]
+    job.process.send_signal(signal.SIGTERM)
+    assert job.finish(RUN_TIMEOUT_S) == 130, job.text()[-3000:]
+    assert f"--resume {output}" in job.text()
+    assert not output.exists()  # nothing half written under the output's name
+    deadline = time.monotonic() + GONE_WAIT_S
+    while rank_pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not rank_pids(), "no rank outlives the stopped driver"
+
+    resumed = CliRun("train", "--resume", str(output), log=tmp_path / "resume.log", env=env)
+    assert resumed.finish(RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]
+    text = resumed.text()
+    assert "variant1: finished by an earlier attempt of this run, kept" in text
+    assert "variant1 epoch" not in text  # not retrained
+    assert "variant3: attempt 1 resumes after epoch " in text
+    variants = {v["name"]: v for v in report(output)["variants"]}
+    assert set(variants) == {"variant1", "variant3"}
+    assert all(len(values) == 3 for v in variants.values() for values in v["history"].values())
+    assert variants["variant3"]["rank_records"][0]["resumed_from_epoch"] >= 1
+    assert (output / "models" / "variant1" / "variant1.keras").is_file()
+    assert not (tmp_path / ".out.state").exists()
+    assert work_folders(tmp_path / "local") == []
+
+
+# -- the same failure twice is not retried again ---------------------------------------------------
+
+
+def failing_at_step_three(pid_dir: str) -> None:
+    context = get_context()
+    for step in range(1, 10):
+        context.report_progress()
+        if context.rank == 1 and step == 3:
+            raise ValueError("rank one breaks at step 3, every time")
+        time.sleep(0.05)
+
+
+def test_the_same_error_at_the_same_step_is_not_retried_again(spark, tmp_path: Path) -> None:
+    runner = HorovodRunner(np=2, spark=spark, max_retries=3, log_sink=None)
+    with pytest.raises(RankFailedError) as caught:
+        runner.run(failing_at_step_three, pid_dir=str(tmp_path))
+    assert caught.value.rank == 1 and "rank one breaks at step 3" in str(caught.value)
+    assert [a.outcome for a in runner.attempts] == ["failed", "failed"]  # not 4: the second one repeated the first
+    assert caught.value.error.steps == 3
+
+
+def flaky_once(marker: str) -> int:
+    context = get_context()
+    if context.rank == 1 and not Path(marker).exists():
+        Path(marker).write_text("failed once")
+        os._exit(9)  # a crash the next attempt does not repeat
+    return context.attempt
+
+
+def test_a_crash_that_does_not_repeat_is_retried(spark, tmp_path: Path) -> None:
+    runner = HorovodRunner(np=2, spark=spark, log_sink=None)
+    assert runner.run(flaky_once, marker=str(tmp_path / "marker")) == 2
+    assert [a.outcome for a in runner.attempts] == ["failed", "succeeded"]
+
+
+# -- determinism on demand --------------------------------------------------------------------------
+
+
+def saved_weights(folder: Path) -> list[np.ndarray]:
+    from sparkml_mnist.keras_flavour import keras
+
+    return keras().models.load_model(next(folder.rglob("variant1.keras"))).get_weights()
+
+
+@pytest.mark.parametrize("np_", [1, 2])
+def test_deterministic_runs_give_bit_identical_weights(spark, tmp_path: Path, np_: int) -> None:
+    weights = []
+    for name in ("first", "second"):
+        run = load_run("sample").with_overrides(variants="variant1", np=np_, epochs=1, deterministic=True,
+                                                output=str(tmp_path / name))
+        folder = run_job(spark, run)
+        variant = report(folder)["variants"][0]
+        assert variant["deterministic"] is True and variant["seed"] == run.seed
+        assert all(r["determinism"]["op_determinism"] is True and r["determinism"]["inter_op_threads"] == 1
+                   for r in variant["rank_records"])
+        weights.append(saved_weights(folder))
+    for first, second in zip(*weights):
+        np.testing.assert_array_equal(first, second)
+
+
+# -- one output, two runs --------------------------------------------------------------------------
+
+
+def test_two_runs_into_one_output_at_once_one_wins_the_other_is_told(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    args = ("train", "--variant", "variant1", "--epochs", "2", "--np", "-1", "--output", str(output))
+    first = CliRun(*args, log=tmp_path / "first.log")
+    assert first.wait_for("variant1: Conv2D", START_TIMEOUT_S), first.text()[-3000:]  # it claimed the output
+    second = CliRun(*args, log=tmp_path / "second.log")
+    assert second.finish(RUN_TIMEOUT_S) == 2
+    assert f"{output}: another run (pid {first.process.pid} on" in second.text()
+    assert first.finish(RUN_TIMEOUT_S) == 0, first.text()[-3000:]
+    assert report(output)["variants"][0]["name"] == "variant1"

@@ -1,0 +1,98 @@
+"""The run's state beside its output: claimed once, refused to a second run, read back by --resume."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from sparkml_mnist.config import load_run
+from sparkml_mnist.distributed.attempt import AttemptRecord
+from sparkml_mnist.distributed.records import RankError, RankFailedError, RankStalledError
+from sparkml_mnist.distributed.runner import HorovodRunner, failure_signature
+from sparkml_mnist.errors import ConfigError
+from sparkml_mnist.evaluate import evaluate
+from sparkml_mnist.report import VariantResult
+from sparkml_mnist.run_state import RunState, state_folder, stored_run
+
+
+def a_result(tmp_path: Path) -> VariantResult:
+    import numpy as np
+
+    model = tmp_path / "variant1.keras"
+    model.write_bytes(b"model")
+    probabilities = np.eye(10)[np.arange(20) % 10]
+    return VariantResult(
+        name="variant1", description="d", np=2, epochs=2, history={"loss": [1.0, 0.5]},
+        evaluation=evaluate(np.arange(20) % 10, probabilities), parameter_count=3, model_files=[model],
+        attempts=[{"number": 1, "outcome": "succeeded"}], seed=7, deterministic=True,
+    )
+
+
+def _try_claim(output: str, queue) -> None:
+    try:
+        RunState.claim(Path(output), load_run("sample"))
+        queue.put("claimed")
+    except ConfigError as error:
+        queue.put(str(error))
+
+
+def test_a_second_process_cannot_claim_a_claimed_output(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    with RunState.claim(output, load_run("sample")):
+        queue = multiprocessing.get_context("spawn").Queue()
+        other = multiprocessing.get_context("spawn").Process(target=_try_claim, args=(str(output), queue))
+        other.start()
+        other.join(60)
+        message = queue.get(timeout=5)
+    assert message.startswith(f"{output}: another run (pid ") and "is writing this output now" in message
+
+
+def test_an_unfinished_run_is_resumed_not_overwritten_by_accident(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    run = load_run("sample").with_overrides(epochs=3, output=str(output))
+    RunState.claim(output, run).release()  # as if the driver died
+    with pytest.raises(ConfigError, match=r"an unfinished run left its state .* --resume"):
+        RunState.claim(output, run)
+    assert stored_run(output).epochs == 3 and stored_run(output).source.endswith("(resumed)")
+    with RunState.claim(output, run, resume=True):
+        pass
+    with RunState.claim(output, run, overwrite=True) as fresh:
+        assert sorted(p.name for p in fresh.folder.iterdir()) == [".lock", "state.json"]
+
+
+def test_nothing_to_resume_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="there is no unfinished run to resume"):
+        stored_run(tmp_path / "never")
+    with pytest.raises(ConfigError, match="there is no unfinished run to resume"):
+        RunState.claim(tmp_path / "never", load_run("sample"), resume=True)
+
+
+def test_a_finished_variant_round_trips_with_its_model(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    with RunState.claim(output, load_run("sample")) as state:
+        assert state.finished("variant1") is None
+        kept = state.save_finished(a_result(tmp_path))
+        again = state.finished("variant1")
+    assert again is not None and again.to_dict() == kept.to_dict()
+    assert again.model_files[0].read_bytes() == b"model" and again.model_files[0].parent == state_folder(output) / "variants" / "variant1"
+    assert again.attempts == [{"number": 1, "outcome": "succeeded"}] and again.seed == 7 and again.deterministic
+
+
+def test_failure_signatures_tell_a_repeat_from_a_new_failure() -> None:
+    error = RankError("exception", "ValueError", "boom", steps=3)
+    same = failure_signature(RankFailedError(1, "h", error), 1)
+    assert same == failure_signature(RankFailedError(1, "h", RankError("exception", "ValueError", "boom", steps=3)), 1)
+    assert same != failure_signature(RankFailedError(1, "h", RankError("exception", "ValueError", "boom", steps=4)), 1)
+    assert same != failure_signature(RankFailedError(1, "h", error), 2)  # resumed from another checkpoint
+    assert failure_signature(RankStalledError([1], ["h"], "r", 5.0), None)[0] == "stalled"
+
+
+def test_every_hang_is_bounded_by_default() -> None:
+    runner = HorovodRunner(np=-1, progress_timeout_s=42.0)
+    assert runner.options.collective_timeout_s == 42.0 and runner.options.startup_timeout_s == 42.0
+    assert runner.max_retries == 2
+    with pytest.raises(ConfigError, match="max_retries must be a whole number"):
+        HorovodRunner(np=-1, max_retries=-1)
+    assert AttemptRecord(number=1, started_at=0.0, resumed_from_epoch=None).outcome == "running"

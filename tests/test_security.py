@@ -1,0 +1,232 @@
+"""The driver's endpoints against a stranger on the network, secured clusters, secrets in outputs, paths.
+
+A real run (np=2, no data) keeps its ranks alive while this test, from its own sockets, tries what an
+attacker on the cluster's network could: connect without the run's secret, forge frames with a
+stolen-looking token, announce a 4 GiB frame, open many idle connections. Each assertion fails if
+its guard is removed (no hello check, no frame cap, no connection cap, binding every interface).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pyspark import cloudpickle
+
+from sparkml_mnist.distributed import HorovodRunner, get_context
+from sparkml_mnist.distributed.channel import HELLO_TIMEOUT_S, MAX_FRAME_BYTES, rank_token
+from sparkml_mnist.distributed.process import rank_workdir
+from sparkml_mnist.distributed.records import PreflightError
+from sparkml_mnist.distributed.resources import ACCEPT_RISK_CONF, check_secured_cluster
+from sparkml_mnist.redact import redact
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+WAIT_S = 120.0
+FORGED = "FORGED-LINE-FROM-A-STRANGER"
+IDLE_CONNECTIONS = 200
+RSS_GROWTH_LIMIT_KB = 200 * 1024  # a 4 GiB allocation would show as far more
+
+
+def keep_ranks_alive(folder: str) -> dict[str, Any]:
+    """Rank 0 publishes where the driver listens; every rank makes progress until the test says stop."""
+    context = get_context()
+    strategy = context.strategy  # TensorFlow's gRPC server starts: its binding is read back too
+    del strategy
+    if context.rank == 0:
+        spec = context.spec
+        Path(folder, "address.json").write_text(json.dumps(
+            {"host": spec.driver_host, "port": spec.driver_port, "addresses": spec.addresses}))
+    while not Path(folder, "stop").exists():
+        context.report_progress()
+        time.sleep(0.2)
+    return {"rank": context.rank, "ok": True}
+
+
+def frame(payload: dict[str, Any]) -> bytes:
+    body = json.dumps(payload).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def listeners(port: int) -> set[str]:
+    """Local addresses listening on ``port`` (IPv4 and IPv6), read from /proc/net/tcp{,6}."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if width == 8:
+                    found.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
+                else:
+                    found.add("::" if int(address, 16) == 0 else address)
+    return found
+
+
+@pytest.fixture(scope="module")
+def attacked_run(spark, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("attack")
+    lines: list[tuple[int, str]] = []
+    runner = HorovodRunner(np=2, spark=spark, driver_log_verbosity="all", max_retries=0, progress_timeout_s=60.0,
+                           log_sink=lambda rank, stream, line: lines.append((rank, line)))
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(records=runner.run_all(keep_ranks_alive, folder=str(folder))))
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not (folder / "address.json").exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    address = json.loads((folder / "address.json").read_text())
+    found: dict[str, Any] = {"address": address}
+    host, port = address["host"], address["port"]
+
+    # 1. no hello: a forged log line straight away
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(frame({"type": "log", "stream": "stdout", "line": FORGED}))
+        found["no_hello_closed"] = closed_by_peer(sock, HELLO_TIMEOUT_S + 5)
+    # 2. a stolen-looking token (right shape, wrong secret) with forged done / progress / log frames
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(frame({"type": "hello", "rank": 0, "token": rank_token("guessed" * 8, 0)}))
+        for forged in ({"type": "heartbeat", "progress": 10**12, "done": True},
+                       {"type": "log", "stream": "stderr", "line": FORGED + "\x1b[2J"}):
+            try:
+                sock.sendall(frame(forged))
+            except OSError:
+                pass
+        found["stolen_token_closed"] = closed_by_peer(sock, HELLO_TIMEOUT_S + 5)
+    # 3. ranks outside 0..size-1
+    found["bad_ranks_closed"] = []
+    for rank in (-1, 7):
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(frame({"type": "hello", "rank": rank, "token": "0" * 64}))
+            found["bad_ranks_closed"].append(closed_by_peer(sock, HELLO_TIMEOUT_S + 5))
+    # 4. a header announcing 4 GiB: refused before anything is allocated
+    before = rss_kb()
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(struct.pack(">I", 0xFFFFFFFF) + b"x" * 1024)
+        found["huge_header_closed"] = closed_by_peer(sock, HELLO_TIMEOUT_S + 5)
+    found["rss_growth_kb"] = rss_kb() - before
+    # 5. many idle connections: the cap closes the excess at once
+    idle = []
+    for _ in range(IDLE_CONNECTIONS):
+        try:
+            idle.append(socket.create_connection((host, port), timeout=5))
+        except OSError:
+            break
+    time.sleep(1.0)
+    found["idle_closed_at_once"] = sum(closed_by_peer(sock, 0.05) for sock in idle)
+    for sock in idle:
+        sock.close()
+    found["channel_listeners"] = listeners(port)
+    found["rank_listeners"] = [listeners(int(a.rsplit(":", 1)[1])) for a in address["addresses"]]
+
+    (folder / "stop").write_text("done")
+    thread.join(WAIT_S)
+    found["records"] = outcome.get("records")
+    found["lines"] = lines
+    return found
+
+
+def test_a_stranger_without_the_runs_secret_is_dropped_and_changes_nothing(attacked_run) -> None:
+    assert attacked_run["no_hello_closed"] and attacked_run["stolen_token_closed"]
+    assert attacked_run["bad_ranks_closed"] == [True, True]
+    assert not any(FORGED in line for _, line in attacked_run["lines"])  # nothing printed
+    records = attacked_run["records"]
+    assert records is not None and [r.value for r in records] == [{"rank": 0, "ok": True}, {"rank": 1, "ok": True}]
+
+
+def test_an_oversized_header_is_refused_before_any_allocation(attacked_run) -> None:
+    assert attacked_run["huge_header_closed"]
+    assert attacked_run["rss_growth_kb"] < RSS_GROWTH_LIMIT_KB
+    assert MAX_FRAME_BYTES < 0xFFFFFFFF
+
+
+def test_idle_connections_are_capped(attacked_run) -> None:
+    cap = 4 * 2 + 4  # ChannelServer's default for two ranks (their own connections hold some of it)
+    assert attacked_run["idle_closed_at_once"] >= IDLE_CONNECTIONS - cap
+
+
+def test_the_channel_binds_the_drivers_address_not_every_interface(attacked_run) -> None:
+    host = socket.gethostbyname(attacked_run["address"]["host"])
+    assert attacked_run["channel_listeners"] == {host}
+    # TensorFlow's gRPC server binds every interface whatever TF_CONFIG says (grpc_server_lib.cc uses
+    # "0.0.0.0:<port>"): what README's Security section tells operators to firewall.
+    assert all(found & {"0.0.0.0", "::"} for found in attacked_run["rank_listeners"])
+
+
+def _session(conf: dict[str, str]) -> Any:
+    return SimpleNamespace(conf=SimpleNamespace(get=lambda key, default=None: conf.get(key, default)))
+
+
+@pytest.mark.parametrize("setting", ["spark.authenticate", "spark.network.crypto.enabled", "spark.ssl.enabled"])
+def test_a_secured_cluster_is_refused_unless_the_risk_is_accepted(setting: str) -> None:
+    with pytest.raises(PreflightError, match=rf"{setting}=true.*neither encrypted nor authenticated.*{ACCEPT_RISK_CONF}=true"):
+        check_secured_cluster(_session({setting: "true"}))
+    warning = check_secured_cluster(_session({setting: "true", ACCEPT_RISK_CONF: "true"}))
+    assert warning is not None and ACCEPT_RISK_CONF in warning
+    assert check_secured_cluster(_session({})) is None
+
+
+SECRETS = {"DATABRICKS_TOKEN": "dapiSECRETdatabricks0001", "AWS_SECRET_ACCESS_KEY": "SECRETawsKEY0002"}
+CONF_SECRET = "SECRETsparkCONF0003"
+URI_SECRET = "SECRETinURI0004"
+
+
+def test_no_secret_reaches_an_output_file_or_the_console(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    env = {**os.environ, **SECRETS,
+           "PYSPARK_SUBMIT_ARGS": f"--conf spark.hadoop.fs.s3a.secret.key={CONF_SECRET} pyspark-shell"}
+    done = subprocess.run(
+        [sys.executable, "-m", "sparkml_mnist.cli", "train", "--variant", "variant1", "--epochs", "1", "--np", "-1",
+         "--output", str(output)], capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    failed = subprocess.run(  # a credential inside a data URI, named by the error
+        [sys.executable, "-m", "sparkml_mnist.cli", "train", "--variant", "variant1", "--np", "-1",
+         "--train", f"s3a://AKIAEXAMPLE:{URI_SECRET}@bucket/train.txt",
+         "--test", f"https://bucket.example/test.txt?X-Amz-Signature={URI_SECRET}", "--output", str(tmp_path / "x")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert failed.returncode != 0
+    planted = [*SECRETS.values(), CONF_SECRET, URI_SECRET]
+    console = done.stdout + done.stderr + failed.stdout + failed.stderr
+    assert [secret for secret in planted if secret in console] == []
+    written = [path for path in output.rglob("*") if path.is_file()]
+    assert written and [p for p in written if any(s.encode() in p.read_bytes() for s in planted)] == []
+
+
+def test_credentials_in_uris_are_masked() -> None:
+    assert redact("s3a://KEY:SECRET@bucket/x") == "s3a://***@bucket/x"
+    assert redact("https://h/x?sig=abc&x=1&X-Amz-Credential=k") == "https://h/x?sig=***&x=1&X-Amz-Credential=***"
+    assert redact("/dbfs/data/mnist-digits-train.txt") == "/dbfs/data/mnist-digits-train.txt"
+
+
+def test_work_folders_are_private_to_the_user() -> None:
+    with rank_workdir(0) as folder:
+        assert folder.stat().st_mode & 0o777 == 0o700
