@@ -161,7 +161,8 @@ def test_a_rank_killed_on_the_cluster_resumes_without_shared_storage(cluster, tm
         "--train", sample_paths().train, "--test", sample_paths().test, "--output", str(output),
     ]
     submit = cluster.launch("submit-kill", command, env=env)
-    driver_log = cluster.root / "logs" / "submit-kill.err"
+    # spark-submit merges its Python driver's stdout and stderr (rank lines included) into its own stdout.
+    driver_log = cluster.root / "logs" / "submit-kill.out"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while "variant3 epoch 1/3" not in tail(driver_log, 200_000) and submit.poll() is None:
         assert time.monotonic() < deadline, f"epoch 1 never ended:\n{tail(driver_log)}"
@@ -172,7 +173,7 @@ def test_a_rank_killed_on_the_cluster_resumes_without_shared_storage(cluster, tm
         code = submit.wait(JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         code = None
-    assert code == 0, f"spark-submit ended with {code}:\n{tail(driver_log)}"
+    assert code == 0, f"spark-submit ended with {code}:\n{tail(driver_log)}\n{cluster.log('submit-kill')}"
     variant = json.loads((output / "report.json").read_text())["variants"][0]
     assert [a["outcome"] for a in variant["attempts"]] == ["failed", "succeeded"]
     assert variant["attempts"][1]["resumed_from_epoch"] == 1
