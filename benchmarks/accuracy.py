@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--data DIR] [--nps 1,2]
 
-Runs the job itself (``sparkml-mnist train --conf lab``) once per ``np`` on local Spark, each rank
+Runs the job itself (``sparkml-mnist train --run-config lab``) once per ``np`` on local Spark, each rank
 getting an equal share of the machine's cores (``spark.task.cpus`` = cores / np, through
 ``PYSPARK_SUBMIT_ARGS``). Writes ``benchmarks/results/accuracy.json`` (a list of
 ``{variant, np, epochs, test_accuracy, test_loss, seconds}``) and, beside it, each run's
@@ -37,7 +37,7 @@ def run_lab(data: str, np_: int, output: Path, variants: str | None = None, seed
     env = dict(os.environ, PYSPARK_SUBMIT_ARGS=f"--conf spark.task.cpus={max(1, cores // np_)} pyspark-shell")
     command = [
         str(Path(sys.executable).with_name("sparkml-mnist")),
-        "train", "--conf", "lab", "--data", data, "--np", str(np_), "--output", str(output),
+        "train", "--run-config", "lab", "--data", data, "--np", str(np_), "--output", str(output),
     ]
     if variants:
         command += ["--variant", variants]

@@ -1,4 +1,5 @@
-"""``sparkml-mnist``: thin command line over the library; bad input exits 2 with one line, no traceback."""
+"""``sparkml-mnist``: thin command line over the library; an error is one line, no traceback, and an exit
+code that tells a scheduler whether retrying can help (see ``EXIT_*`` and README's exit-code table)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from sparkml_mnist import __version__
 from sparkml_mnist.config import DEFAULT_RUN, RunConfig
 from sparkml_mnist.distributed.backends import BACKEND_NAMES
+from sparkml_mnist.distributed.records import PreflightError
 from sparkml_mnist.data.paths import DatasetPaths
-from sparkml_mnist.errors import SparkMnistError
+from sparkml_mnist.errors import ConfigError, SparkMnistError
 from sparkml_mnist.redact import redact
+from sparkml_mnist.versions import VersionError
 
 if TYPE_CHECKING:  # Spark is imported only by the commands that need it
     from pyspark.sql import SparkSession
@@ -22,12 +26,51 @@ if TYPE_CHECKING:  # Spark is imported only by the commands that need it
     from sparkml_mnist.data.libsvm import LibsvmData
 
 PROGRAM = "sparkml-mnist"
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_OK = 0
+# The run started and failed: bad data found while reading, a rank failed or stalled, a download or the
+# report write failed (Python's own code for an unexpected exception, too). Retrying may help.
+EXIT_RUN_FAILED = 1
+# Nothing ran: the command line, a config file or what it asks of this environment or cluster is wrong
+# (argparse exits with 2 as well). The same command fails the same way until something is changed.
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+EXIT_BAD_INPUT = EXIT_USAGE  # the former name of EXIT_USAGE, kept for callers that import it
+# Errors that are found before any work and that only a change to the command, config or cluster fixes.
+USAGE_ERRORS = (ConfigError, VersionError, PreflightError)
+RUN_CONFIG_OPTION, DEPRECATED_RUN_CONFIG_OPTION = "--run-config", "--conf"
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option name that still works; using it prints one line naming the new one."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str, **kwargs: Any) -> None:
+        self.replacement = replacement
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"{PROGRAM}: warning: {option_string} is deprecated, use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def optional_int(text: str) -> int | None:
+    """An integer, or an empty value for "not given": a job scheduler's parameter cannot be left out."""
+    if not text.strip():
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (or an empty value for the default), got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="Train the Keras MNIST lab's ConvNets on Spark.")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     _add_loudness(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -51,14 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train variants through the launcher; write report.json/.md, plots and models to --output.",
     )
     _add_loudness(train, argparse.SUPPRESS)
-    train.add_argument("--conf", metavar="FILE", help="run config: a name in conf/runs or a YAML path (default: sample)")
+    train.add_argument(
+        RUN_CONFIG_OPTION, dest="run_config", metavar="FILE",
+        help="run config: a name in conf/runs or a YAML path (default: sample)",
+    )
+    # The old name; spark-submit's own --conf made `spark-submit ... --conf k=v jobs/train_mnist.py --conf lab` confusing.
+    train.add_argument(
+        DEPRECATED_RUN_CONFIG_OPTION, dest="run_config", action=DeprecatedAlias, replacement=RUN_CONFIG_OPTION,
+        help=argparse.SUPPRESS,
+    )
     train.add_argument("--variant", action="append", metavar="NAME", help="variant(s): a name, a comma list, a YAML path, or 'all'; repeatable")
-    train.add_argument("--np", type=int, help="workers: > 0 barrier tasks on executors, < 0 processes on the driver")
-    train.add_argument("--epochs", type=int, help="epochs for every variant (default: the run config's, else each variant's)")
+    train.add_argument("--np", type=optional_int, help="workers: > 0 barrier tasks on executors, < 0 processes on the driver")
+    train.add_argument("--epochs", type=optional_int, help="epochs for every variant (default: the run config's, else each variant's)")
     _add_data_arguments(train)
-    train.add_argument("--output", metavar="DIR", help="report folder (refused if not empty, unless --overwrite)")
+    train.add_argument("--output", metavar="DIR", help="report folder, a local path of the driver (refused if not empty, unless --overwrite)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    train.add_argument("--seed", type=int, help="random seed (same on every rank)")
+    train.add_argument("--seed", type=optional_int, help="random seed (same on every rank)")
     train.add_argument(
         "--backend", choices=BACKEND_NAMES,
         help="tf: MultiWorkerMirroredStrategy (default); horovod: Horovod over Gloo (its own TF 2.15 environment)",
@@ -113,7 +164,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--test", metavar="PATH", help="test file (any Hadoop path)")
 
 
-RUN_SETTINGS = ("conf", "variant", "np", "epochs", "data", "train", "test", "output", "seed", "backend",
+RUN_SETTINGS = ("run_config", "variant", "np", "epochs", "data", "train", "test", "output", "seed", "backend",
                 "progress_timeout", "max_retries", "deterministic", "overwrite")
 
 
@@ -125,7 +176,7 @@ def _run_training(args: argparse.Namespace) -> None:
     if args.resume:
         given = [f"--{name.replace('_', '-')}" for name in RUN_SETTINGS if getattr(args, name) not in (None, False)]
         if given:
-            raise SparkMnistError(
+            raise ConfigError(
                 f"--resume continues a run with the settings it was started with; drop {', '.join(given)}"
             )
         from sparkml_mnist.run_state import stored_run
@@ -162,11 +213,11 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     from sparkml_mnist.config import load_run
 
     if args.data and (args.train or args.test):
-        raise SparkMnistError("give either --data DIR or --train/--test PATH, not both")
+        raise ConfigError("give either --data DIR or --train/--test PATH, not both")
     data = args.data
     if not (args.data or args.train or args.test):
         data = databricks.default_data_dir() or data  # on Databricks: the runtime's copy of MNIST
-    run = load_run(args.conf or DEFAULT_RUN)
+    run = load_run(args.run_config or DEFAULT_RUN)
     output = args.output
     if output is None:
         output = databricks.default_output_dir(run.name)  # None off Databricks: the run config's
@@ -192,7 +243,7 @@ def _input_paths(args: argparse.Namespace) -> DatasetPaths:
     from sparkml_mnist.data.paths import resolve_inputs, sample_paths
 
     if args.data and (args.train or args.test):
-        raise SparkMnistError("give either --data DIR or --train/--test PATH, not both")
+        raise ConfigError("give either --data DIR or --train/--test PATH, not both")
     if args.data:
         return resolve_inputs(args.data)  # a folder, or "sample"
     default = sample_paths()
@@ -204,7 +255,7 @@ def _run_data_preview(args: argparse.Namespace) -> None:
     from sparkml_mnist.session import create_spark
 
     if args.np < 1:
-        raise SparkMnistError(f"--np must be a positive number of shards, got {args.np}")
+        raise ConfigError(f"--np must be a positive number of shards, got {args.np}")
     paths = _input_paths(args)
     spark = create_spark(f"{PROGRAM} data", master=args.master)
     train = _preview_file(spark, "train", paths.train)
@@ -236,8 +287,13 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def exit_code(error: SparkMnistError) -> int:
+    """``EXIT_USAGE`` for what only a change to the command, config or cluster fixes; else ``EXIT_RUN_FAILED``."""
+    return EXIT_USAGE if isinstance(error, USAGE_ERRORS) else EXIT_RUN_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a usage error exits here with EXIT_USAGE (argparse's 2)
     from sparkml_mnist import console
 
     console.configure(console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL)
@@ -246,20 +302,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except SparkMnistError as error:
         print(f"{PROGRAM}: error: {redact(str(error))}", file=sys.stderr)
-        if _on_databricks():
-            # A wheel task may ignore the entry point's return value: fail the task run explicitly.
-            raise SystemExit(EXIT_BAD_INPUT) from None
-        return EXIT_BAD_INPUT
+        return _finish(exit_code(error))
     except KeyboardInterrupt:
         output = getattr(args, "resume", None) or getattr(args, "output", None)
         hint = f"; `{PROGRAM} train --resume {output}` continues it" if output and args.command == "train" else ""
         print(f"{PROGRAM}: interrupted: the ranks were stopped, finished variants and checkpoints are kept{hint}",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _finish(EXIT_INTERRUPTED)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    return EXIT_OK
+
+
+def _finish(code: int) -> int:
+    if _on_databricks():
+        # A wheel task may ignore the entry point's return value: fail the task run explicitly.
+        raise SystemExit(code)
+    return code
 
 
 def _on_databricks() -> bool:

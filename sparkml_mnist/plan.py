@@ -2,8 +2,8 @@
 
 Here ``np`` becomes a ``Placement`` (zero, backend name and availability), every variant is loaded
 and checked against it (the global batch splits evenly across the replicas; XLA only where ranks can
-all-reduce under it), the inputs are resolved and the output folder is checked. Nothing below
-re-checks these.
+all-reduce under it), the inputs are resolved and the output folder is checked (a local path of the
+driver, not a non-empty folder). Nothing below re-checks these.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from sparkml_mnist.config import RunConfig, VariantConfig
 from sparkml_mnist.data.paths import DatasetPaths, resolve_inputs
@@ -18,6 +19,10 @@ from sparkml_mnist.distributed.backends import DEFAULT_BACKEND
 from sparkml_mnist.distributed.placement import Placement, parse_placement, rank_devices
 from sparkml_mnist.errors import ConfigError
 from sparkml_mnist.report.folder import check_output_folder
+from sparkml_mnist.report.results import ReportError
+
+LOCAL_FILE_SCHEME = "file"
+LOCAL_HOSTS = ("", "localhost")
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,31 @@ def plan_job(run: RunConfig, overwrite: bool = False, resume: bool = False) -> J
     for variant in variants:
         check_replicas(variant, placement.size)
     inputs = resolve_inputs(run.data, run.train, run.test)
-    output = Path(run.output)
-    check_output_folder(output, overwrite)
+    output = local_output_folder(run)
+    try:
+        check_output_folder(output, overwrite)
+    except ReportError as error:  # found before any work: a usage error, like every other check here
+        raise ConfigError(str(error)) from None
     return JobPlan(run=run, placement=placement, variants=variants, inputs=inputs, output=output, overwrite=overwrite,
                    resume=resume)
+
+
+def local_output_folder(run: RunConfig) -> Path:
+    """The report folder as a path of the driver's filesystem, where the report writer writes.
+
+    A ``file:`` URI is taken as its path. A URI of another filesystem (``hdfs://``, ``s3a://``,
+    ``dbfs:/``, ...) is refused here, before any training: the writer does not go through Hadoop.
+    """
+    location = urlparse(run.output)
+    if len(location.scheme) <= 1:  # no scheme (a one-letter one is a Windows drive)
+        return Path(run.output)
+    if location.scheme == LOCAL_FILE_SCHEME and location.netloc in LOCAL_HOSTS:
+        return Path(location.path)
+    raise ConfigError(
+        f"{run.source}: field 'output' (--output) {run.output!r}: the report is written by the driver through its "
+        f"local filesystem, which cannot write {location.scheme}: URIs; give a local path or a mounted one (an NFS "
+        "mount, /dbfs/... or /Volumes/... on Databricks), and copy the folder to other storage afterwards"
+    )
 
 
 def check_devices(plan: JobPlan, spark: Any) -> bool:

@@ -207,3 +207,33 @@ def test_two_variant_files_with_one_name_are_refused(tmp_path):
     run = load_run("sample").with_overrides(variants=f"{tmp_path / 'a.yaml'},{tmp_path / 'b.yaml'}")
     with pytest.raises(ConfigError, match="two variants named variant5"):
         run.load_variants()
+
+
+@pytest.mark.parametrize("uri", ["hdfs://namenode/reports/run-1", "s3a://bucket/reports", "dbfs:/tmp/reports", "file://otherhost/x"])
+def test_an_output_the_report_writer_cannot_write_is_refused_before_any_work(uri):
+    from sparkml_mnist.config import load_run
+    from sparkml_mnist.plan import plan_job
+
+    with pytest.raises(ConfigError, match=r"field 'output' \(--output\) .*the report is written by the driver"):
+        plan_job(load_run("sample").with_overrides(output=uri))
+
+
+def test_a_local_file_uri_output_is_its_path(tmp_path):
+    from sparkml_mnist.config import load_run
+    from sparkml_mnist.plan import plan_job
+
+    plan = plan_job(load_run("sample").with_overrides(output=f"file://{tmp_path}/run-1"))
+    assert plan.output == tmp_path / "run-1"
+    assert plan_job(load_run("sample").with_overrides(output=f"file:{tmp_path}/run-2")).output == tmp_path / "run-2"
+    assert plan_job(load_run("sample").with_overrides(output="out/run-3")).output == Path("out/run-3")
+
+
+def test_a_non_empty_output_folder_is_a_config_error_at_plan_time(tmp_path):
+    from sparkml_mnist.config import load_run
+    from sparkml_mnist.plan import plan_job
+
+    (tmp_path / "report.json").write_text("{}")
+    run = load_run("sample").with_overrides(output=str(tmp_path))
+    with pytest.raises(ConfigError, match="output folder exists and is not empty"):
+        plan_job(run)
+    assert plan_job(run, overwrite=True).output == tmp_path

@@ -3,10 +3,12 @@
 The Databricks CLI cannot be installed here, so the bundle is checked the way ``databricks bundle
 validate`` would see it: the files are merged as the CLI merges its includes, validated against the
 bundle JSON schema the CLI publishes (``../shared/schemas/databricks-bundle.schema.json``), and then,
-per target with the variables filled in, checked for what the schema cannot know: that the entry
-point exists, that the parameters are ones ``sparkml-mnist train`` accepts, that ``np`` fits the
-cluster's GPU slots (else Spark waits ~10 minutes for a barrier stage, then fails), that the cluster
-cannot autoscale, that outputs go to a path the report writer can write. Mutated bundles show that
+per target with the variables filled in (and prod's service principal given as a deployer gives it,
+``--var``), checked for what the schema cannot know: that the entry point exists, that the task's
+parameters, with the job parameters' defaults filled in, are ones ``sparkml-mnist train`` accepts,
+that ``np`` fits the cluster's GPU slots (else Spark waits ~10 minutes for a barrier stage, then
+fails), that the cluster cannot autoscale and is dedicated, that outputs go to a path the report
+writer can write, that prod runs as and is managed by a service principal. Mutated bundles show that
 each check reports what it should.
 """
 
@@ -19,13 +21,13 @@ import io
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
+from bundle_loader import Bundle, BundleError, fill_job_parameters, job_parameter_defaults, load_bundle, resolve_target
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
@@ -53,142 +55,12 @@ RUN_ID_REFERENCE = "{{job.run_id}}"  # a fresh report folder per run: a non-empt
 WHEEL_FOLDER = "dist"
 # What the job needs on the cluster and no ML runtime ships (README / docs/databricks.md say so).
 REQUIRED_PYPI = {"tensorflow": "2.21.0", "tf-keras": "2.21.0"}
-VAR_REFERENCE = re.compile(r"\$\{var\.([A-Za-z][\w-]*)\}")
-# Sequences that targets override item by item (matched on this key), as the CLI does.
-SEQUENCE_KEYS = {"tasks": "task_key", "job_clusters": "job_cluster_key"}
-
-
-class BundleError(ValueError):
-    """The bundle's files cannot be merged or resolved the way the Databricks CLI would."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading and merging, as the Databricks CLI does
-
-
-@dataclass
-class Bundle:
-    document: dict[str, Any]  # databricks.yml with every included file merged in
-    root: Path  # the folder of databricks.yml: paths there are relative to it
-    job_files: dict[str, Path] = field(default_factory=dict)  # job key -> the file that defines it
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(document, dict):
-        raise BundleError(f"{path}: expected a mapping at the top level")
-    return document
-
-
-def merge_include(into: dict[str, Any], other: dict[str, Any], where: str) -> None:
-    """Merge an included file: mappings recursively, sequences appended, a changed value is an error.
-
-    The CLI refuses a resource key defined in two files; any other conflict is refused here too.
-    """
-    for key, value in other.items():
-        if key not in into:
-            into[key] = copy.deepcopy(value)
-        elif isinstance(into[key], dict) and isinstance(value, dict):
-            merge_include(into[key], value, f"{where}.{key}")
-        elif isinstance(into[key], list) and isinstance(value, list):
-            into[key].extend(copy.deepcopy(value))
-        elif into[key] != value:
-            raise BundleError(f"{where}.{key} is defined twice with different values")
-
-
-def load_bundle(bundle_file: Path = BUNDLE_FILE) -> Bundle:
-    root = bundle_file.parent
-    document = read_yaml(bundle_file)
-    bundle = Bundle(document=copy.deepcopy(document), root=root)
-    for job in (document.get("resources") or {}).get("jobs") or {}:
-        bundle.job_files[job] = bundle_file
-    for pattern in document.get("include") or []:
-        matches = sorted(root.glob(pattern))
-        if not matches:
-            raise BundleError(f"include pattern {pattern!r} matches no file under {root}")
-        for path in matches:
-            included = read_yaml(path)
-            for resource_type, resources in (included.get("resources") or {}).items():
-                known = (bundle.document.get("resources") or {}).get(resource_type) or {}
-                for key in resources or {}:
-                    if key in known:
-                        raise BundleError(f"{path}: resources.{resource_type}.{key} is already defined")
-                    if resource_type == "jobs":
-                        bundle.job_files[key] = path
-            merge_include(bundle.document, included, str(path.relative_to(root)))
-    return bundle
-
-
-def override(base: Any, update: Any) -> Any:
-    """A target's settings over the top-level ones: mappings recursively, keyed sequences by key."""
-    if isinstance(base, dict) and isinstance(update, dict):
-        merged = dict(base)
-        for key, value in update.items():
-            if key in SEQUENCE_KEYS and isinstance(base.get(key), list) and isinstance(value, list):
-                merged[key] = override_keyed(base[key], value, SEQUENCE_KEYS[key])
-            else:
-                merged[key] = override(base.get(key), value) if key in base else copy.deepcopy(value)
-        return merged
-    return copy.deepcopy(update)
-
-
-def override_keyed(base: list[Any], update: list[Any], key: str) -> list[Any]:
-    merged = [copy.deepcopy(item) for item in base]
-    positions = {item.get(key): i for i, item in enumerate(merged) if isinstance(item, dict)}
-    for item in update:
-        if isinstance(item, dict) and item.get(key) in positions:
-            merged[positions[item[key]]] = override(merged[positions[item[key]]], item)
-        else:
-            merged.append(copy.deepcopy(item))
-    return merged
-
-
-def variable_values(document: dict[str, Any]) -> dict[str, Any]:
-    values = {}
-    for name, spec in (document.get("variables") or {}).items():
-        if not isinstance(spec, dict) or "default" not in spec:
-            raise BundleError(f"variable {name!r} has no default: every deploy would have to set it")
-        values[name] = spec["default"]
-    return values
-
-
-def substitute(node: Any, values: dict[str, Any]) -> Any:
-    """Replace ``${var.x}``: a string that is only the reference takes the value with its type."""
-    if isinstance(node, dict):
-        return {key: substitute(value, values) for key, value in node.items()}
-    if isinstance(node, list):
-        return [substitute(value, values) for value in node]
-    if not isinstance(node, str):
-        return node
-
-    def lookup(name: str) -> Any:
-        if name not in values:
-            raise BundleError(f"${{var.{name}}} is used but the variable is not defined")
-        return values[name]
-
-    whole = VAR_REFERENCE.fullmatch(node)
-    if whole:
-        return lookup(whole.group(1))
-    return VAR_REFERENCE.sub(lambda match: str(lookup(match.group(1))), node)
-
-
-def resolve_target(document: dict[str, Any], target: str) -> dict[str, Any]:
-    """The configuration ``databricks bundle deploy -t target`` deploys, variables filled in."""
-    settings = (document.get("targets") or {}).get(target)
-    if not isinstance(settings, dict):
-        raise BundleError(f"target {target!r} is not defined")
-    resolved = {key: copy.deepcopy(value) for key, value in document.items() if key != "targets"}
-    for key, value in settings.items():
-        if key not in ("mode", "default", "variables"):
-            resolved[key] = override(resolved.get(key), value)
-    variables = resolved.setdefault("variables", {})
-    for name, value in (settings.get("variables") or {}).items():
-        if name not in variables:
-            raise BundleError(f"target {target!r} sets variable {name!r}, which is not defined")
-        variables[name] = {**variables[name], "default": value["default"] if isinstance(value, dict) else value}
-    values = variable_values(resolved)
-    values = {name: substitute(value, values) for name, value in values.items()}  # defaults using others
-    return substitute(resolved, values)
+DEDICATED_ACCESS = ("DATA_SECURITY_MODE_DEDICATED", "SINGLE_USER")  # SINGLE_USER: its legacy name
+PRODUCTION_MODE = "production"
+MANAGE = "CAN_MANAGE"
+# What docs/databricks.md tells a deployer to pass for each target (--var); an application ID's shape.
+EXAMPLE_APPLICATION_ID = "9f0b4c4e-1d2a-4b7e-8c3f-5a6d7e8f9a0b"
+DEPLOY_VARIABLES = {"prod": {"service_principal": EXAMPLE_APPLICATION_ID}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +108,11 @@ def gpu_amount(spark_conf: dict[str, Any], key: str, problems: list[str], where:
 def cluster_problems(cluster: dict[str, Any], np: int, where: str) -> list[str]:
     """A training cluster: GPU ML runtime, fixed size, GPU scheduling, enough barrier slots for ``np``."""
     problems: list[str] = []
+    if cluster.get("data_security_mode") not in DEDICATED_ACCESS:
+        problems.append(
+            f"{where}: data_security_mode {cluster.get('data_security_mode')!r} is not dedicated access "
+            f"({' or '.join(DEDICATED_ACCESS)}), which ML runtimes need"
+        )
     if not GPU_ML_RUNTIME.search(str(cluster.get("spark_version", ""))):
         problems.append(f"{where}: spark_version {cluster.get('spark_version')!r} is not a GPU ML runtime")
     if "autoscale" in cluster:
@@ -300,22 +177,27 @@ def task_problems(bundle: Bundle, config: dict[str, Any], job: str, task: dict[s
             f"{where}: entry_point {wheel_task.get('entry_point')!r} is not a console script in setup.py "
             f"({sorted(scripts)})"
         )
-    args, error = parse_train_arguments(wheel_task.get("parameters") or [])
+    job_settings = config["resources"]["jobs"][job]
+    try:
+        parameters = fill_job_parameters(wheel_task.get("parameters") or [], job_parameter_defaults(job_settings))
+    except BundleError as error:
+        return problems + [f"{where}: {error}"]
+    args, error = parse_train_arguments(parameters)
     if args is None:
         return problems + [f"{where}: parameters rejected by sparkml-mnist: {error}"]
     if args.command != TRAIN_COMMAND:
         return problems
     try:
-        np = args.np if args.np is not None else load_run(args.conf).np
+        np = args.np if args.np is not None else load_run(args.run_config).np
     except SparkMnistError as error:
-        return problems + [f"{where}: --conf {args.conf!r}: {error}"]
+        return problems + [f"{where}: --run-config {args.run_config!r}: {error}"]
     if np < 1:
         problems.append(f"{where}: np={np} runs on the driver only; a GPU job cluster needs np >= 1")
     if not args.output or not args.output.startswith(FUSE_ROOTS):
         problems.append(f"{where}: --output {args.output!r} must be a FUSE path under {' or '.join(FUSE_ROOTS)}")
     elif RUN_ID_REFERENCE not in args.output:
         problems.append(f"{where}: --output {args.output!r} has no {RUN_ID_REFERENCE}: a second run is refused")
-    job_clusters = config["resources"]["jobs"][job].get("job_clusters") or []
+    job_clusters = job_settings.get("job_clusters") or []
     clusters = {entry.get("job_cluster_key"): entry for entry in job_clusters}
     cluster_key = task.get("job_cluster_key")
     if cluster_key not in clusters or "new_cluster" not in clusters[cluster_key]:
@@ -324,6 +206,32 @@ def task_problems(bundle: Bundle, config: dict[str, Any], job: str, task: dict[s
         problems += cluster_problems(clusters[cluster_key]["new_cluster"], np, f"{where} cluster {cluster_key}")
     problems += library_problems(bundle, job, task.get("libraries") or [], where)
     return problems
+
+
+def job_parameter_problems(job: str, settings: dict[str, Any]) -> list[str]:
+    """Every job parameter reaches a task: a parameter that nothing reads would make --params a no-op."""
+    tasks = "\n".join(str(value) for task in settings.get("tasks") or [] for value in task_parameters(task))
+    return [
+        f"resources.jobs.{job}: job parameter {name!r} is used by no task ({{{{job.parameters.{name}}}}})"
+        for name in job_parameter_defaults(settings) if f"{{{{job.parameters.{name}}}}}" not in tasks
+    ]
+
+
+def task_parameters(task: dict[str, Any]) -> list[Any]:
+    return ((task.get("python_wheel_task") or {}).get("parameters")) or []
+
+
+def run_as_problems(config: dict[str, Any], target: str, mode: str) -> list[str]:
+    """A production deployment runs as a service principal, which also manages the job."""
+    if mode != PRODUCTION_MODE:
+        return []
+    principal = (config.get("run_as") or {}).get("service_principal_name")
+    if not principal:
+        return [f"targets.{target}: run_as must name a service principal (service_principal_name), got {config.get('run_as')!r}"]
+    managers = [p for p in config.get("permissions") or [] if p.get("level") == MANAGE]
+    if not any(p.get("service_principal_name") == principal for p in managers):
+        return [f"targets.{target}: permissions give {MANAGE} to {managers}, not to the run_as service principal"]
+    return []
 
 
 def artifact_problems(bundle: Bundle) -> list[str]:
@@ -358,11 +266,13 @@ def bundle_problems(bundle: Bundle) -> list[str]:
     problems = artifact_problems(bundle) + target_problems(bundle.document)
     for target in TARGET_MODES:
         try:
-            config = resolve_target(bundle.document, target)
+            config = resolve_target(bundle.document, target, DEPLOY_VARIABLES.get(target))
         except BundleError as error:
             problems.append(f"target {target}: {error}")
             continue
+        problems += run_as_problems(config, target, TARGET_MODES[target])
         for job, settings in ((config.get("resources") or {}).get("jobs") or {}).items():
+            problems += [f"target {target}: {p}" for p in job_parameter_problems(job, settings)]
             for task in settings.get("tasks") or []:
                 problems += [f"target {target}: {p}" for p in task_problems(bundle, config, job, task)]
     return problems
@@ -428,7 +338,7 @@ def schema_report(validator, document: dict[str, Any], shown: int = 10) -> str:
 
 @pytest.fixture
 def bundle() -> Bundle:
-    return load_bundle()
+    return load_bundle(BUNDLE_FILE)
 
 
 def test_every_resource_file_is_included(bundle):
@@ -446,7 +356,7 @@ def test_bundle_matches_the_published_schema(bundle, bundle_validator):
 
 @pytest.mark.parametrize("target", TARGET_MODES)
 def test_each_target_with_variables_filled_in_matches_the_schema(bundle, bundle_validator, target):
-    config = resolve_target(bundle.document, target)
+    config = resolve_target(bundle.document, target, DEPLOY_VARIABLES.get(target))
     assert bundle_validator.is_valid(config), schema_report(bundle_validator, config)
 
 
@@ -465,14 +375,68 @@ def test_schema_reports_a_misspelt_task_field(bundle, bundle_validator):
     assert any("entrypoint" in m for m in messages) and any("entry_point" in m for m in messages), messages
 
 
+# Mutations of the new fields the schema itself must catch: (mutate, the JSON path of the error).
+SCHEMA_MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
+    "job parameter without a default": (
+        lambda d: d["resources"]["jobs"][JOB_KEY]["parameters"][0].pop("default"),
+        f"$.resources.jobs.{JOB_KEY}.parameters[0]",
+    ),
+    "unknown access mode": (
+        lambda d: d["resources"]["jobs"][JOB_KEY]["job_clusters"][0]["new_cluster"].update(data_security_mode="DEDICATED"),
+        f"$.resources.jobs.{JOB_KEY}.job_clusters[0].new_cluster.data_security_mode",
+    ),
+    "run_as with a misspelt field": (
+        lambda d: d["targets"]["prod"]["run_as"].update(service_principal="x"),
+        "$.targets.prod.run_as",
+    ),
+    "a permission level jobs do not have": (
+        lambda d: d["targets"]["prod"]["permissions"][1].update(level="CAN_RUN_EVERYTHING"),
+        "$.targets.prod.permissions[1].level",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", SCHEMA_MUTATIONS)
+def test_schema_reports_a_broken_new_field(bundle, bundle_validator, mutation):
+    mutate, path = SCHEMA_MUTATIONS[mutation]
+    mutated = copy.deepcopy(bundle.document)
+    mutate(mutated)
+    assert path in {where for where, _ in leaf_errors(bundle_validator, mutated)}, schema_report(bundle_validator, mutated)
+
+
 def test_bundle_has_no_problems_the_schema_cannot_see(bundle):
     assert bundle_problems(bundle) == []
 
 
 def test_data_default_is_the_databricks_dataset(bundle):
     assert bundle.document["variables"]["data_dir"]["default"] == load_data_spec().databricks_data_dir
-    parameters = bundle.document["resources"]["jobs"][JOB_KEY]["tasks"][0]["python_wheel_task"]["parameters"]
-    assert parameters[parameters.index("--data") + 1] == "${var.data_dir}"
+    job = bundle.document["resources"]["jobs"][JOB_KEY]
+    parameters = job["tasks"][0]["python_wheel_task"]["parameters"]
+    assert parameters[parameters.index("--data") + 1] == "{{job.parameters.data}}"
+    assert job_parameter_defaults(job)["data"] == "${var.data_dir}"
+
+
+def test_run_time_parameters_reach_the_command_line(bundle):
+    # databricks bundle run -t dev mnist_training --params variants=variant3,epochs=2,seed=7
+    job = resolve_target(bundle.document, DEFAULT_TARGET)["resources"]["jobs"][JOB_KEY]
+    parameters = job["tasks"][0]["python_wheel_task"]["parameters"]
+    args, error = parse_train_arguments(fill_job_parameters(parameters, job_parameter_defaults(job)))
+    assert error is None
+    assert (args.variant, args.np, args.epochs, args.seed) == (["all"], 2, None, None)  # the lab's epochs and seed
+    given = {**job_parameter_defaults(job), "variants": "variant3", "epochs": "2", "seed": "7"}
+    args, error = parse_train_arguments(fill_job_parameters(parameters, given))
+    assert error is None
+    assert (args.variant, args.np, args.epochs, args.seed) == (["variant3"], 2, 2, 7)
+    assert args.output == "/dbfs/tmp/sparkml-mnist/run-{{job.run_id}}"
+
+
+def test_prod_cannot_be_deployed_without_its_service_principal(bundle):
+    assert resolve_target(bundle.document, "prod", DEPLOY_VARIABLES["prod"])["run_as"] == {
+        "service_principal_name": EXAMPLE_APPLICATION_ID
+    }
+    with pytest.raises(BundleError, match=r"variable 'service_principal' has no value in target 'prod'.*--var"):
+        resolve_target(bundle.document, "prod")
+    assert "run_as" not in resolve_target(bundle.document, "dev")  # dev runs as the deploying user
 
 
 def test_output_default_agrees_with_the_platform_default(bundle):
@@ -484,12 +448,13 @@ def test_output_default_agrees_with_the_platform_default(bundle):
 def test_every_variant_is_trained(bundle):
     config = resolve_target(bundle.document, DEFAULT_TARGET)
     tasks = config["resources"]["jobs"][JOB_KEY]["tasks"]
+    defaults = job_parameter_defaults(config["resources"]["jobs"][JOB_KEY])
     trained = []
     for task in tasks:
-        args, error = parse_train_arguments(task["python_wheel_task"]["parameters"])
+        args, error = parse_train_arguments(fill_job_parameters(task["python_wheel_task"]["parameters"], defaults))
         assert error is None
         variants = ",".join(args.variant) if args.variant else None
-        trained.extend(load_run(args.conf).with_overrides(variants=variants).variants)
+        trained.extend(load_run(args.run_config).with_overrides(variants=variants).variants)
     assert sorted(trained) == [f"variant{i}" for i in range(1, 5)]
 
 
@@ -538,7 +503,28 @@ MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
         lambda d: d["artifacts"]["sparkml_mnist_wheel"].update(build="python -m pip wheel -w out ."),
         "artifacts",
     ),
+    "undefined job parameter": (lambda d: _parameter(d, "--np", "{{job.parameters.gpus}}"), "no parameter 'gpus'"),
+    "job parameter nothing reads": (
+        lambda d: d["resources"]["jobs"][JOB_KEY]["parameters"].append({"name": "batch", "default": "64"}),
+        "'batch' is used by no task",
+    ),
+    "epochs default not a number": (lambda d: _job_parameter(d, "epochs").update(default="ten"), "--epochs"),
+    "np parameter above slots": (lambda d: _job_parameter(d, "np").update(default="4"), "np=4 barrier tasks"),
+    "shared access mode": (lambda d: _cluster(d).update(data_security_mode="USER_ISOLATION"), "dedicated access"),
+    "prod runs as a person": (
+        lambda d: d["targets"]["prod"].update(run_as={"user_name": "someone@example.com"}),
+        "run_as must name a service principal",
+    ),
+    "prod's principal cannot manage the job": (
+        lambda d: d["targets"]["prod"]["permissions"].pop(0),
+        "not to the run_as service principal",
+    ),
 }
+
+
+def _job_parameter(document: dict[str, Any], name: str) -> dict[str, Any]:
+    (entry,) = [p for p in document["resources"]["jobs"][JOB_KEY]["parameters"] if p["name"] == name]
+    return entry
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)

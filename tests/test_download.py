@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_svmlight_file
 
-from sparkml_mnist.cli import EXIT_BAD_INPUT, main
+from sparkml_mnist.cli import EXIT_RUN_FAILED, EXIT_USAGE, main
 from sparkml_mnist.config import load_data_spec
 from sparkml_mnist.data import download as download_module
 from sparkml_mnist.data.download import DownloadError, download_mnist, load_download_spec
@@ -306,14 +306,14 @@ def test_a_missing_file_is_an_http_404(tmp_path, mirror, test_spec):
 
 @pytest.mark.parametrize("url", ["ftp://example.invalid/mnist/", "not a url", "http:///mnist/"])
 def test_a_mirror_that_is_not_a_url_is_refused_before_any_request(tmp_path, test_spec, url):
-    with pytest.raises(DownloadError, match="is not an http://, https:// or file:// URL"):
+    with pytest.raises(ConfigError, match="is not an http://, https:// or file:// URL"):
         _download(tmp_path / "mnist", url, test_spec)
 
 
 def test_a_file_where_the_folder_should_be_is_refused(tmp_path, mirror, test_spec):
     target = tmp_path / "taken"
     target.write_text("x")
-    with pytest.raises(DownloadError, match="exists and is not a folder"):
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
         _download(target, mirror.url, test_spec)
     assert mirror.requests == []
 
@@ -380,21 +380,21 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-def test_cli_checksum_error_exits_2_in_one_line(tmp_path, mirror, capsys):
+def test_cli_checksum_error_exits_1_in_one_line(tmp_path, mirror, capsys):
     # The shipped config expects the canonical files; the test server's are not.
-    assert main(["download-data", str(tmp_path / "mnist"), "--mirror", mirror.url]) == EXIT_BAD_INPUT
+    assert main(["download-data", str(tmp_path / "mnist"), "--mirror", mirror.url]) == EXIT_RUN_FAILED
     err = _one_line_error(capsys)
     assert f"expected {CANONICAL_TRAIN_IMAGES_SHA256}, got " in err
     assert not (tmp_path / "mnist").exists()
 
 
-def test_cli_unreachable_mirror_exits_2_in_one_line(tmp_path, closed_port_url, capsys):
-    assert main(["download-data", str(tmp_path / "mnist"), "--mirror", closed_port_url]) == EXIT_BAD_INPUT
+def test_cli_unreachable_mirror_exits_1_in_one_line(tmp_path, closed_port_url, capsys):
+    assert main(["download-data", str(tmp_path / "mnist"), "--mirror", closed_port_url]) == EXIT_RUN_FAILED
     assert f"cannot reach {closed_port_url}" in _one_line_error(capsys)
 
 
 def test_cli_bad_mirror_exits_2_in_one_line(tmp_path, capsys):
-    assert main(["download-data", str(tmp_path), "--mirror", "ftp://example.invalid/"]) == EXIT_BAD_INPUT
+    assert main(["download-data", str(tmp_path), "--mirror", "ftp://example.invalid/"]) == EXIT_USAGE
     assert "is not an http://, https:// or file:// URL" in _one_line_error(capsys)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparkml_mnist.cli import EXIT_BAD_INPUT, main
+from sparkml_mnist.cli import EXIT_RUN_FAILED, EXIT_USAGE, main
 from sparkml_mnist.config import load_run
 from sparkml_mnist.job import run_job
 
@@ -87,7 +87,7 @@ def test_np1_and_np2_take_the_same_steps_per_epoch(spark, tmp_path, np2_report):
 
 
 def test_existing_report_is_not_overwritten(spark, np2_report, capsys):
-    assert main(["train", "--variant", "variant1", "--epochs", "1", "--output", str(np2_report)]) == EXIT_BAD_INPUT
+    assert main(["train", "--variant", "variant1", "--epochs", "1", "--output", str(np2_report)]) == EXIT_USAGE
     assert f"{np2_report}: output folder exists and is not empty" in capsys.readouterr().err
     assert (np2_report / "report.json").exists()
 
@@ -98,22 +98,22 @@ def test_existing_report_is_not_overwritten(spark, np2_report, capsys):
         (["--np", "0"], "field 'np' is 0"),
         (["--variant", "variant9"], "unknown variant 'variant9'"),
         (["--epochs", "-1"], "must be a positive integer"),
-        (["--conf", "nope"], "unknown run config 'nope'"),
+        (["--run-config", "nope"], "unknown run config 'nope'"),
         (["--np", "3"], "not divisible by the 3 replicas"),
         (["--data", "x", "--train", "y"], "either --data DIR or --train/--test"),
         (["--train", "only-train.txt"], "give both 'train' and 'test'"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(spark, capsys, argv, words):
-    assert main(["train", *argv]) == EXIT_BAD_INPUT
+    assert main(["train", *argv]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert err.startswith("sparkml-mnist: error: ") and len(err.splitlines()) == 1
     assert words in err
 
 
-def test_missing_data_folder_exits_2_naming_the_file(spark, tmp_path, capsys):
-    missing = tmp_path / "nowhere"
-    assert main(["train", "--data", str(missing), "--output", str(tmp_path / "out")]) == EXIT_BAD_INPUT
+def test_missing_data_folder_exits_1_naming_the_file(spark, tmp_path, capsys):
+    missing = tmp_path / "nowhere"  # found by Spark's reader: the run started
+    assert main(["train", "--data", str(missing), "--output", str(tmp_path / "out")]) == EXIT_RUN_FAILED
     assert f"{missing / 'mnist-digits-train.txt'}: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

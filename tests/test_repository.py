@@ -49,3 +49,36 @@ def test_the_installed_package_carries_its_conf_outside_the_checkout(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "sample"
+
+
+def _extra_requirements(extra: str) -> dict:
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    found = {}
+    for line in metadata.requires("sparkml-mnist") or []:
+        requirement = Requirement(line)
+        if requirement.marker and requirement.marker.evaluate({"extra": extra}):
+            found[requirement.name] = requirement
+    return found
+
+
+def test_the_gpu_extra_pins_what_ci_tests_on_cpus():
+    # CI installs `local` (TensorFlow's CPU build); the gpu build must be held to the same versions.
+    local, cpu, gpu = (_extra_requirements(extra) for extra in ("local", "cpu", "gpu"))
+    assert gpu["tensorflow"].specifier == local["tensorflow-cpu"].specifier == cpu["tensorflow-cpu"].specifier
+    assert gpu["tensorflow"].extras == {"and-cuda"}
+    assert gpu["tf-keras"].specifier == cpu["tf-keras"].specifier == local["tf-keras"].specifier
+    assert "tensorflow-cpu" not in gpu and "tensorflow" not in cpu  # both builds install the `tensorflow` module
+    assert "pyspark" not in cpu and "pyspark" not in gpu  # executors use their cluster's own Spark
+
+
+def test_version_option_reports_the_installed_distribution():
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    result = subprocess.run([sys.executable, "-m", "sparkml_mnist.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == f"sparkml-mnist {metadata.version('sparkml-mnist')}\n"

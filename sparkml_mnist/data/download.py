@@ -166,7 +166,7 @@ def download_mnist(
     mirror = normalise_mirror(mirror_url or spec.mirror_url)
     target = Path(target_dir)
     if target.exists() and not target.is_dir():
-        raise DownloadError(f"{target} exists and is not a folder; give a folder for the MNIST files")
+        raise ConfigError(f"{target} exists and is not a folder; give a folder for the MNIST files")
     outputs = {split: target / (_split_file(data_spec, split) + COMPRESSED_SUFFIX) for split in SPLITS}
     paths = DatasetPaths(train=str(outputs["train"]), test=str(outputs["test"]))
     manifest = target / spec.manifest_file
@@ -202,7 +202,7 @@ def normalise_mirror(url: str) -> str:
     """The mirror as a folder URL ending in ``/``; anything urllib cannot fetch is refused up front."""
     parsed = urlparse(url.strip())
     if parsed.scheme not in MIRROR_SCHEMES or (parsed.scheme != "file" and not parsed.netloc):
-        raise DownloadError(
+        raise ConfigError(
             f"mirror {url!r} is not an http://, https:// or file:// URL of a folder; "
             "give e.g. --mirror https://ossci-datasets.s3.amazonaws.com/mnist/"
         )
