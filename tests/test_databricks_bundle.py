@@ -430,6 +430,18 @@ def test_run_time_parameters_reach_the_command_line(bundle):
     assert args.output == "/dbfs/tmp/sparkml-mnist/run-{{job.run_id}}"
 
 
+def test_the_job_logs_every_run_to_the_bundles_mlflow_experiment(bundle):
+    config = resolve_target(bundle.document, DEFAULT_TARGET)
+    experiments = config["resources"]["experiments"]
+    assert list(experiments) == ["mnist_training"] and experiments["mnist_training"]["name"].endswith("experiment")
+    job = config["resources"]["jobs"][JOB_KEY]
+    parameters = job["tasks"][0]["python_wheel_task"]["parameters"]
+    assert "--mlflow" in parameters
+    assert parameters[parameters.index("--mlflow-experiment") + 1] == "${resources.experiments.mnist_training.name}"
+    args, error = parse_train_arguments(fill_job_parameters(parameters, job_parameter_defaults(job)))
+    assert error is None and args.mlflow is True
+
+
 def test_prod_cannot_be_deployed_without_its_service_principal(bundle):
     assert resolve_target(bundle.document, "prod", DEPLOY_VARIABLES["prod"])["run_as"] == {
         "service_principal_name": EXAMPLE_APPLICATION_ID
