@@ -10,8 +10,14 @@ Each configuration runs in a fresh Python process (TensorFlow's threads and Spar
 - ``job np=1``: the job's own training path (``HorovodRunner`` + ``sparkml_mnist.train.train_rank``
   on the data stage's shards) on ``local[C]`` with ``spark.task.cpus`` = C: the same cores;
 - ``job np=1, 1 core`` and ``job np=2, 1 core each``: ``spark.task.cpus`` = 1, the scaling pair;
-- ``*_xla``: bare and np=1 again with XLA (``jit_compile=True``), the default-or-not question (np=2
-  with XLA cannot run on CPU: TensorFlow has no XLA collectives for CPU devices).
+- ``ceiling``: what this machine can do at all with two 1-core workers: two independent ``job np=1,
+  1 core`` runs started together, their images/s summed. ``efficiency`` = np=2 images/s / ceiling:
+  how much of the machine data-parallel training keeps (1.0: none lost to the collectives);
+- ``--backends tf,horovod``: the np=2 and ceiling runs with each backend (horovod in the environment
+  ``--horovod-python`` names, TF 2.15); ``--allreduce float16`` adds np=2 with half-precision
+  gradient all-reduce;
+- ``--xla``: bare and np=1 again with XLA (``jit_compile=True``) (np=2 with XLA cannot run on CPU:
+  TensorFlow has no XLA collectives for CPU devices).
 
 Throughput is images trained per second in the last epoch (the first pays for tracing). The
 validation split is set to 0 for every run so all of them do the same work. Writes
@@ -77,7 +83,7 @@ def measure_bare(slice_path: str, variant_name: str, epochs: int, jit_compile: b
 
 def measure_job(
     slice_path: str, variant_name: str, epochs: int, np_: int, task_cpus: int, backend: str = "tf",
-    jit_compile: bool = False,
+    jit_compile: bool = False, allreduce: str = "float32",
 ) -> dict:
     """The job's training path: data stage shards -> HorovodRunner -> train_rank."""
     from sparkml_mnist.data.libsvm import load_libsvm
@@ -95,7 +101,7 @@ def measure_job(
     variant = variant_without_validation(variant_name, epochs, jit_compile)
     sharded = shard_frame(load_libsvm(spark, slice_path), np_, 0.0)
     records = HorovodRunner(np=np_, spark=spark, data=sharded.frame, backend=backend, log_sink=None).run_all(
-        train_rank, variant=variant, plan=sharded.plan, seed=SEED
+        train_rank, variant=variant, plan=sharded.plan, seed=SEED, allreduce=allreduce
     )
     spark.stop()
     chief = records[0].value
@@ -105,16 +111,30 @@ def measure_job(
     return {"images_per_epoch": images, "epoch_seconds": chief["epoch_seconds"], "img_s": images / last}
 
 
-def run_measurement(*argv: str, threads: int | None = None) -> dict:
+def _start(argv: tuple[str, ...], threads: int | None, python: str) -> subprocess.Popen:
     env = dict(os.environ)
     if threads is not None:
         env.update({name: str(threads) for name in THREAD_ENVS})
-    result = subprocess.run(
-        [sys.executable, __file__, "--measure", *argv], capture_output=True, text=True, env=env, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"measurement {argv} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([python, __file__, "--measure", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _finish(process: subprocess.Popen, argv: tuple[str, ...]) -> dict:
+    out, err = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"measurement {argv} failed:\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_measurement(*argv: str, threads: int | None = None, python: str = sys.executable) -> dict:
+    return _finish(_start(argv, threads, python), argv)
+
+
+def run_together(*argv: str, copies: int = 2, python: str = sys.executable) -> dict:
+    """``copies`` independent measurements started at once: the machine's ceiling for that many workers."""
+    processes = [_start(argv, None, python) for _ in range(copies)]
+    runs = [_finish(process, argv) for process in processes]
+    return {"runs": runs, "img_s": sum(run["img_s"] for run in runs)}
 
 
 def write_slice(source: Path, rows: int, folder: Path) -> str:
@@ -142,6 +162,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15360, help="training images (120 global batches of 128)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--variants", default="variant3,variant1")
+    parser.add_argument("--backends", default="tf", help="tf, or tf,horovod (horovod needs --horovod-python)")
+    parser.add_argument("--horovod-python", default=str(Path(__file__).resolve().parents[1] / ".venv-horovod" / "bin" / "python"))
+    parser.add_argument("--allreduce", default="float32", help="float16: also np=2 with half-precision all-reduce")
+    parser.add_argument("--xla", action="store_true", help="also bare and np=1 with XLA")
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -151,8 +175,10 @@ def main() -> None:
             print(json.dumps(measure_bare(slice_path, variant, args.epochs, jit_compile=XLA in rest)))
         else:
             np_, task_cpus, backend, *flags = rest
+            allreduce = next((flag for flag in flags if flag in ("float16", "bfloat16")), "float32")
             print(json.dumps(measure_job(
                 slice_path, variant, args.epochs, int(np_), int(task_cpus), backend, jit_compile=XLA in flags,
+                allreduce=allreduce,
             )))
         return
 
@@ -173,14 +199,29 @@ def main() -> None:
                 "np1": run_measurement("job", slice_path, variant, "1", str(cores), "tf"),
                 "np1_1core": run_measurement("job", slice_path, variant, "1", "1", "tf"),
                 "np2_1core": run_measurement("job", slice_path, variant, "2", "1", "tf"),
-                # XLA (jit_compile) on: the same runs, to decide whether it should be the default
-                "bare_xla": run_measurement("bare", slice_path, variant, XLA, threads=cores),
-                "np1_xla": run_measurement("job", slice_path, variant, "1", str(cores), "tf", XLA),
-                # np=2 with XLA cannot run on CPU: "Collectives are not yet implemented for CPU devices
-                # when compiling with XLA" (TF 2.21); the job refuses it before training.
             }
+            if args.xla:  # np=2 with XLA cannot run on CPU (no XLA collectives there); the job refuses it
+                runs["bare_xla"] = run_measurement("bare", slice_path, variant, XLA, threads=cores)
+                runs["np1_xla"] = run_measurement("job", slice_path, variant, "1", str(cores), "tf", XLA)
             for name, run in runs.items():
                 print(f"[{variant}] {name}: {run['img_s']:.0f} img/s (epochs: {run['epoch_seconds']})", flush=True)
+            backends = {}
+            for backend in args.backends.split(","):
+                python = args.horovod_python if backend == "horovod" else sys.executable
+                np2 = runs["np2_1core"] if backend == "tf" else run_measurement(
+                    "job", slice_path, variant, "2", "1", backend, python=python)
+                ceiling = run_together("job", slice_path, variant, "1", "1", backend, python=python)
+                entry = {"np2_img_s": np2["img_s"], "ceiling_img_s": ceiling["img_s"],
+                         "efficiency": np2["img_s"] / ceiling["img_s"], "ceiling_runs": ceiling["runs"]}
+                if args.allreduce != "float32":
+                    compressed = run_measurement("job", slice_path, variant, "2", "1", backend, args.allreduce,
+                                                 python=python)
+                    entry[f"np2_{args.allreduce}_img_s"] = compressed["img_s"]
+                    entry[f"efficiency_{args.allreduce}"] = compressed["img_s"] / ceiling["img_s"]
+                print(f"[{variant}] {backend}: np=2 {entry['np2_img_s']:.0f} img/s, ceiling "
+                      f"{entry['ceiling_img_s']:.0f} img/s, efficiency {entry['efficiency']:.2f}", flush=True)
+                backends[backend] = entry
+            runs["backends"] = backends
             results["variants"][variant] = runs
     first = results["variants"][args.variants.split(",")[0]]
     results.update(
@@ -192,13 +233,10 @@ def main() -> None:
             "np2_1core_img_s": first["np2_1core"]["img_s"],
             "np1_1core_img_s": first["np1_1core"]["img_s"],
             "scaling": first["np2_1core"]["img_s"] / first["np1_1core"]["img_s"],
-            "xla": {
-                variant: {
-                    "bare_speedup": runs["bare_xla"]["img_s"] / runs["bare"]["img_s"],
-                    "np1_speedup": runs["np1_xla"]["img_s"] / runs["np1"]["img_s"],
-                }
-                for variant, runs in results["variants"].items()
-            },
+            "efficiency": {variant: {backend: entry["efficiency"] for backend, entry in runs["backends"].items()}
+                           for variant, runs in results["variants"].items()},
+            "ceiling_img_s": {variant: {backend: entry["ceiling_img_s"] for backend, entry in runs["backends"].items()}
+                              for variant, runs in results["variants"].items()},
         }
     )
     RESULT_FILE.parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--progress-timeout", type=float, metavar="SECONDS", help="end the run if a rank makes no progress this long")
     train.add_argument("--max-retries", type=int, metavar="N", help="attempts after a failed one, each resuming from the last epoch (default 2)")
     train.add_argument("--deterministic", action="store_true", default=None, help="bit-identical weights for the same seed on the same machine (slower)")
+    train.add_argument("--allreduce", choices=("float32", "float16"),
+                       help="the gradients' precision on the wire: float16 sends half the bytes a step (default float32)")
     train.add_argument("--resume", metavar="OUTPUT", help="continue the unfinished run into OUTPUT with its own settings: finished variants are kept, the one in flight resumes from its last epoch")
     train.add_argument("--master", help="Spark master, or sc://HOST:PORT for Spark Connect (default: spark-submit's or SPARK_REMOTE, else local[*])")
     train.add_argument("--mlflow", action="store_true", default=None,
@@ -165,7 +167,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 RUN_SETTINGS = ("run_config", "variant", "np", "epochs", "data", "train", "test", "output", "seed", "backend",
-                "progress_timeout", "max_retries", "deterministic", "overwrite")
+                "progress_timeout", "max_retries", "deterministic", "allreduce", "overwrite")
 
 
 def _run_training(args: argparse.Namespace) -> None:
@@ -236,6 +238,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         backend=args.backend,
         max_retries=args.max_retries,
         deterministic=args.deterministic,
+        allreduce=args.allreduce,
     )
 
 

@@ -9,14 +9,14 @@ backend distributes: ``B / n`` rows per rank and step, so np=1 and np=2 run the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sparkml_mnist import keras_flavour
-from sparkml_mnist.config import DataSpec
+from sparkml_mnist.config import DataSpec, load_data_spec
 from sparkml_mnist.data.columns import ROW_COLUMN, SHARD_COLUMN, VALIDATION_COLUMN
 from sparkml_mnist.data.tensors import images_and_labels
 from sparkml_mnist.errors import ConfigError, DataError
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ShardTensors:
-    """One rank's data, in file order: ``x`` float32 (n, 28, 28, 1) in [0, 1], ``y`` one-hot."""
+    """One rank's data, in file order: ``x`` uint8 (n, 28, 28, 1) raw pixels, ``y`` one-hot."""
 
     shard: int
     x_train: np.ndarray
@@ -50,8 +50,8 @@ def shard_tensors(table: pa.Table, spec: DataSpec | None = None) -> ShardTensors
     table = table.take(pc.sort_indices(table, sort_keys=[(ROW_COLUMN, "ascending")]))
     is_validation = table.column(VALIDATION_COLUMN).to_numpy(zero_copy_only=False)
     train, validation = table.filter(pa.array(~is_validation)), table.filter(pa.array(is_validation))
-    x_train, y_train = images_and_labels(train, spec)
-    x_validation, y_validation = images_and_labels(validation, spec)
+    x_train, y_train = images_and_labels(train, spec, scaled=False)  # uint8: cast in the input pipeline
+    x_validation, y_validation = images_and_labels(validation, spec, scaled=False)
     return ShardTensors(
         shard=int(shards[0]),
         x_train=x_train,
@@ -78,9 +78,20 @@ def steps_per_epoch(rows_per_rank: int, global_batch_size: int, ranks: int, part
     return steps
 
 
+def scale_images(spec: DataSpec | None = None) -> Callable[..., Any]:
+    """The input pipeline's map: (uint8 images, labels) -> (float32 images in [0, 1], labels)."""
+    tf = keras_flavour.tensorflow()
+    maximum = float((spec or load_data_spec()).max_pixel_value)
+
+    def scale(images: Any, labels: Any) -> tuple[Any, Any]:
+        return tf.cast(images, tf.float32) / maximum, labels
+
+    return scale
+
+
 def rank_batches(
     arrays: tuple[Any, ...], batch_size: int, steps: int, shuffle: bool = False, seed: int = 0, replicas: int = 1,
-    first_epoch: int = 0,
+    first_epoch: int = 0, preprocess: Callable[..., Any] | None = None,
 ) -> Any:
     """``steps`` batches of ``batch_size`` rows per replica of this rank's arrays per epoch, epoch after epoch.
 
@@ -101,16 +112,18 @@ def rank_batches(
 
     indices = tf.data.Dataset.counter(first_epoch).map(epoch_order).unbatch().batch(batch_size, drop_remainder=True)
     gathered = indices.map(lambda index: tuple(tf.gather(tensor, index) for tensor in tensors))
+    if preprocess is not None:
+        gathered = gathered.map(preprocess)
     return gathered.prefetch(tf.data.AUTOTUNE)
 
 
 def distributed_dataset(
     context: RankContext, arrays: tuple[Any, ...], global_batch_size: int, steps: int,
-    shuffle: bool = False, seed: int = 0, first_epoch: int = 0,
+    shuffle: bool = False, seed: int = 0, first_epoch: int = 0, preprocess: Callable[..., Any] | None = None,
 ) -> Any:
     """This rank's arrays as the backend's input: ``steps`` global batches per epoch, from ``first_epoch`` on."""
 
     def make(per_replica_batch: int, replicas: int) -> Any:
-        return rank_batches(arrays, per_replica_batch, steps, shuffle, seed, replicas, first_epoch)
+        return rank_batches(arrays, per_replica_batch, steps, shuffle, seed, replicas, first_epoch, preprocess)
 
     return context.distribute_dataset(make, global_batch_size)

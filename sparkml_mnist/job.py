@@ -1,4 +1,4 @@
-"""The training job: read and shard once, train each variant through the launcher, evaluate, report.
+"""The training job: read and shard once, train every variant in one barrier stage, evaluate, report.
 
 The SparkSession comes from the entry point, the plan from ``sparkml_mnist.plan`` (every setting
 checked once, before any Spark work). The output is claimed at start (``run_state``); each variant's
@@ -17,30 +17,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
+from sparkml_mnist import log as log_module
 from sparkml_mnist.config import RunConfig, VariantConfig
-from sparkml_mnist.data.libsvm import load_libsvm
-from sparkml_mnist.data.shards import ShardedFrame, shard_frame
+from sparkml_mnist.data.libsvm import LibsvmData, load_libsvm
+from sparkml_mnist.data.shards import shard_layouts
 from sparkml_mnist.data.tensors import collect_tensors
 from sparkml_mnist.distributed.checkpoints import CheckpointStore
 from sparkml_mnist.distributed.runner import HorovodRunner
-from sparkml_mnist.evaluate import evaluate
-from sparkml_mnist.plan import JobPlan, check_devices, plan_job
-from sparkml_mnist import log as log_module
 from sparkml_mnist.errors import SparkMnistError
+from sparkml_mnist.finisher import VariantFinisher, rank_rows
+from sparkml_mnist.plan import JobPlan, check_devices, plan_job
 from sparkml_mnist.redact import redact, redact_all
 from sparkml_mnist.report import ReportError, VariantResult, collect_versions, format_summary_table, write_report
-from sparkml_mnist.run_state import RunState, StateError
+from sparkml_mnist.run_state import RunState
 from sparkml_mnist.tracking import TRACKING_URI_ENV, Tracking, log_variants, run_params, variant_params
 from sparkml_mnist.versions import enforce_versions
 
 logger = logging.getLogger(__name__)
 Say = Callable[[str], None]
 
-MODEL_FILE_SUFFIX = ".keras"
 SIGNATURE_EXAMPLES = 5  # test images that show MLflow the model's input and output
-PREDICT_BATCH = 1024  # driver-side inference batch: large batches are faster, memory is small
 
 
 def run_job(
@@ -124,125 +123,87 @@ def _train_all(
     train = load_libsvm(spark, paths.train)
     test = load_libsvm(spark, paths.test)
     x_test, y_test = collect_tensors(test)
+    test.release()
     timings["read_and_validate_s"] = time.perf_counter() - clock
     log(f"  {train.num_rows:,} training rows, {test.num_rows:,} test rows ({timings['read_and_validate_s']:.1f} s)")
 
-    results: list[VariantResult] = []
-    shards: dict[float, ShardedFrame] = {}
+    run, placement = plan.run, plan.placement
+    finisher = VariantFinisher(list(plan.variants), placement.np, run.seed, run.deterministic, state, x_test, y_test,
+                               log)
+    checkpoints = state.checkpoints()
+    results: dict[str, VariantResult] = {}
+    remaining = []
     for variant in plan.variants:
         finished = state.finished(variant.name)
+        last = checkpoints.latest(variant.name)
         if finished is not None:
             log(f"{variant.name}: finished by an earlier attempt of this run, kept "
                 f"(test accuracy {finished.evaluation.accuracy:.4f})")
-            results.append(finished)
-            continue
-        split = variant.validation_split
-        if split not in shards:
-            shards[split] = shard_frame(train, plan.placement.size, split)
-        result = train_variant(spark, plan, variant, shards[split], x_test, y_test, state, log)
-        results.append(state.save_finished(result))
-    return results, timings, x_test[:SIGNATURE_EXAMPLES]
-
-
-def train_variant(
-    spark: SparkSession,
-    plan: JobPlan,
-    variant: VariantConfig,
-    sharded: ShardedFrame,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    state: RunState,
-    log: Callable[[str], None],
-) -> VariantResult:
-    """One variant: distributed training (retried, resumed from its checkpoints), then the driver's evaluation."""
-    from sparkml_mnist.models import build_model
-    from sparkml_mnist.train import train_rank
-
-    placement, shard_plan, run = plan.placement, sharded.plan, plan.run
-    log(
-        f"{variant.name}: {variant.description}; np={placement.np} ({placement.backend}), {variant.epochs} epochs, "
-        f"global batch {variant.batch_size}, {shard_plan.train_per_shard:,} training + "
-        f"{shard_plan.validation_per_shard:,} validation rows per rank"
-    )
-    clock = time.perf_counter()
-    checkpoints: CheckpointStore = state.checkpoints(variant.name)
-    runner = HorovodRunner(
-        np=placement, spark=spark, data=sharded.frame, progress_timeout_s=run.progress_timeout_s,
-        max_retries=run.max_retries, checkpoints=checkpoints, name=variant.name,
-    )
+            results[variant.name] = finished
+        elif last is not None and last.epoch >= variant.epochs:  # trained, but the driver stopped before keeping it
+            results[variant.name] = finisher.finish(variant, last)
+        else:
+            remaining.append(variant)
     try:
-        records = runner.run_all(train_rank, variant=variant, plan=shard_plan, seed=run.seed,
-                                 deterministic=run.deterministic)
+        if remaining:
+            results.update(_train_in_one_stage(spark, plan, remaining, train, finisher, state, checkpoints, log))
     finally:
-        attempts = [_attempt_summary(a, runner.attempts) for a in runner.attempts]
-    train_s = time.perf_counter() - clock
-    chief = records[0].value
+        train.release()
+    return [results[variant.name] for variant in plan.variants], timings, x_test[:SIGNATURE_EXAMPLES]
 
-    log(f"{variant.name}: evaluating rank 0's model on {len(x_test):,} test images")
-    clock = time.perf_counter()
-    model = build_model(variant)
-    model.set_weights(chief["weights"])
-    probabilities = model.predict(x_test, batch_size=PREDICT_BATCH, verbose=0)
-    evaluation = evaluate(y_test, probabilities)
-    folder = state.variant_folder(variant.name)
-    model_file = folder / f"{variant.name}{MODEL_FILE_SUFFIX}"  # kept for the report; result.json marks it done
+
+def _train_in_one_stage(
+    spark: SparkSession, plan: JobPlan, variants: list[VariantConfig], train: LibsvmData, finisher: VariantFinisher,
+    state: RunState, checkpoints: CheckpointStore, log: Say,
+) -> dict[str, VariantResult]:
+    """Every remaining variant in one barrier stage: one TensorFlow import and one strategy for all.
+
+    Each variant is evaluated on the driver as soon as its last epoch's checkpoint arrives, while the
+    ranks go on with the next; a retried attempt skips the variants that finished.
+    """
+    from sparkml_mnist.train import VariantJob, train_variants
+
+    run, placement = plan.run, plan.placement
+    splits = sorted({variant.validation_split for variant in variants})
+    layouts = shard_layouts(train, placement.size, splits)
+    frame = layouts.frame.persist(StorageLevel.MEMORY_AND_DISK)  # a retry skips the shuffle
+    jobs = [VariantJob(v, layouts.plans[splits.index(v.validation_split)], splits.index(v.validation_split))
+            for v in variants]
+    for job in jobs:
+        log(f"{job.variant.name}: {job.variant.description}; np={placement.np} ({placement.backend}), "
+            f"{job.variant.epochs} epochs, global batch {job.variant.batch_size}, {job.plan.train_per_shard:,} "
+            f"training + {job.plan.validation_per_shard:,} validation rows per rank")
+    checkpoints.subscribe(finisher.on_checkpoint)
+    runner = HorovodRunner(np=placement, spark=spark, data=frame, progress_timeout_s=run.progress_timeout_s,
+                           max_retries=run.max_retries, checkpoints=checkpoints)
+    finisher.start()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save(model_file)
-    except OSError as error:
-        raise StateError(f"cannot save the model of {variant.name} in {folder} ({error.strerror}); free space or "
-                         "fix permissions, then `sparkml-mnist train --resume` the run") from None
-    evaluate_s = time.perf_counter() - clock
-    log(f"{variant.name}: test accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f} "
-        f"({train_s:.0f} s training, {evaluate_s:.1f} s evaluating)")
-    progress = runner.attempts[-1].progress or {}
-    if progress.get("straggler"):
-        logger.warning("%s: %s", variant.name, progress["straggler"])
-
-    return VariantResult(
-        name=variant.name,
-        description=variant.description,
-        np=placement.np,
-        epochs=variant.epochs,
-        history=chief["history"],
-        evaluation=evaluation,
-        parameter_count=int(model.count_params()),
-        rank_records=[_record_summary(record) for record in records],
-        seconds={"train": train_s, "evaluate": evaluate_s, "total": train_s + evaluate_s},
-        lab_reference_accuracy=variant.lab.test_accuracy,
-        model_files=[model_file],
-        attempts=attempts,
-        seed=run.seed,
-        deterministic=run.deterministic,
-        ranks=progress,
-    )
+        runner.run_all(train_variants, jobs=jobs, seed=run.seed, deterministic=run.deterministic,
+                       allreduce=run.allreduce)
+    finally:
+        try:
+            finisher.close()  # the last variant's evaluation, and any that failed
+        finally:
+            frame.unpersist()
+    ranks = runner.attempts[-1].progress or {}
+    if ranks.get("straggler"):
+        logger.warning("%s", ranks["straggler"])
+    finished = {}
+    for variant in variants:
+        result = finisher.results[variant.name]
+        result.rank_records = rank_rows(runner.results.get(variant.name, {}))
+        result.attempts = [_attempt_summary(a, runner.attempts, variant.name) for a in runner.attempts]
+        result.ranks = ranks
+        finished[variant.name] = state.save_finished(result)  # again, now with what the ranks reported
+    return finished
 
 
-def _attempt_summary(attempt: Any, attempts: list[Any]) -> dict[str, Any]:
-    """An attempt for report.json; a retry also says what it cost: failure to its first training step."""
+def _attempt_summary(attempt: Any, attempts: list[Any], name: str) -> dict[str, Any]:
+    """An attempt for a variant's report: where it resumed that variant, and what a retry cost (the
+    failure to the next attempt's first training step)."""
     summary = asdict(attempt)
+    summary["resumed_from_epoch"] = summary.pop("resumed_from", {}).get(name)
     previous = attempts[attempt.number - 2] if attempt.number > 1 else None
     if previous is not None and previous.ended_at is not None and attempt.first_step_at is not None:
         summary["seconds_from_failure_to_first_step"] = attempt.first_step_at - previous.ended_at
     return summary
-
-
-def _record_summary(record: Any) -> dict[str, Any]:
-    """A rank's record for report.json: everything but the (large) weights it returned."""
-    value = record.value if isinstance(record.value, dict) else {}
-    return {
-        "rank": record.rank,
-        "host": record.host,
-        "pid": record.pid,
-        "started_at": record.started_at,
-        "ended_at": record.ended_at,
-        "steps": record.steps,
-        "examples_seen": record.examples_seen,
-        "steps_per_epoch": value.get("steps_per_epoch"),
-        "train_rows": value.get("train_rows"),
-        "resumed_from_epoch": value.get("resumed_from_epoch"),
-        "determinism": value.get("determinism"),
-        "epoch_seconds": value.get("epoch_seconds"),
-        "history": value.get("history"),  # every rank's own Keras History (identical under MWMS)
-        "timings": record.timings,
-    }

@@ -119,8 +119,9 @@ class RunState:
     def variant_folder(self, name: str) -> Path:
         return self.folder / VARIANTS_DIR / name
 
-    def checkpoints(self, name: str) -> CheckpointStore:
-        return CheckpointStore(self.folder / CHECKPOINTS_DIR / name)
+    def checkpoints(self) -> CheckpointStore:
+        """Rank 0's checkpoints, one key (a folder) per variant."""
+        return CheckpointStore(self.folder / CHECKPOINTS_DIR)
 
     def finished(self, name: str) -> VariantResult | None:
         """A variant an earlier attempt of this run finished (result and model kept), else None."""

@@ -35,7 +35,7 @@ class Collector:
         if event["type"] == "checkpoint_put":
             return self.receiver.handle(rank, event)
         if event["type"] == "checkpoint_get":
-            return self.receiver.replies()
+            return self.receiver.replies(event)
         return None
 
     def wait_for(self, count: int) -> list[tuple[int, dict]]:

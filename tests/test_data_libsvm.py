@@ -21,6 +21,11 @@ FULL_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 GOOD = "5 153:3 154:18 155:18\n0 128:51 129:159\n4 161:67 162:232\n"
 
 
+def first_pixel(row) -> int:
+    """The 0-based index of a row's first non-zero pixel (its bytes are the image)."""
+    return next(index for index, value in enumerate(row["pixels"]) if value)
+
+
 def first_rows(spark, path: str, count: int):
     return read_libsvm(spark, path).orderBy("row").limit(count).collect()
 
@@ -28,15 +33,15 @@ def first_rows(spark, path: str, count: int):
 def test_bundled_sample_parses_to_the_documented_first_rows(spark):
     rows = first_rows(spark, sample_paths().train, len(FIRST_LABELS))
     assert [int(r["label"]) for r in rows] == FIRST_LABELS
-    assert rows[0]["features"].indices[0] == FIRST_ROW_FIRST_INDEX
-    assert rows[0]["features"].size == 784
+    assert first_pixel(rows[0]) == FIRST_ROW_FIRST_INDEX
+    assert len(rows[0]["pixels"]) == 784
     assert [r["row"] for r in rows] == list(range(len(FIRST_LABELS)))
 
 
 def test_shared_sample_parses_to_the_documented_first_rows(spark, full_data_dir):
     rows = first_rows(spark, str(full_data_dir / "mnist-digits-sample.txt"), len(FIRST_LABELS))
     assert [int(r["label"]) for r in rows] == FIRST_LABELS
-    assert rows[0]["features"].indices[0] == FIRST_ROW_FIRST_INDEX
+    assert first_pixel(rows[0]) == FIRST_ROW_FIRST_INDEX
 
 
 def test_row_numbers_follow_the_file_across_partitions(spark, tmp_path):
@@ -47,7 +52,7 @@ def test_row_numbers_follow_the_file_across_partitions(spark, tmp_path):
     spark.conf.set("spark.sql.files.maxPartitionBytes", "4096")
     try:
         data = load_libsvm(spark, str(path))
-        rows = data.frame.select("row", "label", "features").collect()
+        rows = data.frame.select("row", "label", "pixels").collect()
     finally:
         spark.conf.unset("spark.sql.files.maxPartitionBytes")
     assert data.num_rows == 3000
@@ -55,7 +60,7 @@ def test_row_numbers_follow_the_file_across_partitions(spark, tmp_path):
     assert sorted(by_row) == list(range(3000))
     for i in (0, 1, 999, 1500, 2999):
         assert by_row[i]["label"] == i % 10
-        assert by_row[i]["features"].indices[0] == i % 700
+        assert first_pixel(by_row[i]) == i % 700 and by_row[i]["pixels"][i % 700] == i % 255 + 1
 
 
 def test_bz2_and_plain_text_read_the_same(spark, tmp_path):
@@ -92,6 +97,8 @@ BAD_INPUTS = {
     "repeated_index": ("5 1:3 1:4\n", 1, "not strictly increasing (1 after 1)"),
     "pixel_above_255": ("5 1:3\n3 5:256\n", 2, "pixel value 256 at index 5 is outside 0..255"),
     "negative_pixel": ("5 1:3\n3 5:-1\n", 2, "pixel value -1"),
+    # Pixels travel as one byte each: a fraction would be silently changed, so it is refused.
+    "fractional_pixel": ("5 1:3\n3 5:12.5\n", 2, "pixel value 12.5 at index 5 is not a whole number"),
 }
 
 
@@ -157,7 +164,8 @@ def test_errors_belong_to_the_package_family(spark, tmp_path):
 def test_check_line_accepts_the_real_layout_and_skips_blank_lines():
     spec = load_data_spec()
     assert check_line("5 153:3 154:18 784:255", 784, spec) is None
-    assert check_line("5.0 1:0.5", 784, spec) is None
+    assert check_line("5.0 1:12.0", 784, spec) is None  # whole numbers written as decimals are whole numbers
+    assert "not a whole number" in check_line("5 1:0.5", 784, spec)  # pixels travel as bytes
     assert check_line("", 784, spec) is None
     assert check_line("   # comment", 784, spec) is None
     assert check_line("3", 784, spec) is None  # an all-black image has no features

@@ -58,7 +58,7 @@ def horovod_style_main(offset: float) -> dict[str, Any]:
 def train_main(global_batch: int, context: Any) -> dict[str, Any]:
     """A tiny tf_keras model, one epoch on this rank's shard; also lists the rows its pipeline fed."""
     from sparkml_mnist.distributed.callbacks import ProgressCallback
-    from sparkml_mnist.inputs import distributed_dataset, shard_tensors, steps_per_epoch
+    from sparkml_mnist.inputs import distributed_dataset, scale_images, shard_tensors, steps_per_epoch
 
     keras = keras_flavour.keras()
     shard = shard_tensors(context.partition())
@@ -70,7 +70,8 @@ def train_main(global_batch: int, context: Any) -> dict[str, Any]:
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
     initial = [w.copy() for w in model.get_weights()]
     steps = steps_per_epoch(len(shard.x_train), global_batch, context.size)
-    train = distributed_dataset(context, (shard.x_train, shard.y_train), global_batch, steps, shuffle=True, seed=1)
+    train = distributed_dataset(context, (shard.x_train, shard.y_train), global_batch, steps, shuffle=True, seed=1,
+                                preprocess=scale_images())
     model.fit(train, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[ProgressCallback(context)])
     fed = iter(distributed_dataset(context, (shard.train_rows,), global_batch, steps))
     seen: list[int] = []

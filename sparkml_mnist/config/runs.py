@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sparkml_mnist.config.files import named_or_path
 from sparkml_mnist.config.loader import Invalid, from_mapping, load_file, positive, rule
@@ -51,6 +51,7 @@ class RunConfig:
     epochs: int | None = field(default=None, metadata=rule(positive))  # None keeps each variant's own
     max_retries: int = field(default=2, metadata=rule(_not_negative))  # attempts after a failed one
     deterministic: bool = False  # bit-identical weights for the same seed on the same machine (slower)
+    allreduce: Literal["float32", "float16"] = "float32"  # the gradients' precision on the wire
     source: str = ""
 
     def validate(self) -> None:

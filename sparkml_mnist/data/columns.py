@@ -5,3 +5,4 @@ LABEL_COLUMN = "label"
 SHARD_COLUMN = "shard"  # hand-off frame: which rank's shard a row belongs to
 VALIDATION_COLUMN = "validation"  # hand-off frame: the row is in the validation split
 PIXELS_COLUMN = "pixels"  # hand-off frame: the image's 784 raw pixel values
+LAYOUT_COLUMN = "layout"  # hand-off of several layouts at once: which one a row belongs to

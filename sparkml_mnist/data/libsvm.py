@@ -1,9 +1,10 @@
 """LIBSVM files -> validated Spark DataFrames, through Spark's own ``libsvm`` source.
 
-A valid file is read in one validating pass (which also counts the rows of every input
-partition, so each row gets its 0-based position in the file without a shuffle). Only when that
-pass fails or finds bad values is the file scanned again as text, to name the first bad line:
-Spark's own parse errors do not say which line or file is at fault.
+A valid file is parsed once: one pass validates every row, turns it into compact pixel bytes and is
+kept; counting the rows of every input partition (so each row gets its 0-based position in the file
+without a shuffle) reads what was kept. Only when that pass fails or finds bad values is the file
+scanned again as text, to name the first bad line: Spark's own parse errors do not say which line or
+file is at fault.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
-from pyspark.ml.functions import vector_to_array
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkml_mnist.config import DataSpec, load_data_spec
-from sparkml_mnist.data.columns import ROW_COLUMN
+from sparkml_mnist.data.columns import LABEL_COLUMN, PIXELS_COLUMN, ROW_COLUMN
+from sparkml_mnist.data.compact import BAD_COLUMN, COMPACT_SCHEMA, ID_COLUMN, compact_rows
 from sparkml_mnist.errors import DataError
 
 LIBSVM_SOURCE = "libsvm"
@@ -31,15 +33,24 @@ _FIX_HINT = "Fix or remove that line, or point the job at a file in the MNIST LI
 
 @dataclass(frozen=True)
 class LibsvmData:
-    """A validated LIBSVM input: ``frame`` has ``label: double, features: vector, row: bigint``."""
+    """A validated LIBSVM input: ``frame`` has ``row: bigint, label: int, pixels: binary`` (784 ``uint8``).
+
+    The rows are parsed once and kept (Spark's storage, memory and disk) for every later use: the row
+    count, the shards, the test set. ``release()`` frees them.
+    """
 
     path: str
     frame: DataFrame
     num_rows: int
+    kept: DataFrame | None = None
+
+    def release(self) -> None:
+        if self.kept is not None:
+            self.kept.unpersist()
 
 
 def read_libsvm(spark: SparkSession, path: str, num_features: int | None = None) -> DataFrame:
-    """Read and validate a LIBSVM file: ``label: double, features: vector, row: bigint``.
+    """Read and validate a LIBSVM file: ``row: bigint, label: int, pixels: binary`` (one byte a pixel).
 
     ``row`` is each image's 0-based position in the file (for a folder of files: in Spark's
     reading order), so splits can follow the file's order as Keras's ``validation_split`` does.
@@ -53,16 +64,27 @@ def load_libsvm(
     num_features: int | None = None,
     spec: DataSpec | None = None,
 ) -> LibsvmData:
-    """``read_libsvm`` that also returns the row count its validating pass measured."""
+    """``read_libsvm`` that also returns the row count its validating pass measured.
+
+    One parse of the file: Spark's ``libsvm`` source reads it, one pass turns every row into its label
+    and 784 pixel bytes while checking both (``compact``), and that result is kept for every later use;
+    the row counts and the checks are read from it. Only when something is wrong is the file scanned
+    again as text, to name the first bad line.
+    """
     spec = spec or load_data_spec()
     features = num_features if num_features is not None else spec.num_features
     if features <= 0:
         raise DataError(path, f"num_features must be positive, got {features}")
+    kept = None
     try:
         raw = spark.read.format(LIBSVM_SOURCE).option("numFeatures", str(features)).load(path)
-        raw = raw.withColumn("_id", F.monotonically_increasing_id())
-        summary = _summarise(raw, spec).collect()
+        raw = raw.withColumn(ID_COLUMN, F.monotonically_increasing_id())
+        compact = raw.mapInArrow(compact_rows(features, spec.num_classes, spec.max_pixel_value), COMPACT_SCHEMA)
+        kept = compact.persist(StorageLevel.MEMORY_AND_DISK)
+        summary = _summarise(kept).collect()
     except Exception as error:  # Spark's parse errors arrive as many exception types
+        if kept is not None:
+            kept.unpersist()
         if _is_missing_path(error):
             raise DataError(
                 path, "no such file or directory", hint="Check the data path (--data, --train, --test)"
@@ -71,29 +93,26 @@ def load_libsvm(
         raise  # unreachable: the call above always raises
 
     num_rows = sum(row["rows"] for row in summary)
+    if num_rows == 0 or any(row["bad"] for row in summary):
+        kept.unpersist()
     if num_rows == 0:
         raise DataError(
             path,
             "holds no data rows (empty, or only blank and comment lines)",
             hint="Expected lines such as '5 153:3 154:18 ...'",
         )
-    if any(row["bad_labels"] or row["bad_pixels"] for row in summary):
+    if any(row["bad"] for row in summary):
         _raise_first_bad_line(spark, path, features, spec, cause=None)
 
-    frame = raw.withColumn(ROW_COLUMN, _row_position(raw["_id"], summary)).drop("_id")
-    return LibsvmData(path=path, frame=frame, num_rows=num_rows)
+    frame = kept.select(_row_position(kept[ID_COLUMN], summary).alias(ROW_COLUMN), LABEL_COLUMN, PIXELS_COLUMN)
+    return LibsvmData(path=path, frame=frame, num_rows=num_rows, kept=kept)
 
 
-def _summarise(raw: DataFrame, spec: DataSpec) -> DataFrame:
-    """Per input partition: row count and how many labels / pixel rows break the layout."""
-    label = F.col("label")
-    pixels = vector_to_array(F.col("features"), "float64")
-    bad_label = label.isNaN() | (label < 0) | (label >= spec.num_classes) | (label != F.floor(label))
-    bad_pixels = (F.array_min(pixels) < 0) | (F.array_max(pixels) > spec.max_pixel_value)
-    return raw.groupBy(F.shiftright(F.col("_id"), _PARTITION_SHIFT).alias("partition")).agg(
+def _summarise(compact: DataFrame) -> DataFrame:
+    """Per input partition: its row count and how many rows break the layout (label or a pixel)."""
+    return compact.groupBy(F.shiftright(F.col(ID_COLUMN), _PARTITION_SHIFT).alias("partition")).agg(
         F.count(F.lit(1)).alias("rows"),
-        F.sum(F.when(bad_label, 1).otherwise(0)).alias("bad_labels"),
-        F.sum(F.when(bad_pixels, 1).otherwise(0)).alias("bad_pixels"),
+        F.sum(F.col(BAD_COLUMN).cast("int")).alias("bad"),
     )
 
 
@@ -157,6 +176,8 @@ def check_line(line: str, num_features: int, spec: DataSpec) -> str | None:
             return f"feature indices are not strictly increasing ({index} after {previous})"
         if math.isnan(value) or not 0 <= value <= spec.max_pixel_value:
             return f"pixel value {value_token} at index {index} is outside 0..{spec.max_pixel_value}"
+        if value != math.floor(value):
+            return f"pixel value {value_token} at index {index} is not a whole number (pixels are 0..255)"
         previous = index
     return None
 

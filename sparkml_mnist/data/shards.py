@@ -11,15 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from sparkml_mnist.data.columns import LABEL_COLUMN, PIXELS_COLUMN, ROW_COLUMN, SHARD_COLUMN, VALIDATION_COLUMN
+from sparkml_mnist.data.columns import (
+    LABEL_COLUMN,
+    LAYOUT_COLUMN,
+    PIXELS_COLUMN,
+    ROW_COLUMN,
+    SHARD_COLUMN,
+    VALIDATION_COLUMN,
+)
 from sparkml_mnist.data.libsvm import LibsvmData
 from sparkml_mnist.data.split import ShardPlan, plan_shards
 
-HANDOFF_SCHEMA = "shard int, validation boolean, row bigint, label int, pixels array<float>"
+HANDOFF_SCHEMA = "shard int, validation boolean, row bigint, label int, pixels binary"
 
 # Spark's HashPartitioning sends a row to pmod(murmur3_x86_32(key, seed 42), k).
 _SPARK_HASH_SEED = 42
@@ -34,39 +40,53 @@ class ShardedFrame:
     source: str
 
 
-def shard_frame(
-    data: LibsvmData, num_shards: int, validation_split: float = 0.0
-) -> ShardedFrame:
+@dataclass(frozen=True)
+class ShardedLayouts:
+    """Several layouts of one input in one hand-off frame (one per validation split), for one barrier
+    stage that trains several variants: rows of layout ``i`` carry ``layout == i`` and ``plans[i]``."""
+
+    frame: DataFrame
+    plans: tuple[ShardPlan, ...]
+    source: str
+
+
+def shard_frame(data: LibsvmData, num_shards: int, validation_split: float = 0.0) -> ShardedFrame:
     """Split ``data`` in file order and lay it out as equal shards, one per Spark partition."""
     plan = plan_shards(data.num_rows, num_shards, validation_split, data.path)
+    return ShardedFrame(frame=_by_shard(_shard_rows(data, plan), num_shards), plan=plan, source=data.path)
+
+
+def shard_layouts(data: LibsvmData, num_shards: int, validation_splits: list[float]) -> ShardedLayouts:
+    """``shard_frame`` for each split at once, in one frame: partition ``s`` holds shard ``s`` of every layout."""
+    plans = tuple(plan_shards(data.num_rows, num_shards, split, data.path) for split in validation_splits)
+    rows = [_shard_rows(data, plan).withColumn(LAYOUT_COLUMN, F.lit(index)) for index, plan in enumerate(plans)]
+    combined = rows[0]
+    for more in rows[1:]:
+        combined = combined.unionByName(more)
+    return ShardedLayouts(frame=_by_shard(combined, num_shards), plans=plans, source=data.path)
+
+
+def _shard_rows(data: LibsvmData, plan: ShardPlan) -> DataFrame:
+    """The rows ``plan`` keeps, each with its shard and whether it is in the validation split."""
     row = F.col(ROW_COLUMN)
     in_validation = row >= F.lit(plan.split_at)
     position = F.when(in_validation, row - F.lit(plan.split_at)).otherwise(row)
     kept = F.when(
-        in_validation, position < F.lit(plan.validation_per_shard * num_shards)
-    ).otherwise(position < F.lit(plan.train_per_shard * num_shards))
-    shard = (position % F.lit(num_shards)).cast("int")
-    keys = F.array(*[F.lit(key) for key in partition_keys(num_shards)])
-    frame = (
-        data.frame.where(kept)
-        .select(
-            shard.alias(SHARD_COLUMN),
-            in_validation.alias(VALIDATION_COLUMN),
-            row,
-            F.col("label").cast("int").alias(LABEL_COLUMN),
-            F.col("features"),
-        )
-        .repartition(num_shards, F.element_at(keys, F.col(SHARD_COLUMN) + 1))
-        # Densified after the shuffle, inside each task: sparse vectors cross the network.
-        .select(
-            SHARD_COLUMN,
-            VALIDATION_COLUMN,
-            ROW_COLUMN,
-            LABEL_COLUMN,
-            vector_to_array(F.col("features"), "float32").alias(PIXELS_COLUMN),
-        )
+        in_validation, position < F.lit(plan.validation_per_shard * plan.num_shards)
+    ).otherwise(position < F.lit(plan.train_per_shard * plan.num_shards))
+    shard = (position % F.lit(plan.num_shards)).cast("int")
+    return data.frame.where(kept).select(
+        shard.alias(SHARD_COLUMN), in_validation.alias(VALIDATION_COLUMN), row, LABEL_COLUMN, PIXELS_COLUMN
     )
-    return ShardedFrame(frame=frame, plan=plan, source=data.path)
+
+
+def _by_shard(rows: DataFrame, num_shards: int) -> DataFrame:
+    """Partition ``s`` = shard ``s``: a hash repartition on keys Spark's own partitioner sends there.
+
+    784 pixel bytes a row cross the shuffle; the rank casts them to float32 in its input pipeline.
+    """
+    keys = F.array(*[F.lit(key) for key in partition_keys(num_shards)])
+    return rows.repartition(num_shards, F.element_at(keys, F.col(SHARD_COLUMN) + 1))
 
 
 def spark_hash_int(value: int, seed: int = _SPARK_HASH_SEED) -> int:

@@ -12,7 +12,7 @@ import contextlib
 import secrets
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from pyspark.sql import DataFrame, SparkSession
@@ -20,7 +20,7 @@ from pyspark.sql import DataFrame, SparkSession
 from sparkml_mnist.distributed import barrier, local, resources
 from sparkml_mnist.distributed.backends import driver_backend
 from sparkml_mnist.distributed.channel import ChannelServer, Event, LogSink, clean_line
-from sparkml_mnist.distributed.checkpoints import GET, PUT, CheckpointReceiver
+from sparkml_mnist.distributed.checkpoints import GET, PUT, CheckpointReceiver, valid_key
 from sparkml_mnist.distributed.monitor import ProgressMonitor
 from sparkml_mnist.distributed.placement import Placement, rank_devices
 from sparkml_mnist.distributed.progress import DEFAULT_INTERVAL_S, ProgressBoard
@@ -31,6 +31,7 @@ from sparkml_mnist.errors import LaunchError
 DRIVER_HOST_CONF = "spark.driver.host"
 DRIVER_BIND_CONF = "spark.driver.bindAddress"
 STREAMS = ("stdout", "stderr", "log")
+RESULT, RESULT_STORED = "result", "result_stored"  # a rank's small JSON report of what it finished
 SECRET_BYTES = 32
 _SPARK_ERROR_LINES = 3
 
@@ -55,7 +56,8 @@ class AttemptRecord:
 
     number: int
     started_at: float
-    resumed_from_epoch: int | None
+    resumed_from_epoch: int | None  # the run's checkpoint (the default key) it started from
+    resumed_from: dict[str, int] = field(default_factory=dict)  # every key's checkpoint epoch at launch
     ended_at: float | None = None
     outcome: str = "running"  # "succeeded" or "failed"
     cause: str | None = None  # the first line of the failure
@@ -68,11 +70,12 @@ class AttemptEvents:
     checkpoints to the store."""
 
     def __init__(self, monitor: ProgressMonitor, log_sink: LogSink | None, receiver: CheckpointReceiver,
-                 board: ProgressBoard) -> None:
+                 board: ProgressBoard, results: dict[str, dict[int, Any]] | None = None) -> None:
         self.monitor = monitor
         self.log_sink = log_sink
         self.receiver = receiver
         self.board = board
+        self.results = results if results is not None else {}
         self.first_step_at: float | None = None
 
     def on_event(self, rank: int, event: Event) -> Event | list[Event] | None:
@@ -92,7 +95,10 @@ class AttemptEvents:
         elif kind == PUT:
             return self.receiver.handle(rank, event)
         elif kind == GET:
-            return self.receiver.replies()
+            return self.receiver.replies(event)
+        elif kind == RESULT and valid_key(event.get("key")) and isinstance(event.get("data"), dict):
+            self.results.setdefault(event["key"], {})[rank] = event["data"]
+            return {"type": RESULT_STORED}
         return None
 
 
@@ -120,14 +126,14 @@ def driver_addresses(placement: Placement, spark: SparkSession | None) -> tuple[
 def run_attempt(
     number: int, placement: Placement, spark: SparkSession | None, data: DataFrame | None, options: LaunchOptions,
     payload: bytes, keep_all_values: bool, log_sink: LogSink | None, receiver: CheckpointReceiver,
-    record: AttemptRecord,
+    record: AttemptRecord, results: dict[str, dict[int, Any]] | None = None,
 ) -> list[tuple[RankRecord, bytes]]:
     """Launch every rank once; raise the rank's (or the watchdog's) ``LaunchError`` when the attempt fails."""
     devices = rank_devices(placement, spark)
     connect_host, bind_host = driver_addresses(placement, spark)
     monitor = ProgressMonitor(placement.size, options.progress_timeout_s, startup_timeout_s=options.startup_timeout_s)
     board = ProgressBoard(placement.size, title=options.title, interval_s=options.progress_interval_s)
-    events = AttemptEvents(monitor, log_sink, receiver, board)
+    events = AttemptEvents(monitor, log_sink, receiver, board, results)
     stop_board = board.start()
     secret = secrets.token_hex(SECRET_BYTES)
     try:

@@ -28,14 +28,21 @@ class ProgressCallback(_keras.callbacks.Callback):
         super().__init__()
         self.context = context or get_context()
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        progress = self.context.progress
+        progress.fit_first_step_at, progress.fit_examples, progress.fit_steps = None, 0, 0
+
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         progress = self.context.progress
         progress.epoch, progress.epochs = epoch + 1, (self.params or {}).get("epochs")
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         progress = self.context.progress
+        now = time.time()
         if progress.first_step_at is None:
-            progress.first_step_at = time.time()
+            progress.first_step_at = now
+        if progress.fit_first_step_at is None:
+            progress.fit_first_step_at = now
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")

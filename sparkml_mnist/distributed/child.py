@@ -51,8 +51,8 @@ def _heartbeats(client: Any, context: Any, interval_s: float, finished: threadin
         client.send({
             "type": "heartbeat", "host": spec.host, "pid": os.getpid(), "progress": progress.events,
             "steps": progress.steps, "first_step_at": progress.first_step_at, "done": done,
-            "epoch": progress.epoch, "epochs": progress.epochs, "loss": progress.loss,
-            "examples": progress.examples,
+            "label": progress.label, "epoch": progress.epoch, "epochs": progress.epochs, "loss": progress.loss,
+            "examples": progress.fit_examples, "since": progress.fit_first_step_at, "fit_steps": progress.fit_steps,
         })
         if done:
             return

@@ -59,6 +59,10 @@ class Progress:
     examples: int | None = None
     examples_per_step: int | None = None  # this rank's rows per step, once a dataset was distributed
     first_step_at: float | None = None
+    label: str | None = None  # what the rank is training now (the job: a variant), for the driver's live lines
+    fit_first_step_at: float | None = None  # the current ``fit``'s first step and examples: its images/s
+    fit_examples: int = 0
+    fit_steps: int = 0
     epoch: int | None = None  # what the rank's progress callback last reported, for the driver's live lines
     epochs: int | None = None
     loss: float | None = None
@@ -68,8 +72,10 @@ class Progress:
         with self.lock:
             self.events += 1
             self.steps += steps
+            self.fit_steps += steps
             if examples is not None:
                 self.examples = (self.examples or 0) + examples
+                self.fit_examples += examples
 
 
 @dataclass
@@ -131,22 +137,31 @@ class RankContext:
         """Which attempt of the run this is (1 for the first; retries count up)."""
         return self.spec.attempt
 
-    def save_checkpoint(self, data: bytes, epoch: int) -> None:
+    def save_checkpoint(self, data: bytes, epoch: int, key: str = "") -> None:
         """Rank 0: hand the driver a checkpoint (after ``epoch`` epochs) and wait until it is kept.
 
         The next attempt's ranks get it from ``latest_checkpoint()``; no shared filesystem is needed.
+        ``key`` separates the checkpoints of several things one run trains (letters, digits, ``_.-``).
         """
-        from sparkml_mnist.distributed.checkpoints import CHIEF_RANK, send_checkpoint
+        from sparkml_mnist.distributed.checkpoints import CHIEF_RANK, send_checkpoint, valid_key
 
         if self.rank != CHIEF_RANK:
             raise LaunchError(f"save_checkpoint is for rank {CHIEF_RANK}; rank {self.rank} called it")
-        send_checkpoint(self._channel(), epoch, data)
+        if not valid_key(key):
+            raise LaunchError(f"checkpoint key {key!r}: use up to 100 letters, digits, '_', '.' or '-'")
+        send_checkpoint(self._channel(), epoch, data, key)
 
-    def latest_checkpoint(self) -> Checkpoint | None:
-        """The last checkpoint rank 0 handed the driver in this run (an earlier attempt's), or None."""
+    def latest_checkpoint(self, key: str = "") -> Checkpoint | None:
+        """The last checkpoint rank 0 handed the driver for ``key`` in this run (an earlier attempt's), or None."""
         from sparkml_mnist.distributed.checkpoints import fetch_checkpoint
 
-        return fetch_checkpoint(self._channel())
+        return fetch_checkpoint(self._channel(), key)
+
+    def report_result(self, key: str, data: dict[str, Any]) -> None:
+        """Tell the driver what this rank finished (small, JSON): ``HorovodRunner.results[key][rank]``,
+        kept even when a later part of the run fails."""
+        self._channel().request({"type": "result", "key": key, "data": data},
+                                lambda reply: reply.get("type") == "result_stored")
 
     def _channel(self) -> ChannelClient:
         if self.channel is None or self.channel.disabled:
@@ -173,9 +188,10 @@ class RankContext:
         """Build the model and its optimizer inside this (the strategy's scope, or Horovod's init)."""
         return self.backend.model_scope()
 
-    def distributed_optimizer(self, optimizer: Any) -> Any:
-        """The optimizer wrapped as the backend needs (Horovod's DistributedOptimizer; tf: unchanged)."""
-        return self.backend.wrap_optimizer(optimizer)
+    def distributed_optimizer(self, optimizer: Any, allreduce: str = "float32") -> Any:
+        """The optimizer wrapped as the backend needs (Horovod's DistributedOptimizer; tf: unchanged);
+        ``allreduce="float16"`` all-reduces the gradients in half precision."""
+        return self.backend.wrap_optimizer(optimizer, allreduce)
 
     def fit_callbacks(self) -> list[Any]:
         """Callbacks ``fit`` needs on every rank (Horovod: broadcast of rank 0's weights, metric averaging)."""

@@ -34,13 +34,16 @@ def set_live_display(display: LiveDisplay | None) -> None:
 class RankProgress:
     host: str = "?"
     steps: int = 0
+    fit_steps: int | None = None  # steps of the current fit (what the live line shows), when the rank says
     epoch: int | None = None
     epochs: int | None = None
     loss: float | None = None
     examples: int = 0
     first_step_at: float | None = None
+    since: float | None = None  # the current fit's first step: images/s are counted from there
     last_seen: float | None = None
     done: bool = False
+    label: str | None = None
 
     def rate(self, now: float) -> float | None:
         """Steps a second since the rank's first step."""
@@ -50,9 +53,10 @@ class RankProgress:
         return self.steps / seconds if seconds > 0 else None
 
     def images_per_s(self, now: float) -> float | None:
-        if self.first_step_at is None or not self.examples:
+        start = self.since or self.first_step_at
+        if start is None or not self.examples:
             return None
-        seconds = (self.last_seen or now) - self.first_step_at
+        seconds = (self.last_seen or now) - start
         return self.examples / seconds if seconds > 0 else None
 
 
@@ -72,19 +76,23 @@ class ProgressBoard:
         with self._lock:
             state = self.ranks[rank]
             state.last_seen = self._clock()
-            for name, kind in (("steps", int), ("examples", int), ("epoch", int), ("epochs", int)):
+            for name, kind in (("steps", int), ("fit_steps", int), ("examples", int), ("epoch", int), ("epochs", int)):
                 value = event.get(name)
                 if isinstance(value, kind) and not isinstance(value, bool):
                     setattr(state, name, value)
             loss = event.get("loss")
             if isinstance(loss, (int, float)) and not isinstance(loss, bool):
                 state.loss = float(loss)
-            first = event.get("first_step_at")
-            if isinstance(first, (int, float)) and not isinstance(first, bool):
-                state.first_step_at = float(first)
+            for name in ("first_step_at", "since"):
+                value = event.get(name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    setattr(state, name, float(value))
             host = event.get("host")
             if isinstance(host, str):
                 state.host = host
+            label = event.get("label")
+            if isinstance(label, str):
+                state.label = label[:100]
             state.done = state.done or event.get("done") is True
 
     def lines(self) -> list[str]:
@@ -93,12 +101,12 @@ class ProgressBoard:
             return [self._line(rank, state, now) for rank, state in enumerate(self.ranks)]
 
     def _line(self, rank: int, state: RankProgress, now: float) -> str:
-        parts = [f"{self.title} rank {rank} ({state.host}):".strip()]
+        parts = [f"{state.label or self.title} rank {rank} ({state.host}):".strip()]
         if state.steps == 0 and not state.done:
             return parts[0] + " starting"
         if state.epoch is not None:
             parts.append(f"epoch {state.epoch}" + (f"/{state.epochs}" if state.epochs else ""))
-        parts.append(f"step {state.steps}")
+        parts.append(f"step {state.fit_steps if state.fit_steps is not None else state.steps}")
         if state.loss is not None:
             parts.append(f"loss {state.loss:.4f}")
         images = state.images_per_s(now)

@@ -99,6 +99,8 @@ class HorovodRunner:
         )
         self.log_sink = log_sink
         self.attempts: list[AttemptRecord] = []
+        # key -> rank -> what the rank reported finishing (context.report_result); kept across attempts
+        self.results: dict[str, dict[int, Any]] = {}
         self.spark = spark or (data.sparkSession if data is not None else SparkSession.getActiveSession())
         if not self.placement.on_driver and self.spark is None:
             raise ConfigError("np>0 runs on Spark executors: pass spark=SparkSession, or create one first")
@@ -129,20 +131,21 @@ class HorovodRunner:
         payload = cloudpickle.dumps((main, kwargs))
         receiver = CheckpointReceiver(self.checkpoints)
         self.attempts = []
+        self.results = {}
         previous: tuple[Any, ...] | None = None
         for number in range(1, self.max_retries + 2):
-            latest = self.checkpoints.latest()
+            resumed_from = self.checkpoints.epochs()
             attempt = AttemptRecord(number=number, started_at=time.time(),
-                                    resumed_from_epoch=latest.epoch if latest else None)
+                                    resumed_from_epoch=resumed_from.get(""), resumed_from=resumed_from)
             self.attempts.append(attempt)
             logger.debug("attempt %d: starting %d ranks (%s)", number, self.placement.size, self.placement.where)
             try:
                 results = run_attempt(number, self.placement, self.spark, self.data, self.options, payload,
-                                      keep_all_values, self.log_sink, receiver, attempt)
+                                      keep_all_values, self.log_sink, receiver, attempt, self.results)
             except LaunchError as error:
                 attempt.ended_at, attempt.outcome = time.time(), "failed"
                 attempt.cause = str(error).splitlines()[0]
-                signature = failure_signature(error, attempt.resumed_from_epoch)
+                signature = failure_signature(error, tuple(sorted(attempt.resumed_from.items())))
                 error.attempts = list(self.attempts)  # type: ignore[attr-defined]
                 if isinstance(error, PreflightError) or number > self.max_retries or signature == previous:
                     if signature == previous:
@@ -170,7 +173,7 @@ class HorovodRunner:
         return records
 
 
-def failure_signature(error: LaunchError, resumed_from_epoch: int | None) -> tuple[Any, ...]:
+def failure_signature(error: LaunchError, resumed_from_epoch: Any) -> tuple[Any, ...]:
     """What makes two failures "the same": the same rank failing the same way at the same point."""
     if isinstance(error, RankFailedError):
         failure = error.error
@@ -182,8 +185,11 @@ def failure_signature(error: LaunchError, resumed_from_epoch: int | None) -> tup
 
 
 def _resume_note(store: CheckpointStore) -> str:
-    latest = store.latest()
-    return f" from the checkpoint after epoch {latest.epoch}" if latest else " from the start (no checkpoint yet)"
+    epochs = store.epochs()
+    if not epochs:
+        return " from the start (no checkpoint yet)"
+    where = ", ".join(f"{key or 'the run'} after epoch {epoch}" for key, epoch in epochs.items())
+    return f" from the last checkpoints ({where})"
 
 
 def _check_partitions(data: DataFrame, size: int) -> None:

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sparkml_mnist import keras_flavour
-from sparkml_mnist.distributed.backends.base import DatasetMaker, DriverBackend, RankBackend
+from sparkml_mnist.distributed.backends.base import (
+    FULL_PRECISION,
+    HALF_PRECISION,
+    DatasetMaker,
+    DriverBackend,
+    RankBackend,
+)
 from sparkml_mnist.distributed.spec import RankSpec, local_ranks
 from sparkml_mnist.errors import ConfigError, LaunchError
 
@@ -212,8 +218,10 @@ class HorovodRankBackend(RankBackend):
         self.hvd  # noqa: B018
         return contextlib.nullcontext()
 
-    def wrap_optimizer(self, optimizer: Any) -> Any:
-        return self.hvd.DistributedOptimizer(optimizer)
+    def wrap_optimizer(self, optimizer: Any, allreduce: str = FULL_PRECISION) -> Any:
+        hvd = self.hvd
+        compression = hvd.Compression.fp16 if allreduce == HALF_PRECISION else hvd.Compression.none
+        return hvd.DistributedOptimizer(optimizer, compression=compression)
 
     def fit_callbacks(self) -> list[Any]:
         return [

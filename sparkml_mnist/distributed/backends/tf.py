@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from sparkml_mnist import keras_flavour
-from sparkml_mnist.distributed.backends.base import DatasetMaker, DriverBackend, RankBackend
+from sparkml_mnist.distributed.backends.base import FULL_PRECISION, DatasetMaker, DriverBackend, RankBackend
 from sparkml_mnist.distributed.spec import RankSpec
 from sparkml_mnist.errors import LaunchError
 
@@ -22,6 +22,29 @@ WORKER_TASK = "worker"
 
 def tf_config(addresses: list[str], rank: int) -> dict[str, Any]:
     return {"cluster": {WORKER_TASK: list(addresses)}, "task": {"type": WORKER_TASK, "index": rank}}
+
+
+def half_precision_allreduce(optimizer: Any, dtype: str) -> Any:
+    """The same optimizer, all-reducing its gradients in ``dtype``.
+
+    ``aggregate_gradients`` is the documented place to change the aggregation of a Keras 2 optimizer
+    ("Users can implement their own aggregation logic by overriding this method"); the subclass is made
+    from the optimizer's own config, so every hyperparameter stays.
+    """
+    tf = keras_flavour.tensorflow()
+    base = type(optimizer)
+
+    class HalfPrecisionAllReduce(base):  # type: ignore[misc, valid-type]
+        def aggregate_gradients(self, grads_and_vars: Any) -> list[tuple[Any, Any]]:
+            pairs = list(grads_and_vars)
+            present = [(gradient, variable) for gradient, variable in pairs if gradient is not None]
+            narrow = [tf.cast(gradient, dtype) for gradient, _ in present]
+            summed = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, narrow)
+            reduced = iter(tf.cast(total, gradient.dtype) for total, (gradient, _) in zip(summed, present))
+            return [(None, variable) if gradient is None else (next(reduced), variable) for gradient, variable in pairs]
+
+    HalfPrecisionAllReduce.__name__ = base.__name__  # the model's config names the optimizer it is
+    return HalfPrecisionAllReduce.from_config(optimizer.get_config())
 
 
 class TfDriverBackend(DriverBackend):
@@ -42,6 +65,9 @@ class TfRankBackend(RankBackend):
             # Each collective then fails after this many seconds instead of waiting forever.
             options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=self.spec.collective_timeout_s)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+    def wrap_optimizer(self, optimizer: Any, allreduce: str = FULL_PRECISION) -> Any:
+        return optimizer if allreduce == FULL_PRECISION else half_precision_allreduce(optimizer, allreduce)
 
     def distribute(self, make_dataset: DatasetMaker, global_batch_size: int) -> Any:
         """One input pipeline per rank, each batching ``B / replicas`` rows per replica.
