@@ -1,16 +1,17 @@
 """sparkml_mnist: the Keras MNIST lab's ConvNets trained data-parallel on Apache Spark."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-VERSION = {}
-exec((HERE / "sparkml_mnist" / "__init__.py").read_text(), VERSION)
+# Read, not executed: the package's __init__ imports the package itself, which a clean build cannot import.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "sparkml_mnist" / "__init__.py").read_text(), re.M).group(1)
 
 setup(
     name="sparkml-mnist",
-    version=VERSION["__version__"],
+    version=VERSION,
     description="Distributed training of the Keras MNIST lab's ConvNets on Apache Spark",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
