@@ -9,6 +9,10 @@ HERE = Path(__file__).parent
 # Read, not executed: the package's __init__ imports the package itself, which a clean build cannot import.
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "sparkml_mnist" / "__init__.py").read_text(), re.M).group(1)
 
+# The `jax` backend (Keras 3 on JAX, CPU); TensorFlow stays beside it for tf.data. `jax-cuda`: NVIDIA GPUs.
+JAX_CPU = ["jax[cpu]>=0.10.2,<0.11", "keras>=3.15,<3.16"]
+JAX_CUDA = ["jax[cuda12]>=0.10.2,<0.11", "keras>=3.15,<3.16"]
+
 setup(
     name="sparkml-mnist",
     version=VERSION,
@@ -45,7 +49,10 @@ setup(
             "pyspark[connect]>=4.0,<4.4",  # the Spark Connect client, for tests/test_connect.py
             "jsonschema>=4.20,<5",
             "regex>=2024.4",
+            *JAX_CPU,  # CI runs the jax backend's tests
         ],
+        "jax": JAX_CPU,
+        "jax-cuda": JAX_CUDA,
     },
     entry_points={"console_scripts": ["sparkml-mnist=sparkml_mnist.cli:main"]},
 )

@@ -87,7 +87,7 @@ def train_variant(
     log: Callable[[str], None],
 ) -> VariantResult:
     """One variant: distributed training, then the driver's evaluation of rank 0's weights."""
-    from sparkml_mnist.models import build_model
+    from sparkml_mnist.saved_models import rank_zero_model
     from sparkml_mnist.train import train_rank
 
     placement, shard_plan = plan.placement, sharded.plan
@@ -105,12 +105,10 @@ def train_variant(
     chief = records[0].value
 
     clock = time.perf_counter()
-    model = build_model(variant)
-    model.set_weights(chief["weights"])
+    model_file = models_dir / f"{variant.name}{MODEL_FILE_SUFFIX}"
+    model = rank_zero_model(variant, chief, model_file)
     probabilities = model.predict(x_test, batch_size=PREDICT_BATCH, verbose=0)
     evaluation = evaluate(y_test, probabilities)
-    model_file = models_dir / f"{variant.name}{MODEL_FILE_SUFFIX}"
-    model.save(model_file)
     evaluate_s = time.perf_counter() - clock
     log(f"{variant.name}: test accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f} ({train_s:.0f} s training)")
 

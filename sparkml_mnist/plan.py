@@ -15,6 +15,7 @@ from typing import Any
 from sparkml_mnist.config import RunConfig, VariantConfig
 from sparkml_mnist.data.paths import DatasetPaths, resolve_inputs
 from sparkml_mnist.distributed.backends import DEFAULT_BACKEND
+from sparkml_mnist.distributed.backends.jax import NAME as JAX_BACKEND
 from sparkml_mnist.distributed.placement import Placement, parse_placement, rank_devices
 from sparkml_mnist.errors import ConfigError
 from sparkml_mnist.report.folder import check_output_folder
@@ -62,8 +63,11 @@ def check_replicas(variant: VariantConfig, replicas: int) -> None:
 
 
 def check_xla(variant: VariantConfig, placement: Placement, on_gpus: bool) -> None:
-    """XLA with several ranks needs XLA collectives: TensorFlow has them on GPUs only (tf backend)."""
-    if not variant.jit_compile or placement.size <= 1:
+    """XLA with several ranks needs XLA collectives: TensorFlow has them on GPUs only (tf backend).
+
+    Under jax the setting does not apply: JAX always compiles with XLA, collectives included.
+    """
+    if not variant.jit_compile or placement.size <= 1 or placement.backend == JAX_BACKEND:
         return
     if placement.backend != DEFAULT_BACKEND:
         reason = f"the {placement.backend!r} backend's all-reduce cannot be compiled by XLA"

@@ -19,6 +19,7 @@ from sparkml_mnist.distributed.context import RankContext
 from sparkml_mnist.errors import DataError
 from sparkml_mnist.inputs import distributed_dataset, shard_tensors, steps_per_epoch
 from sparkml_mnist.models import build_model
+from sparkml_mnist.saved_models import KERAS_3_MODEL, keras3_model_bytes
 
 CHIEF_RANK = 0
 
@@ -101,6 +102,7 @@ def train_rank(context: RankContext, variant: VariantConfig, plan: ShardPlan, se
     return {
         "history": {name: [float(v) for v in values] for name, values in history.history.items()},
         "weights": model.get_weights() if context.rank == CHIEF_RANK else None,
+        KERAS_3_MODEL: keras3_model_bytes(model) if context.rank == CHIEF_RANK else None,  # jax: the model itself
         "steps_per_epoch": steps,
         "epoch_seconds": epoch_seconds,
         "train_rows": int(len(shard.x_train)),

@@ -40,6 +40,8 @@ VERSIONED_PACKAGES = (
     "tensorflow-cpu",
     "tf-keras",
     "keras",
+    "jax",
+    "jaxlib",
     "numpy",
     "scikit-learn",
     "matplotlib",
