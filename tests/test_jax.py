@@ -126,7 +126,7 @@ def test_each_rank_is_told_keras3_on_jax_and_rank_zeros_address() -> None:
 
 
 def test_asking_for_jax_without_it_is_one_line_saying_how_to_install(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(jax_backend.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(jax_backend, "find_spec", lambda name: None)
     with pytest.raises(ConfigError) as caught:
         HorovodRunner(np=-2, backend="jax")
     message = str(caught.value)
@@ -134,6 +134,19 @@ def test_asking_for_jax_without_it_is_one_line_saying_how_to_install(monkeypatch
     assert '".[local,jax]"' in message and len(message.splitlines()) == 1
     assert cli.main(["train", "--backend", "jax", "--variant", "variant1", "--epochs", "1"]) == cli.EXIT_BAD_INPUT
     assert "backend 'jax' was asked for" in capsys.readouterr().err
+
+
+def test_jit_compile_is_not_refused_under_jax_which_always_compiles() -> None:
+    from dataclasses import replace
+
+    from sparkml_mnist.config import load_variant
+    from sparkml_mnist.distributed.placement import Placement
+    from sparkml_mnist.plan import check_xla
+
+    variant = replace(load_variant("variant1"), jit_compile=True)
+    check_xla(variant, Placement(size=2, on_driver=False, backend="jax"), on_gpus=False)
+    with pytest.raises(ConfigError, match="jit_compile"):
+        check_xla(variant, Placement(size=2, on_driver=False, backend="tf"), on_gpus=False)
 
 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])

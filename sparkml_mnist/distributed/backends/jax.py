@@ -19,11 +19,11 @@ per-rank seed gets an error that says so (``benchmarks/RESULTS.md`` and README, 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 import threading
 from importlib import metadata
+from importlib.util import find_spec
 from typing import Any, Callable, ContextManager
 
 from sparkml_mnist import keras_flavour
@@ -56,7 +56,7 @@ INSTALL_HINT = (
 def jax_problem() -> str | None:
     """Why Keras 3 on JAX cannot run in this environment (None: it can); looks at package metadata only."""
     for module in REQUIRED_MODULES:
-        if importlib.util.find_spec(module) is None:
+        if find_spec(module) is None:
             return f"{module} is not installed"
     try:
         version = metadata.version(KERAS_DISTRIBUTION)
