@@ -12,6 +12,10 @@ getting an equal share of the machine's cores (``spark.task.cpus`` = cores / np,
 
 repeats the lab run of the given variant(s) with other seeds (``accuracy-seeds.json``): the
 spread that chance alone gives, against which an np=1 / np=2 difference is judged.
+
+    python benchmarks/accuracy.py --backend jax --nps 2 --variants variant1
+
+the same lab run under another backend (``accuracy-<backend>.json``, ``accuracy-<backend>-np<N>-*``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ SEEDS_FILE = RESULTS / "accuracy-seeds.json"
 KEPT_FILES = ("report.md", "comparison.png")
 
 
-def run_lab(data: str, np_: int, output: Path, variants: str | None = None, seed: int | None = None) -> list[dict]:
+DEFAULT_BACKEND = "tf"
+SEED_SPREAD_VARIANT = "variant2"
+
+
+def run_lab(
+    data: str, np_: int, output: Path, variants: str | None = None, seed: int | None = None,
+    backend: str = DEFAULT_BACKEND,
+) -> list[dict]:
     cores = os.cpu_count() or 1
     env = dict(os.environ, PYSPARK_SUBMIT_ARGS=f"--conf spark.task.cpus={max(1, cores // np_)} pyspark-shell")
     command = [
@@ -43,6 +54,8 @@ def run_lab(data: str, np_: int, output: Path, variants: str | None = None, seed
         command += ["--variant", variants]
     if seed is not None:
         command += ["--seed", str(seed)]
+    if backend != DEFAULT_BACKEND:
+        command += ["--backend", backend]
     print(" ".join(command), flush=True)
     subprocess.run(command, env=env, check=True)
     report = json.loads((output / "report.json").read_text())
@@ -58,12 +71,14 @@ def run_lab(data: str, np_: int, output: Path, variants: str | None = None, seed
                 "seconds": variant["seconds"].get("total"),
                 "lab_reference_accuracy": variant.get("lab_reference_accuracy"),
                 "seed": report["config"]["run"]["seed"],
+                "backend": backend,
             }
         )
     if seed is not None:  # a seed-spread run: the figures are enough
         return rows
+    prefix = "accuracy" if backend == DEFAULT_BACKEND else f"accuracy-{backend}"
     for name in KEPT_FILES:
-        shutil.copyfile(output / name, RESULTS / f"accuracy-np{np_}-{name}")
+        shutil.copyfile(output / name, RESULTS / f"{prefix}-np{np_}-{name}")
     return rows
 
 
@@ -72,18 +87,20 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("SPARKML_MNIST_DATA", "../shared/data/mnist-digits"))
     parser.add_argument("--nps", default="1,2", help="comma list of np values")
     parser.add_argument("--seeds", help="seed spread instead: comma list of seeds, each a run of --variants")
-    parser.add_argument("--variants", default="variant2", help="with --seeds: the variant(s) to repeat")
+    parser.add_argument("--variants", help=f"the variant(s) (default: all; with --seeds: {SEED_SPREAD_VARIANT})")
+    parser.add_argument("--backend", default=DEFAULT_BACKEND, help="the launcher's backend (tf, horovod, jax)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.seeds:
         seed_spread(args.data, [int(n) for n in args.nps.split(",")], [int(s) for s in args.seeds.split(",")],
-                    args.variants)
+                    args.variants or SEED_SPREAD_VARIANT)
         return
+    result_file = RESULT_FILE if args.backend == DEFAULT_BACKEND else RESULTS / f"accuracy-{args.backend}.json"
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mnist-accuracy-") as folder:
         for np_ in (int(n) for n in args.nps.split(",")):
-            rows += run_lab(args.data, np_, Path(folder) / f"np{np_}")
-            RESULT_FILE.write_text(json.dumps(rows, indent=2) + "\n")  # keep what is done if a later run fails
+            rows += run_lab(args.data, np_, Path(folder) / f"np{np_}", args.variants, backend=args.backend)
+            result_file.write_text(json.dumps(rows, indent=2) + "\n")  # keep what is done if a later run fails
     for row in rows:
         print(f"{row['variant']} np={row['np']}: {row['test_accuracy']:.4f} ({row['seconds']:.0f} s)")
 
