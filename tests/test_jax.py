@@ -123,6 +123,7 @@ def test_each_rank_is_told_keras3_on_jax_and_rank_zeros_address() -> None:
     assert env["JAX_PLATFORMS"] == "cpu" and "--xla_cpu_multi_thread_eigen=false" in env["XLA_FLAGS"]
     on_gpu = jax_backend.JaxDriverBackend().environment(spec_for(0, gpus=["3"], threads=1))
     assert "JAX_PLATFORMS" not in on_gpu and "XLA_FLAGS" not in on_gpu  # its GPU comes from CUDA_VISIBLE_DEVICES
+    assert on_gpu["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"  # tf.data's TensorFlow leaves the GPU's memory to JAX
 
 
 def test_asking_for_jax_without_it_is_one_line_saying_how_to_install(monkeypatch, capsys) -> None:

@@ -40,6 +40,7 @@ NUM_PROCESSES_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"
 PROCESS_ID_ENV = "KERAS_DISTRIBUTION_PROCESS_ID"
 JAX_PLATFORMS_ENV = "JAX_PLATFORMS"
 CPU_PLATFORM = "cpu"  # a rank without a GPU of its own: no CUDA probing, no GPU taken by accident
+TF_GPU_GROWTH_ENV = "TF_FORCE_GPU_ALLOW_GROWTH"  # TensorFlow (tf.data) beside JAX must not take the GPU's memory
 XLA_FLAGS_ENV = "XLA_FLAGS"
 ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 REQUIRED_MODULES = ("jax", "jaxlib")
@@ -90,7 +91,9 @@ class JaxDriverBackend(DriverBackend):
             NUM_PROCESSES_ENV: str(spec.size),
             PROCESS_ID_ENV: str(spec.rank),
         }
-        if not spec.gpus:
+        if spec.gpus:
+            env[TF_GPU_GROWTH_ENV] = "true"
+        else:
             env[JAX_PLATFORMS_ENV] = CPU_PLATFORM
             flags = xla_flags(spec.threads, os.environ.get(XLA_FLAGS_ENV))
             if flags:
