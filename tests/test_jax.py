@@ -160,8 +160,9 @@ def test_a_plain_keras3_function_trains_data_parallel(spark, np_: int) -> None:
     assert first["loss"] == second["loss"] and first["loss"][-1] < first["loss"][0]
 
 
-def test_own_shards_with_auto_sharding_off_train_together(spark) -> None:
-    records = HorovodRunner(np=2, spark=spark, backend="jax").run_all(own_shard_main, epochs=EPOCHS)
+@pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
+def test_own_shards_with_auto_sharding_off_train_together(spark, np_: int) -> None:
+    records = HorovodRunner(np=np_, spark=spark, backend="jax").run_all(own_shard_main, epochs=EPOCHS)
     first, second = (record.value for record in records)
     assert first["first_row"] != second["first_row"]  # different rows on each rank...
     assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))  # ...one model

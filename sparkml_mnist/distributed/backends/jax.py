@@ -133,15 +133,14 @@ class JaxRankBackend(RankBackend):
         """This rank's own pipeline of ``B / size`` rows a step; Keras makes the global batch of ``B`` from them.
 
         The context's datasets hold this rank's share only, so Keras must not split them again: the
-        distribution becomes ``DataParallel(auto_shard_dataset=False)`` on the same devices.
+        distribution in force (``DataParallel``, or the function's own) stops sharding datasets.
         """
         keras = keras_flavour.keras()
         current = keras.distribution.distribution()
-        if current is None or current.auto_shard_dataset:
-            mesh = current.device_mesh if current is not None else None
-            keras.distribution.set_distribution(
-                keras.distribution.DataParallel(device_mesh=mesh, auto_shard_dataset=False)
-            )
+        if current is None:
+            keras.distribution.set_distribution(keras.distribution.DataParallel(auto_shard_dataset=False))
+        else:
+            current.auto_shard_dataset = False
         return make_dataset(global_batch_size // self.spec.size, 1)
 
     def check_steps(self, steps: int) -> None:
