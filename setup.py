@@ -31,6 +31,10 @@ TENSORFLOW_GPU = f"tensorflow[and-cuda]{TENSORFLOW_RANGE}"  # with the CUDA and 
 TF_KERAS = f"tf-keras{TENSORFLOW_RANGE}"
 VENV_PACK = "venv-pack>=0.2,<0.3"
 MLFLOW = "mlflow>=3.10,<3.18"
+# The `jax` backend (Keras 3 on JAX, CPU); TensorFlow stays beside it for tf.data. `jax-cuda`: NVIDIA GPUs.
+KERAS_3 = "keras>=3.15,<3.16"
+JAX_CPU = ["jax[cpu]>=0.10.2,<0.11", KERAS_3]
+JAX_CUDA = ["jax[cuda12]>=0.10.2,<0.11", KERAS_3]
 
 setup(
     name="sparkml-mnist",
@@ -71,7 +75,10 @@ setup(
             "regex>=2024.4",
             MLFLOW,  # tests/test_observability.py runs a tracking server
             VENV_PACK,  # tests/test_cluster.py ships a packed environment
+            *JAX_CPU,  # CI runs the jax backend's tests
         ],
+        "jax": JAX_CPU,
+        "jax-cuda": JAX_CUDA,
     },
     entry_points={"console_scripts": ["sparkml-mnist=sparkml_mnist.cli:main"]},
 )

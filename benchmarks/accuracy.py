@@ -12,6 +12,15 @@ getting an equal share of the machine's cores (``spark.task.cpus`` = cores / np,
 
 repeats the lab run of the given variant(s) with other seeds (``accuracy-seeds.json``): the
 spread that chance alone gives, against which an np=1 / np=2 difference is judged.
+
+    python benchmarks/accuracy.py --backend jax --nps 2 --variants variant1
+
+the same lab run under another backend (``accuracy-<backend>.json``, ``accuracy-<backend>-np<N>-*``).
+
+    python benchmarks/accuracy.py --allreduce float16 --nps 2 --variants variant1,variant3
+
+the same lab run with the gradients all-reduced in half precision (``accuracy-float16.json``): what
+the narrower wire costs in test accuracy, against the float32 rows of ``accuracy.json`` (same seed).
 """
 
 from __future__ import annotations
@@ -27,12 +36,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-RESULT_FILE = RESULTS / "accuracy.json"
 SEEDS_FILE = RESULTS / "accuracy-seeds.json"
 KEPT_FILES = ("report.md", "comparison.png")
 
 
-def run_lab(data: str, np_: int, output: Path, variants: str | None = None, seed: int | None = None) -> list[dict]:
+DEFAULT_BACKEND = "tf"
+FULL_PRECISION = "float32"
+SEED_SPREAD_VARIANT = "variant2"
+
+
+def run_lab(
+    data: str, np_: int, output: Path, variants: str | None = None, seed: int | None = None,
+    backend: str = DEFAULT_BACKEND, allreduce: str = FULL_PRECISION,
+) -> list[dict]:
     cores = os.cpu_count() or 1
     env = dict(os.environ, PYSPARK_SUBMIT_ARGS=f"--conf spark.task.cpus={max(1, cores // np_)} pyspark-shell")
     command = [
@@ -43,6 +59,10 @@ def run_lab(data: str, np_: int, output: Path, variants: str | None = None, seed
         command += ["--variant", variants]
     if seed is not None:
         command += ["--seed", str(seed)]
+    if backend != DEFAULT_BACKEND:
+        command += ["--backend", backend]
+    if allreduce != FULL_PRECISION:
+        command += ["--allreduce", allreduce]
     print(" ".join(command), flush=True)
     subprocess.run(command, env=env, check=True)
     report = json.loads((output / "report.json").read_text())
@@ -58,13 +78,24 @@ def run_lab(data: str, np_: int, output: Path, variants: str | None = None, seed
                 "seconds": variant["seconds"].get("total"),
                 "lab_reference_accuracy": variant.get("lab_reference_accuracy"),
                 "seed": report["config"]["run"]["seed"],
+                "backend": backend,
+                "allreduce": allreduce,
             }
         )
     if seed is not None:  # a seed-spread run: the figures are enough
         return rows
+    prefix = results_prefix(backend, allreduce)
     for name in KEPT_FILES:
-        shutil.copyfile(output / name, RESULTS / f"accuracy-np{np_}-{name}")
+        shutil.copyfile(output / name, RESULTS / f"{prefix}-np{np_}-{name}")
     return rows
+
+
+def results_prefix(backend: str, allreduce: str) -> str:
+    """accuracy, accuracy-jax, accuracy-float16, accuracy-horovod-float16: one file set per way of training."""
+    parts = ["accuracy"]
+    parts += [backend] if backend != DEFAULT_BACKEND else []
+    parts += [allreduce] if allreduce != FULL_PRECISION else []
+    return "-".join(parts)
 
 
 def main() -> None:
@@ -72,18 +103,23 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("SPARKML_MNIST_DATA", "../shared/data/mnist-digits"))
     parser.add_argument("--nps", default="1,2", help="comma list of np values")
     parser.add_argument("--seeds", help="seed spread instead: comma list of seeds, each a run of --variants")
-    parser.add_argument("--variants", default="variant2", help="with --seeds: the variant(s) to repeat")
+    parser.add_argument("--variants", help=f"the variant(s) (default: all; with --seeds: {SEED_SPREAD_VARIANT})")
+    parser.add_argument("--backend", default=DEFAULT_BACKEND, help="the launcher's backend (tf, horovod, jax)")
+    parser.add_argument("--allreduce", default=FULL_PRECISION, choices=(FULL_PRECISION, "float16"),
+                        help="the gradients' precision on the wire")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.seeds:
         seed_spread(args.data, [int(n) for n in args.nps.split(",")], [int(s) for s in args.seeds.split(",")],
-                    args.variants)
+                    args.variants or SEED_SPREAD_VARIANT)
         return
+    result_file = RESULTS / f"{results_prefix(args.backend, args.allreduce)}.json"
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mnist-accuracy-") as folder:
         for np_ in (int(n) for n in args.nps.split(",")):
-            rows += run_lab(args.data, np_, Path(folder) / f"np{np_}")
-            RESULT_FILE.write_text(json.dumps(rows, indent=2) + "\n")  # keep what is done if a later run fails
+            rows += run_lab(args.data, np_, Path(folder) / f"np{np_}", args.variants, backend=args.backend,
+                            allreduce=args.allreduce)
+            result_file.write_text(json.dumps(rows, indent=2) + "\n")  # keep what is done if a later run fails
     for row in rows:
         print(f"{row['variant']} np={row['np']}: {row['test_accuracy']:.4f} ({row['seconds']:.0f} s)")
 

@@ -5,7 +5,8 @@
 Every measurement runs in a fresh Python process, so each reports its own peak RSS and pays its
 own start-up: the sklearn reference (``load_svmlight_file(...).toarray()`` + the lab's reshape
 and scaling) and the Spark path (validating read, split, equal shards, and the Arrow -> numpy
-tensors built inside each task) on the Databricks layout (plain ``.txt``, decompressed to a
+tensors built inside each task) on the Databricks layout; and, from Spark's stage metrics, the bytes
+the training file's data stage reads and shuffles (plain ``.txt``, decompressed to a
 temporary folder first) and on the ``.bz2`` files. Writes ``benchmarks/results/data_path.json``;
 RESULTS.md quotes it.
 """
@@ -84,10 +85,37 @@ def spark_pipeline(spark, folder: Path, suffix: str, shards: int, barrier: bool)
         data = load_libsvm(spark, str(folder / (name + suffix)))
         sharded = shard_frame(data, shards, fraction)
         reports = sharded.frame.mapInArrow(_task_summary, TASK_REPORT, barrier=barrier).collect()
+        data.release()  # the job releases its parsed rows too; a repeat must not find them cached
         if sorted(r["shard"] for r in reports) != list(range(shards)):
             raise RuntimeError(f"expected one report per shard, got {reports}")
         rows += sum(r["train"] + r["validation"] for r in reports)
     return rows
+
+
+def measure_shuffle(folder: Path, suffix: str, shards: int) -> dict:
+    """What the training file's data stage reads and shuffles, from Spark's own stage metrics (its REST API)."""
+    import urllib.request
+
+    from sparkml_mnist.data.libsvm import load_libsvm
+    from sparkml_mnist.data.shards import shard_frame
+    from sparkml_mnist.session import create_spark
+
+    spark = create_spark("data-path-shuffle", master="local[2]", conf={"spark.ui.enabled": "true", "spark.ui.port": "0"})
+    data = load_libsvm(spark, str(folder / (FILES[0] + suffix)))
+    sharded = shard_frame(data, shards, VALIDATION_SPLIT)
+    sharded.frame.mapInArrow(_task_summary, TASK_REPORT, barrier=True).collect()
+    context = spark.sparkContext
+    url = f"{context.uiWebUrl}/api/v1/applications/{context.applicationId}/stages"
+    for _ in range(20):  # the status store records a finished stage's metrics shortly after the job returns
+        stages = json.load(urllib.request.urlopen(url))
+        if stages and all(stage["status"] != "ACTIVE" for stage in stages):
+            break
+        time.sleep(0.5)
+    spark.stop()
+    return {"file": FILES[0] + suffix, "shards": shards,
+            "shuffle_write_bytes": sum(stage["shuffleWriteBytes"] for stage in stages),
+            "input_bytes": sum(stage["inputBytes"] for stage in stages),
+            "stages": len(stages)}
 
 
 def measure_spark(folder: Path, suffix: str, master: str, shards: int, barrier: bool, repeats: int) -> dict:
@@ -158,6 +186,8 @@ def main() -> None:
         kind, folder, suffix, *rest = args.measure
         if kind == "sklearn":
             print(json.dumps(measure_sklearn(Path(folder), suffix)))
+        elif kind == "shuffle":
+            print(json.dumps(measure_shuffle(Path(folder), suffix, args.shards)))
         else:
             master, barrier = rest
             print(json.dumps(measure_spark(Path(folder), suffix, master, args.shards, barrier == "barrier", args.repeats)))
@@ -178,6 +208,8 @@ def main() -> None:
                 entry[key] = run_measurement("spark", folder, suffix, master, barrier)
                 print(f"[{label}] {key}: {entry[key]}", flush=True)
             results[label] = entry
+        results["shuffle_txt"] = run_measurement("shuffle", plain, "")
+        print(f"[txt] shuffle: {results['shuffle_txt']}", flush=True)
 
         # The same job on the bundled 7,000-row sample: the driver's peak RSS must not grow with the data.
         from sparkml_mnist.data.paths import sample_paths
@@ -202,6 +234,8 @@ def main() -> None:
             "driver_peak_rss_mb": job["peak_rss_mb"],
             "spark_session_s": job["session_s"],
             "driver_peak_rss_mb_sample": results["sample_bz2"]["spark_local[2]_barrier"]["peak_rss_mb"],
+            "train_shuffle_write_bytes": results["shuffle_txt"]["shuffle_write_bytes"],
+            "train_input_bytes": results["shuffle_txt"]["input_bytes"],
         }
     )
     RESULT_FILE.parent.mkdir(parents=True, exist_ok=True)

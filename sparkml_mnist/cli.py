@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=optional_int, help="random seed (same on every rank)")
     train.add_argument(
         "--backend", choices=BACKEND_NAMES,
-        help="tf: MultiWorkerMirroredStrategy (default); horovod: Horovod over Gloo (its own TF 2.15 environment)",
+        help="tf: MultiWorkerMirroredStrategy (default); horovod: Horovod over Gloo (its own TF 2.15 environment); "
+        "jax: Keras 3 on JAX (the jax extra)",
     )
     train.add_argument("--progress-timeout", type=float, metavar="SECONDS", help="end the run if a rank makes no progress this long")
     train.add_argument("--max-retries", type=int, metavar="N", help="attempts after a failed one, each resuming from the last epoch (default 2)")

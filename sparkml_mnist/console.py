@@ -24,6 +24,7 @@ PACKAGE_LOGGER = "sparkml_mnist"
 # image tensor: ``mlflow_model.py`` says why ``predict`` has none). Dropped from the console, nothing else.
 NOT_FOR_US = ("Add type hints to the `predict` method",)
 QUIET, NORMAL, VERBOSE = -1, 0, 1
+MLFLOW_LOGGING_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"
 _CURSOR_UP = "\x1b[{}A"
 _CLEAR_DOWN = "\r\x1b[J"
 
@@ -106,5 +107,7 @@ def configure(verbosity: int, stream: IO[str] | None = None) -> ConsoleHandler:
     logging.captureWarnings(True)
     if verbosity >= VERBOSE:
         os.environ[SHOW_NOTICES_ENV] = "1"
+    if verbosity <= QUIET:  # MLflow configures its own stderr handler when imported; it reads this first
+        os.environ.setdefault(MLFLOW_LOGGING_LEVEL_ENV, "WARNING")
     progress.set_live_display(handler.show if live else None)
     return handler

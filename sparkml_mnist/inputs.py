@@ -126,4 +126,4 @@ def distributed_dataset(
     def make(per_replica_batch: int, replicas: int) -> Any:
         return rank_batches(arrays, per_replica_batch, steps, shuffle, seed, replicas, first_epoch, preprocess)
 
-    return context.distribute_dataset(make, global_batch_size)
+    return context.distribute_dataset(make, global_batch_size, steps)

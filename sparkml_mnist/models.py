@@ -1,4 +1,8 @@
-"""Variant config -> compiled Keras 2 model (build inside the backend's model scope when distributed)."""
+"""Variant config -> compiled Keras model (build inside the backend's model scope when distributed).
+
+Keras 2 (tf_keras) in the default backends' ranks and on the driver; Keras 3 in a ``jax`` rank
+(``keras_flavour.keras()`` decides): the same layers from the same variant YAML.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from sparkml_mnist.errors import ConfigError
 
 ACCURACY_METRIC = "accuracy"
 OUTPUT_ACTIVATION = "softmax"
+KERAS_3_JIT_COMPILE = "auto"
 
 
 def _conv2d(keras: Any, layer: Conv2D) -> Any:
@@ -61,7 +66,7 @@ def build_model(
 
     ``wrap_optimizer``: what a backend does to the optimizer (Horovod's DistributedOptimizer).
     """
-    from sparkml_mnist.keras_flavour import keras as keras_module
+    from sparkml_mnist.keras_flavour import is_keras_3_process, keras as keras_module
 
     spec = spec or load_data_spec()
     check_output_layer(variant, spec)
@@ -73,5 +78,7 @@ def build_model(
     optimizer = keras.optimizers.get(variant.optimizer)
     if wrap_optimizer is not None:
         optimizer = wrap_optimizer(optimizer)
-    model.compile(optimizer=optimizer, loss=variant.loss, metrics=[ACCURACY_METRIC], jit_compile=variant.jit_compile)
+    # jit_compile is TensorFlow's XLA switch; Keras 3 on JAX always compiles with XLA ("auto").
+    jit_compile = KERAS_3_JIT_COMPILE if is_keras_3_process() else variant.jit_compile
+    model.compile(optimizer=optimizer, loss=variant.loss, metrics=[ACCURACY_METRIC], jit_compile=jit_compile)
     return model

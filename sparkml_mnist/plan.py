@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 from sparkml_mnist.config import RunConfig, VariantConfig
 from sparkml_mnist.data.paths import DatasetPaths, resolve_inputs
 from sparkml_mnist.distributed.backends import DEFAULT_BACKEND
+from sparkml_mnist.distributed.backends.base import FULL_PRECISION
+from sparkml_mnist.distributed.backends.jax import NAME as JAX_BACKEND
 from sparkml_mnist.distributed.placement import Placement, parse_placement, rank_devices
 from sparkml_mnist.errors import ConfigError
 from sparkml_mnist.report.folder import check_output_folder
@@ -44,6 +46,7 @@ def plan_job(run: RunConfig, overwrite: bool = False, resume: bool = False) -> J
     variants = run.load_variants()
     for variant in variants:
         check_replicas(variant, placement.size)
+    check_allreduce(run.allreduce, placement)
     inputs = resolve_inputs(run.data, run.train, run.test)
     output = local_output_folder(run)
     try:
@@ -80,6 +83,15 @@ def check_devices(plan: JobPlan, spark: Any) -> bool:
     return on_gpus
 
 
+def check_allreduce(allreduce: str, placement: Placement) -> None:
+    """Half-precision gradients need a backend that all-reduces them itself (tf, horovod); JAX's are XLA's."""
+    if allreduce != FULL_PRECISION and placement.backend == JAX_BACKEND:
+        raise ConfigError(
+            f"allreduce: {allreduce!r} is not available under the jax backend (its all-reduce is compiled by "
+            f"XLA); use allreduce: {FULL_PRECISION!r} (--allreduce {FULL_PRECISION}) or --backend tf"
+        )
+
+
 def check_replicas(variant: VariantConfig, replicas: int) -> None:
     """The global batch must split evenly, or ranks would disagree on per-replica batches."""
     if variant.batch_size % replicas:
@@ -90,8 +102,11 @@ def check_replicas(variant: VariantConfig, replicas: int) -> None:
 
 
 def check_xla(variant: VariantConfig, placement: Placement, on_gpus: bool) -> None:
-    """XLA with several ranks needs XLA collectives: TensorFlow has them on GPUs only (tf backend)."""
-    if not variant.jit_compile or placement.size <= 1:
+    """XLA with several ranks needs XLA collectives: TensorFlow has them on GPUs only (tf backend).
+
+    Under jax the setting does not apply: JAX always compiles with XLA, collectives included.
+    """
+    if not variant.jit_compile or placement.size <= 1 or placement.backend == JAX_BACKEND:
         return
     if placement.backend != DEFAULT_BACKEND:
         reason = f"the {placement.backend!r} backend's all-reduce cannot be compiled by XLA"

@@ -50,6 +50,10 @@ class Tracking:
             import mlflow  # noqa: PLC0415 - an optional extra
         except ImportError:
             raise ConfigError(f"MLflow tracking was asked for, but mlflow is not installed: {INSTALL_HINT}") from None
+        # MLflow reads these from the environment, and set_tracking_uri writes MLFLOW_TRACKING_URI there
+        # (for its subprocesses): what was there before comes back in finish(), so neither the caller's
+        # process nor the programs it starts later log to this run's server by surprise.
+        self._saved_environment = {key: os.environ.get(key) for key in (TRACKING_URI_ENV, *HTTP_SETTINGS)}
         for key, value in HTTP_SETTINGS.items():
             os.environ.setdefault(key, value)
         self._mlflow = mlflow
@@ -127,8 +131,15 @@ class Tracking:
         self._client.set_tag(run_id, "model_uri", info.model_uri)
 
     def finish(self, report: Path | None, failed: bool = False) -> None:
-        """The parent run's artifacts and status."""
-        self._guard("finish the job's MLflow run", self._finish, report, failed)
+        """The parent run's artifacts and status; the process's environment as it was before."""
+        try:
+            self._guard("finish the job's MLflow run", self._finish, report, failed)
+        finally:
+            for key, value in self._saved_environment.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def _finish(self, report: Path | None, failed: bool) -> None:
         if self.parent_id is None:

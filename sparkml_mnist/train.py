@@ -3,8 +3,9 @@
 Runs inside the launcher's fresh child process for each rank, so TensorFlow is imported here, after
 the launcher set the backend's variables (``TF_CONFIG`` or Horovod's), ``TF_USE_LEGACY_KERAS`` and the
 thread and device settings. The backend decides the model scope, the optimizer wrapper and the
-callbacks, so the same function trains under ``tf`` and ``horovod``. The run was planned on the
-driver (``sparkml_mnist.plan``): the global batch splits evenly across the ranks, XLA fits them.
+callbacks, so the same function trains under ``tf``, ``horovod`` and ``jax`` (Keras 3 there). The run
+was planned on the driver (``sparkml_mnist.plan``): the global batch splits evenly across the ranks,
+XLA fits them.
 """
 
 from __future__ import annotations

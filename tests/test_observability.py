@@ -90,7 +90,11 @@ def tracked_run(spark, tmp_path: Path, tracking_uri: str) -> tuple[Path, Any]:
     run = load_run("sample").with_overrides(variants="variant1", np=-1, epochs=EPOCHS, output=str(tmp_path / "out"))
     tracking = Tracking(tracking_uri, experiment=f"test-{tmp_path.name}",
                         artifact_location=None if tracking_uri.startswith("http") else (tmp_path / "artifacts").as_uri())
-    return run_job(spark, run, tracking=tracking), tracking
+    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    folder = run_job(spark, run, tracking=tracking)
+    # MLflow's set_tracking_uri exports the URI for subprocesses: the job puts the environment back
+    assert {key: os.environ.get(key) for key in before} == before
+    return folder, tracking
 
 
 def read_back(tracking_uri: str, tracking: Any, folder: Path) -> None:
@@ -121,7 +125,10 @@ def read_back(tracking_uri: str, tracking: Any, folder: Path) -> None:
     assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"variant1-loss.png", "variant1-confusion.png"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"report.md", "report.json", "comparison.png"}
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(child.data.tags["model_uri"])
+    try:
+        model = mlflow.pyfunc.load_model(child.data.tags["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(None)  # exported for subprocesses: later tests' CLI runs must not log here
     images = np.random.default_rng(3).random((4, 28, 28, 1), dtype=np.float32)
     expected = keras().models.load_model(next(folder.rglob("variant1.keras")), compile=False).predict(images, verbose=0)
     predicted = np.asarray(model.predict(images))

@@ -108,6 +108,7 @@ def main(workdir: Path) -> None:
         function, kwargs = cloudpickle.loads((workdir / PAYLOAD_FILE).read_bytes())
         if wants_context(function, kwargs):
             kwargs = {**kwargs, context_module.CONTEXT_PARAMETER: context}
+        context.backend.start()  # e.g. Keras's distribution under jax, before the user's code
         value = function(**kwargs)
         value_bytes = cloudpickle.dumps(value) if spec.keep_value else cloudpickle.dumps(None)
     except BaseException as error:  # noqa: BLE001 - every failure must reach the driver with its traceback

@@ -180,7 +180,8 @@ class RankContext:
     def strategy(self) -> Any:
         """The backend's tf.distribute strategy, made on first use (so a function may build its own instead).
 
-        Horovod all-reduces in its optimizer, so under it this is TF's default strategy.
+        Horovod all-reduces in its optimizer, so under it this is TF's default strategy; under jax it
+        is the Keras 3 distribution in force (``keras.distribution.DataParallel``).
         """
         return self.backend.strategy
 
@@ -197,11 +198,15 @@ class RankContext:
         """Callbacks ``fit`` needs on every rank (Horovod: broadcast of rank 0's weights, metric averaging)."""
         return self.backend.fit_callbacks()
 
-    def distribute_dataset(self, make_dataset: DatasetMaker, global_batch_size: int) -> Any:
+    def distribute_dataset(self, make_dataset: DatasetMaker, global_batch_size: int, steps: int | None = None) -> Any:
         """``make_dataset(per_replica_batch, replicas)`` as the backend's input with global-batch semantics.
 
         Each rank takes ``global_batch_size / size`` rows a step (checked where the run was planned).
+        ``steps``: the steps this rank will take over it; a backend that deadlocks on unequal steps (jax)
+        compares them across the ranks now (every rank must then call this in the same order).
         """
+        if steps is not None:
+            self.backend.check_steps(steps)
         self.progress.examples_per_step = global_batch_size // self.size
         return self.backend.distribute(make_dataset, global_batch_size)
 

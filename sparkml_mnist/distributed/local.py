@@ -74,7 +74,9 @@ def run_local(
             verdict = monitor.check()
             if verdict is not None:
                 raise RankStalledError(verdict.ranks, verdict.hosts, verdict.reason, verdict.limit_s, verdict.setting)
-        for process in processes:  # all finished: the ranks may now exit together
+        for process in processes:  # all finished: the ranks may now exit together (jax leaves in step)
+            process.let_go()
+        for process in processes:
             process.release()
         return [(outcomes[rank].record, outcomes[rank].value_bytes) for rank in range(size)]
 

@@ -214,15 +214,19 @@ class RankProcess:
         record = RankRecord(rank=self.spec.rank, host=self.spec.host, pid=self._process.pid, error=error)
         return RankOutcome(record=record, value_bytes=b"")
 
-    def release(self) -> None:
-        """Let a finished process exit (all ranks are done), then reap it."""
-        if self._process is None:
-            return
-        if self._process.stdin:
+    def let_go(self) -> None:
+        """Tell a finished process it may exit (all ranks are done); ``release`` then reaps it."""
+        if self._process is not None and self._process.stdin:
             try:
                 self._process.stdin.close()
             except OSError:
                 pass
+
+    def release(self) -> None:
+        """Let a finished process exit (all ranks are done), then reap it."""
+        if self._process is None:
+            return
+        self.let_go()
         try:
             self._process.wait(EXIT_GRACE_S)
         except subprocess.TimeoutExpired:

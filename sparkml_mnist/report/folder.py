@@ -42,6 +42,8 @@ VERSIONED_PACKAGES = (
     "tensorflow-cpu",
     "tf-keras",
     "keras",
+    "jax",
+    "jaxlib",
     "numpy",
     "scikit-learn",
     "matplotlib",

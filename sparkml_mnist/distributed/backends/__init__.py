@@ -2,13 +2,14 @@
 
 A backend is chosen by name (``HorovodRunner(..., backend="tf")``); callers stay the same for
 each. ``tf``: MultiWorkerMirroredStrategy (TF 2.21 + tf_keras, the default). ``horovod``: Horovod
-over Gloo (its own TF 2.15 environment). Another one: a ``DriverBackend`` and a ``RankBackend``
+over Gloo (its own TF 2.15 environment). ``jax``: Keras 3 on JAX with Keras's distribution API
+(the ``jax`` extra). Another one: a ``DriverBackend`` and a ``RankBackend``
 (``base.py``), registered here.
 """
 
 from __future__ import annotations
 
-from sparkml_mnist.distributed.backends import horovod, tf
+from sparkml_mnist.distributed.backends import horovod, jax, tf
 from sparkml_mnist.distributed.backends.base import DriverBackend, RankBackend
 from sparkml_mnist.distributed.spec import RankSpec
 from sparkml_mnist.errors import ConfigError
@@ -17,10 +18,12 @@ DEFAULT_BACKEND = tf.NAME
 DRIVER_BACKENDS: dict[str, type[DriverBackend]] = {
     tf.NAME: tf.TfDriverBackend,
     horovod.NAME: horovod.HorovodDriverBackend,
+    jax.NAME: jax.JaxDriverBackend,
 }
 RANK_BACKENDS: dict[str, type[RankBackend]] = {
     tf.NAME: tf.TfRankBackend,
     horovod.NAME: horovod.HorovodRankBackend,
+    jax.NAME: jax.JaxRankBackend,
 }
 BACKEND_NAMES = tuple(DRIVER_BACKENDS)
 

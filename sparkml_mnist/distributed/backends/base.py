@@ -46,6 +46,12 @@ class RankBackend(ABC):
         self.spec = spec
         self._strategy: Any = None
 
+    def start(self) -> None:
+        """What must happen in the rank's process before the user's function runs (jax: Keras's initialize).
+
+        Nothing for tf and horovod, whose functions may build their own strategy or call ``hvd.init()``.
+        """
+
     @abstractmethod
     def make_strategy(self) -> Any:
         """The tf.distribute strategy the rank trains under (called once, on first use)."""
@@ -72,6 +78,9 @@ class RankBackend(ABC):
     @abstractmethod
     def distribute(self, make_dataset: DatasetMaker, global_batch_size: int) -> Any:
         """This rank's input for ``fit``: global-batch semantics, ``global_batch_size / size`` rows per rank."""
+
+    def check_steps(self, steps: int) -> None:
+        """Refuse, before training, steps that differ between ranks where that would deadlock (jax)."""
 
     def finish(self) -> None:
         """Once every rank finished: let the framework leave in step (or nothing)."""
