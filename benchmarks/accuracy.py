@@ -19,8 +19,9 @@ the same lab run under another backend (``accuracy-<backend>.json``, ``accuracy-
 
     python benchmarks/accuracy.py --allreduce float16 --nps 2 --variants variant1,variant3
 
-the same lab run with the gradients all-reduced in half precision (``accuracy-float16.json``): what
-the narrower wire costs in test accuracy, against the float32 rows of ``accuracy.json`` (same seed).
+the same lab run with the gradients all-reduced in half precision (``accuracy-float16.json``); with
+``--prefix accuracy-float32`` and no ``--allreduce``, the float32 run to hold it against (same seed,
+same code).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ SEED_SPREAD_VARIANT = "variant2"
 
 def run_lab(
     data: str, np_: int, output: Path, variants: str | None = None, seed: int | None = None,
-    backend: str = DEFAULT_BACKEND, allreduce: str = FULL_PRECISION,
+    backend: str = DEFAULT_BACKEND, allreduce: str = FULL_PRECISION, prefix: str | None = None,
 ) -> list[dict]:
     cores = os.cpu_count() or 1
     env = dict(os.environ, PYSPARK_SUBMIT_ARGS=f"--conf spark.task.cpus={max(1, cores // np_)} pyspark-shell")
@@ -84,7 +85,7 @@ def run_lab(
         )
     if seed is not None:  # a seed-spread run: the figures are enough
         return rows
-    prefix = results_prefix(backend, allreduce)
+    prefix = prefix or results_prefix(backend, allreduce)
     for name in KEPT_FILES:
         shutil.copyfile(output / name, RESULTS / f"{prefix}-np{np_}-{name}")
     return rows
@@ -107,18 +108,20 @@ def main() -> None:
     parser.add_argument("--backend", default=DEFAULT_BACKEND, help="the launcher's backend (tf, horovod, jax)")
     parser.add_argument("--allreduce", default=FULL_PRECISION, choices=(FULL_PRECISION, "float16"),
                         help="the gradients' precision on the wire")
+    parser.add_argument("--prefix", help="name of the result files (default: from --backend and --allreduce)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.seeds:
         seed_spread(args.data, [int(n) for n in args.nps.split(",")], [int(s) for s in args.seeds.split(",")],
                     args.variants or SEED_SPREAD_VARIANT)
         return
-    result_file = RESULTS / f"{results_prefix(args.backend, args.allreduce)}.json"
+    prefix = args.prefix or results_prefix(args.backend, args.allreduce)
+    result_file = RESULTS / f"{prefix}.json"
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mnist-accuracy-") as folder:
         for np_ in (int(n) for n in args.nps.split(",")):
             rows += run_lab(args.data, np_, Path(folder) / f"np{np_}", args.variants, backend=args.backend,
-                            allreduce=args.allreduce)
+                            allreduce=args.allreduce, prefix=prefix)
             result_file.write_text(json.dumps(rows, indent=2) + "\n")  # keep what is done if a later run fails
     for row in rows:
         print(f"{row['variant']} np={row['np']}: {row['test_accuracy']:.4f} ({row['seconds']:.0f} s)")

@@ -300,7 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits here with EXIT_USAGE (argparse's 2)
     from sparkml_mnist import console
 
-    console.configure(console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL)
+    verbosity = console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL
+    with console.configured(verbosity):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         args.handler(args)

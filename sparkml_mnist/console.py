@@ -8,12 +8,13 @@ progress board logs plain lines now and then (``distributed.progress``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 from datetime import datetime
-from typing import IO
+from typing import IO, Iterator
 
 from sparkml_mnist.distributed import progress
 from sparkml_mnist.log import RANKS_LOGGER
@@ -111,3 +112,29 @@ def configure(verbosity: int, stream: IO[str] | None = None) -> ConsoleHandler:
         os.environ.setdefault(MLFLOW_LOGGING_LEVEL_ENV, "WARNING")
     progress.set_live_display(handler.show if live else None)
     return handler
+
+
+@contextlib.contextmanager
+def configured(verbosity: int, stream: IO[str] | None = None) -> Iterator[ConsoleHandler]:
+    """``configure`` for one command, then the loggers, warnings capture and environment as they were.
+
+    ``cli.main`` may be called in a process that goes on (a notebook, a wheel task, a test): its
+    handler must not outlive the command, writing to a stream that may be closed by then.
+    """
+    loggers = [logging.getLogger(name) for name in (PACKAGE_LOGGER, "py.warnings")]
+    saved = [(logger, logger.handlers[:], logger.filters[:], logger.propagate, logger.level) for logger in loggers]
+    environment = {key: os.environ.get(key) for key in (SHOW_NOTICES_ENV, MLFLOW_LOGGING_LEVEL_ENV)}
+    capturing = getattr(logging, "_warnings_showwarning", None) is not None  # logging keeps no public flag
+    try:
+        yield configure(verbosity, stream)
+    finally:
+        progress.set_live_display(None)
+        for logger, handlers, filters, propagate, level in saved:
+            logger.handlers[:], logger.filters[:], logger.propagate = handlers, filters, propagate
+            logger.setLevel(level)
+        logging.captureWarnings(capturing)
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -231,6 +231,7 @@ def checkpoint_round_trip_main(context: Any) -> dict[str, Any]:
     from sparkml_mnist.models import build_model
 
     keras = keras_flavour.keras()
+    keras.distribution.distribution().auto_shard_dataset = False  # each rank fits its own arrays
     keras.utils.set_random_seed(0)
     variant = load_variant("variant1")
     rng = np.random.default_rng(0)
@@ -257,4 +258,4 @@ def test_a_checkpoint_restores_a_keras3_model_and_its_optimizer(spark) -> None:
     first, second = runner.run_all(checkpoint_round_trip_main)
     for value in (first.value, second.value):
         assert value["keras"].startswith("3.") and value["weights"] and value["optimizer"]
-        assert value["iterations"] == 1 and value["optimizer_variables"] > 2  # step, rate, moments
+        assert value["iterations"] == 2 and value["optimizer_variables"] > 2  # 32 rows, 16 a step; rate, moments

@@ -88,9 +88,9 @@ def tracked_run(spark, tmp_path: Path, tracking_uri: str) -> tuple[Path, Any]:
     from sparkml_mnist.tracking import Tracking
 
     run = load_run("sample").with_overrides(variants="variant1", np=-1, epochs=EPOCHS, output=str(tmp_path / "out"))
+    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     tracking = Tracking(tracking_uri, experiment=f"test-{tmp_path.name}",
                         artifact_location=None if tracking_uri.startswith("http") else (tmp_path / "artifacts").as_uri())
-    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     folder = run_job(spark, run, tracking=tracking)
     # MLflow's set_tracking_uri exports the URI for subprocesses: the job puts the environment back
     assert {key: os.environ.get(key) for key in before} == before
@@ -261,3 +261,15 @@ def test_a_library_users_handler_gets_rank_lines_with_the_rank(spark) -> None:
         logger.removeHandler(handler)
     epochs = [r for r in received if r.getMessage().startswith("epoch ")]
     assert len(epochs) == EPOCHS and all(r.rank == 0 and r.stream == "log" for r in epochs)
+
+
+def test_the_cli_called_in_process_leaves_logging_as_it_found_it(capsys) -> None:
+    """A notebook or wheel task calling cli.main goes on afterwards: no handler may outlive the command."""
+    from sparkml_mnist import cli
+
+    package, warnings_logger = logging.getLogger("sparkml_mnist"), logging.getLogger("py.warnings")
+    before = [(list(lg.handlers), lg.propagate, lg.level) for lg in (package, warnings_logger)]
+    assert cli.main(["-q", "train", "--variant", "no-such-variant", "--epochs", "1"]) == cli.EXIT_BAD_INPUT
+    assert "no-such-variant" in capsys.readouterr().err
+    assert [(list(lg.handlers), lg.propagate, lg.level) for lg in (package, warnings_logger)] == before
+    assert "MLFLOW_LOGGING_LEVEL" not in os.environ
