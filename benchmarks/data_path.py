@@ -37,7 +37,17 @@ TASK_REPORT = "shard bigint, train bigint, validation bigint, pixel_sum double"
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's own peak resident memory: VmHWM, the high-water mark of its address space.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries that over ``exec`` from the process that
+    forked it, so every measurement child reported the orchestrator's peak (which had imported
+    sklearn and pyspark) instead of its own.
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
 
 
 # --- the measured work, each run in its own process ---------------------------------------------

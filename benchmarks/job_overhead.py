@@ -53,6 +53,15 @@ def measure(source: Path | None) -> dict:
             "test_accuracy": {v["name"]: v["test"]["accuracy"] for v in report["variants"]}}
 
 
+def commit_of(checkout: Path) -> str:
+    """The checkout's commit, so the figures name the code they measured (``+changes``: uncommitted edits)."""
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return f"commit {head}" + (" +changes" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, help="another checkout to run (PYTHONPATH), e.g. the commit before")
@@ -66,7 +75,7 @@ def main() -> None:
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    result[args.label] = {**measured, "source": str(args.source) if args.source else "this checkout"}
+    result[args.label] = {**measured, "source": commit_of(args.source or Path(__file__).resolve().parents[1])}
     if args.label == "after":
         result.update({key: measured[key] for key in ("wall_s", "epochs_s", "overhead_s")})
     if "before" in result:

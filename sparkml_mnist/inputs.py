@@ -24,6 +24,9 @@ from sparkml_mnist.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from sparkml_mnist.distributed.context import RankContext
 
+PREFETCH_BATCHES = 2  # the step being trained and the next one
+
+
 @dataclass
 class ShardTensors:
     """One rank's data, in file order: ``x`` uint8 (n, 28, 28, 1) raw pixels, ``y`` one-hot."""
@@ -91,12 +94,13 @@ def scale_images(spec: DataSpec | None = None) -> Callable[..., Any]:
 
 def rank_batches(
     arrays: tuple[Any, ...], batch_size: int, steps: int, shuffle: bool = False, seed: int = 0, replicas: int = 1,
-    first_epoch: int = 0, preprocess: Callable[..., Any] | None = None,
+    first_epoch: int = 0, preprocess: Callable[..., Any] | None = None, epochs: int | None = None,
 ) -> Any:
     """``steps`` batches of ``batch_size`` rows per replica of this rank's arrays per epoch, epoch after epoch.
 
     Shuffled, epoch ``e``'s order is a stateless function of ``(seed, e)``: the same in every run, and a
-    run resumed at ``first_epoch`` sees exactly the batches an undisturbed one would have.
+    run resumed at ``first_epoch`` sees exactly the batches an undisturbed one would have. ``epochs``: the
+    dataset ends after that epoch (None: it never ends).
     """
     tf = keras_flavour.tensorflow()
     tensors = tuple(tf.constant(array) for array in arrays)
@@ -110,20 +114,30 @@ def rank_batches(
             everything = tf.random.experimental.stateless_shuffle(everything, seed=key)
         return everything[:rows]
 
-    indices = tf.data.Dataset.counter(first_epoch).map(epoch_order).unbatch().batch(batch_size, drop_remainder=True)
+    epoch_numbers = (tf.data.Dataset.counter(first_epoch) if epochs is None
+                     else tf.data.Dataset.range(first_epoch, epochs, output_type=tf.int64))
+    indices = epoch_numbers.map(epoch_order).unbatch().batch(batch_size, drop_remainder=True)
     gathered = indices.map(lambda index: tuple(tf.gather(tensor, index) for tensor in tensors))
     if preprocess is not None:
         gathered = gathered.map(preprocess)
-    return gathered.prefetch(tf.data.AUTOTUNE)
+    # A fixed prefetch, and no tf.data autotuning: a pipeline of three cheap maps has nothing to tune,
+    # and an autotuned iterator's destructor waits for its model thread's next wake-up (seconds at the
+    # end of a fit; see backends.tf.stop_device_prefetch_autotuning).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return gathered.prefetch(PREFETCH_BATCHES).with_options(options)
 
 
 def distributed_dataset(
     context: RankContext, arrays: tuple[Any, ...], global_batch_size: int, steps: int,
     shuffle: bool = False, seed: int = 0, first_epoch: int = 0, preprocess: Callable[..., Any] | None = None,
+    epochs: int | None = None,
 ) -> Any:
-    """This rank's arrays as the backend's input: ``steps`` global batches per epoch, from ``first_epoch`` on."""
+    """This rank's arrays as the backend's input: ``steps`` global batches per epoch, from ``first_epoch`` on
+    (up to ``epochs``, when given: give it, ``fit`` then ends without waiting for unused batches)."""
 
     def make(per_replica_batch: int, replicas: int) -> Any:
-        return rank_batches(arrays, per_replica_batch, steps, shuffle, seed, replicas, first_epoch, preprocess)
+        return rank_batches(arrays, per_replica_batch, steps, shuffle, seed, replicas, first_epoch, preprocess,
+                            epochs)
 
     return context.distribute_dataset(make, global_batch_size, steps)

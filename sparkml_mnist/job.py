@@ -26,7 +26,8 @@ from sparkml_mnist.data.libsvm import LibsvmData, load_libsvm
 from sparkml_mnist.data.shards import shard_layouts
 from sparkml_mnist.data.tensors import collect_tensors
 from sparkml_mnist.distributed.checkpoints import CheckpointStore
-from sparkml_mnist.distributed.runner import HorovodRunner
+from sparkml_mnist.distributed.backends.tf import NAME as TF_BACKEND
+from sparkml_mnist.distributed.runner import NO_COLLECTIVE_TIMEOUT, HorovodRunner
 from sparkml_mnist.errors import SparkMnistError
 from sparkml_mnist.finisher import VariantFinisher, rank_rows
 from sparkml_mnist.plan import JobPlan, check_devices, plan_job
@@ -174,8 +175,14 @@ def _train_in_one_stage(
             f"{job.variant.epochs} epochs, global batch {job.variant.batch_size}, {job.plan.train_per_shard:,} "
             f"training + {job.plan.validation_per_shard:,} validation rows per rank")
     checkpoints.subscribe(finisher.on_checkpoint)
+    # Training reports progress every step, so the watchdog ends a hung collective within
+    # progress_timeout_s. TensorFlow's own per-collective timeout would keep a sleeping thread per
+    # collective for that long (1,610 threads in one rank at 300 s, against ~120 without); Horovod's
+    # Gloo timeout costs nothing and also bounds its rendezvous, so it stays.
+    collective_timeout_s = NO_COLLECTIVE_TIMEOUT if placement.backend == TF_BACKEND else None
     runner = HorovodRunner(np=placement, spark=spark, data=frame, progress_timeout_s=run.progress_timeout_s,
-                           max_retries=run.max_retries, checkpoints=checkpoints)
+                           collective_timeout_s=collective_timeout_s, max_retries=run.max_retries,
+                           checkpoints=checkpoints)
     finisher.start()
     try:
         runner.run_all(train_variants, jobs=jobs, seed=run.seed, deterministic=run.deterministic,

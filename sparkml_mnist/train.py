@@ -191,7 +191,7 @@ def train_one(
         fit_options = {
             "validation_data": distributed_dataset(
                 context, (shard.x_validation, shard.y_validation), variant.batch_size, validation_steps,
-                preprocess=scale_images(),
+                first_epoch=first_epoch, preprocess=scale_images(), epochs=variant.epochs,
             ),
             "validation_steps": validation_steps,
         }
@@ -204,7 +204,7 @@ def train_one(
     fitted = model.fit(
         distributed_dataset(
             context, (shard.x_train, shard.y_train), variant.batch_size, steps, shuffle=True, seed=seed + context.rank,
-            first_epoch=first_epoch, preprocess=scale_images(),
+            first_epoch=first_epoch, preprocess=scale_images(), epochs=variant.epochs,
         ),
         epochs=variant.epochs,
         initial_epoch=first_epoch,

@@ -153,6 +153,40 @@ def sharded(spark, tmp_path_factory):
     return shard_frame(load_libsvm(spark, str(path)), 2).frame
 
 
+def device_datasets_main(context) -> dict:
+    """Iterate a distributed dataset once; say whether each per-device dataset tf.distribute built autotunes."""
+    from tensorflow.python.data.ops import multi_device_iterator_ops
+
+    tf = keras_flavour.tensorflow()
+    context.strategy  # noqa: B018 - made on first use, and with it the backend's set-up
+    built: list[bool] = []
+    make_device_dataset = multi_device_iterator_ops._create_device_dataset
+
+    def recording(*args, **kwargs):
+        dataset = make_device_dataset(*args, **kwargs)
+        built.append(dataset.options().autotune.enabled)
+        return dataset
+
+    multi_device_iterator_ops._create_device_dataset = recording
+    distributed = context.distribute_dataset(
+        lambda batch, replicas: tf.data.Dataset.range(64).batch(batch, drop_remainder=True), GLOBAL_BATCH)
+    next(iter(distributed))
+    return {"autotuned": built}
+
+
+def epoch_batches_main(context) -> dict:
+    """The batches of a 3-epoch run, and of the same run resumed at epoch 1, as lists of row indices."""
+    from sparkml_mnist.inputs import rank_batches
+
+    rows = np.arange(TRAIN_ROWS)
+
+    def batches(first_epoch: int) -> list[list[int]]:
+        dataset = rank_batches((rows,), 8, steps=4, shuffle=True, seed=3, first_epoch=first_epoch, epochs=3)
+        return [batch[0].numpy().tolist() for batch in dataset]
+
+    return {"whole": batches(0), "resumed": batches(1)}
+
+
 # -- tests ------------------------------------------------------------------------------------------
 
 
@@ -223,3 +257,18 @@ def test_a_stalled_rank_ends_the_run_with_a_timeout_naming_it(spark, tmp_path: P
 def test_np_above_the_slots_fails_before_any_task_starts(spark) -> None:
     with pytest.raises(PreflightError, match=r"np=3 .* only 2 task slots"):
         HorovodRunner(np=3, spark=spark).run(failing_main, pid_dir="/nonexistent")
+
+
+def test_the_per_device_prefetch_does_not_autotune(spark) -> None:
+    """An autotuned iterator's destructor waits for its model thread: seconds at the end of every fit."""
+    values = [r.value for r in HorovodRunner(np=-1, spark=spark, log_sink=None).run_all(device_datasets_main)]
+    assert values[0]["autotuned"] == [False]
+
+
+def test_a_finite_input_ends_after_its_last_epoch_and_resumes_where_it_was() -> None:
+    """``fit`` must not wait on batches nobody takes; a resumed run sees the batches it would have seen."""
+    value = HorovodRunner(np=-1, log_sink=None).run(epoch_batches_main)
+    whole, resumed = value["whole"], value["resumed"]
+    assert len(whole) == 3 * 4 and resumed == whole[4:]
+    assert whole[:4] != whole[4:8]  # each epoch has its own order
+    assert all(len(set(sum(whole[e * 4:(e + 1) * 4], []))) == 32 for e in range(3))  # no row twice in an epoch

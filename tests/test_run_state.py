@@ -10,7 +10,7 @@ import pytest
 from sparkml_mnist.config import load_run
 from sparkml_mnist.distributed.attempt import AttemptRecord
 from sparkml_mnist.distributed.records import RankError, RankFailedError, RankStalledError
-from sparkml_mnist.distributed.runner import HorovodRunner, failure_signature
+from sparkml_mnist.distributed.runner import NO_COLLECTIVE_TIMEOUT, HorovodRunner, failure_signature
 from sparkml_mnist.errors import ConfigError
 from sparkml_mnist.evaluate import evaluate
 from sparkml_mnist.report import VariantResult
@@ -92,6 +92,9 @@ def test_failure_signatures_tell_a_repeat_from_a_new_failure() -> None:
 def test_every_hang_is_bounded_by_default() -> None:
     runner = HorovodRunner(np=-1, progress_timeout_s=42.0)
     assert runner.options.collective_timeout_s == 42.0 and runner.options.startup_timeout_s == 42.0
+    assert HorovodRunner(np=-1, collective_timeout_s=NO_COLLECTIVE_TIMEOUT).options.collective_timeout_s == 0.0
+    with pytest.raises(ConfigError, match="collective_timeout_s must be >= 0"):
+        HorovodRunner(np=-1, collective_timeout_s=-1.0)
     assert runner.max_retries == 2
     with pytest.raises(ConfigError, match="max_retries must be a whole number"):
         HorovodRunner(np=-1, max_retries=-1)

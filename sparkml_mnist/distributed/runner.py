@@ -33,6 +33,8 @@ from sparkml_mnist.distributed.placement import Placement, parse_placement
 from sparkml_mnist.distributed.records import PreflightError, RankFailedError, RankRecord, RankStalledError
 from sparkml_mnist.errors import ConfigError, LaunchError
 
+NO_COLLECTIVE_TIMEOUT = 0.0
+
 DEFAULT_PROGRESS_TIMEOUT_S = 600.0  # must exceed the slowest step and any rank-0-only work
 DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
 DEFAULT_MAX_RETRIES = 2
@@ -51,8 +53,10 @@ class HorovodRunner:
     or an attempt whose ranks report progress but none moved for this long, is ended with a
     ``RankStalledError`` naming the rank(s); ``startup_timeout_s`` (default: the same) bounds the time
     until every rank's first heartbeat. ``collective_timeout_s`` (default: ``progress_timeout_s``) bounds
-    each collective of the backend's strategy. ``max_retries``: attempts after the first, each resuming
-    from the checkpoint store (``checkpoints``; in memory when not given).
+    each collective of the backend's strategy; ``NO_COLLECTIVE_TIMEOUT`` turns that off for a function
+    that reports progress every step (the watchdog then ends a hung collective), since under tf each
+    timed collective keeps a sleeping thread for the whole timeout. ``max_retries``: attempts after the
+    first, each resuming from the checkpoint store (``checkpoints``; in memory when not given).
     """
 
     def __init__(
@@ -81,6 +85,10 @@ class HorovodRunner:
         if progress_timeout_s <= heartbeat_interval_s:
             raise ConfigError(
                 f"progress_timeout_s ({progress_timeout_s}) must exceed heartbeat_interval_s ({heartbeat_interval_s})"
+            )
+        if collective_timeout_s is not None and collective_timeout_s < 0:
+            raise ConfigError(
+                f"collective_timeout_s must be >= 0 (0: no per-collective timeout), got {collective_timeout_s}"
             )
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigError(f"max_retries must be a whole number >= 0, got {max_retries!r}")

@@ -47,6 +47,32 @@ def half_precision_allreduce(optimizer: Any, dtype: str) -> Any:
     return HalfPrecisionAllReduce.from_config(optimizer.get_config())
 
 
+def stop_device_prefetch_autotuning() -> None:
+    """Build tf.distribute's per-device prefetch datasets with tf.data autotuning off.
+
+    ``MultiDeviceIterator`` (what ``distribute_datasets_from_function`` iterates through under
+    MultiWorkerMirroredStrategy) makes a new dataset per device that inherits none of the input's
+    options, so it autotunes: its iterator starts a model thread, and the iterator's destructor waits
+    for that thread's next wake-up, up to a minute later (its period doubles). Measured: 3-13 s at the
+    end of 40% of ``fit`` calls on 2 ranks, every one of them on the job's critical path; none with the
+    option off (18 fits). A one-element prefetch has nothing to tune. Idempotent.
+    """
+    from tensorflow.python.data.ops import multi_device_iterator_ops  # the factory has no public hook
+
+    make_device_dataset = multi_device_iterator_ops._create_device_dataset
+    if getattr(make_device_dataset, "autotuning_stopped", False):
+        return
+    tf = keras_flavour.tensorflow()
+
+    def untuned_device_dataset(*args: Any, **kwargs: Any) -> Any:
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return make_device_dataset(*args, **kwargs).with_options(options)
+
+    untuned_device_dataset.autotuning_stopped = True  # type: ignore[attr-defined]
+    multi_device_iterator_ops._create_device_dataset = untuned_device_dataset
+
+
 class TfDriverBackend(DriverBackend):
     name = NAME
 
@@ -64,6 +90,7 @@ class TfRankBackend(RankBackend):
         if self.spec.collective_timeout_s:
             # Each collective then fails after this many seconds instead of waiting forever.
             options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=self.spec.collective_timeout_s)
+        stop_device_prefetch_autotuning()
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
     def wrap_optimizer(self, optimizer: Any, allreduce: str = FULL_PRECISION) -> Any:
