@@ -54,10 +54,11 @@ def measure(source: Path | None) -> dict:
 
 
 def commit_of(checkout: Path) -> str:
-    """The checkout's commit, so the figures name the code they measured (``+changes``: uncommitted edits)."""
+    """The checkout's commit, so the figures name the code they measured (``+changes``: edits outside results)."""
     head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no", "--",
+                            ".", ":!benchmarks/results"],
                            capture_output=True, text=True, check=True).stdout.strip()
     return f"commit {head}" + (" +changes" if dirty else "")
 

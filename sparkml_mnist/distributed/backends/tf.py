@@ -53,9 +53,10 @@ def stop_device_prefetch_autotuning() -> None:
     ``MultiDeviceIterator`` (what ``distribute_datasets_from_function`` iterates through under
     MultiWorkerMirroredStrategy) makes a new dataset per device that inherits none of the input's
     options, so it autotunes: its iterator starts a model thread, and the iterator's destructor waits
-    for that thread's next wake-up, up to a minute later (its period doubles). Measured: 3-13 s at the
-    end of 40% of ``fit`` calls on 2 ranks, every one of them on the job's critical path; none with the
-    option off (18 fits). A one-element prefetch has nothing to tune. Idempotent.
+    for that thread's next wake-up, up to a minute later (its period doubles). Measured on 2 ranks:
+    3-13 s at the end of 18 of 30 ``fit`` calls, each on the job's critical path; none of 18 with the
+    option off (benchmarks/RESULTS.md, "Job overhead"). A one-element prefetch has nothing to tune.
+    Idempotent.
     """
     from tensorflow.python.data.ops import multi_device_iterator_ops  # the factory has no public hook
 
