@@ -108,8 +108,8 @@ def configure(verbosity: int, stream: IO[str] | None = None) -> ConsoleHandler:
     logging.captureWarnings(True)
     if verbosity >= VERBOSE:
         os.environ[SHOW_NOTICES_ENV] = "1"
-    if verbosity <= QUIET:  # MLflow configures its own stderr handler when imported; it reads this first
-        os.environ.setdefault(MLFLOW_LOGGING_LEVEL_ENV, "WARNING")
+    if verbosity < VERBOSE:  # MLflow configures its own stderr handler when imported; it reads this first
+        os.environ.setdefault(MLFLOW_LOGGING_LEVEL_ENV, "WARNING")  # its INFO lines (schema, signature) at -v
     progress.set_live_display(handler.show if live else None)
     return handler
 

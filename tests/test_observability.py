@@ -273,3 +273,16 @@ def test_the_cli_called_in_process_leaves_logging_as_it_found_it(capsys) -> None
     assert "no-such-variant" in capsys.readouterr().err
     assert [(list(lg.handlers), lg.propagate, lg.level) for lg in (package, warnings_logger)] == before
     assert "MLFLOW_LOGGING_LEVEL" not in os.environ
+
+
+@pytest.mark.parametrize(("verbosity", "mlflow_level"), [(-1, "WARNING"), (0, "WARNING"), (1, None)])
+def test_mlflow_says_info_only_at_verbose(monkeypatch, verbosity: int, mlflow_level: str | None) -> None:
+    """MLflow's own INFO lines (database set-up, signature checks) would land among the epoch lines."""
+    import io
+
+    from sparkml_mnist import console
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    with console.configured(verbosity, io.StringIO()):
+        assert os.environ.get("MLFLOW_LOGGING_LEVEL") == mlflow_level
+    assert "MLFLOW_LOGGING_LEVEL" not in os.environ
