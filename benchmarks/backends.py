@@ -178,27 +178,17 @@ def measure_once_more_on_failure(*argv: str) -> dict[str, Any]:
     except RuntimeError as error:
         print(f"measurement {argv} failed, retried once: {str(error)[-400:]}", flush=True)
         return {**throughput.run_measurement(*argv), "retried_after": str(error)[-400:]}
+
+
 CEILING_RUNS = 2  # the machine's two cores, one independent np=1 run on each
 
 
 def ceiling(slice_path: str, variant: str, backend: str, np2_img_s: float) -> dict[str, Any]:
     """Two independent np=1 runs at one core each, started together; np=2's images/s over their sum."""
-    argv = ["job", slice_path, variant, "1", "1", backend]
     load = os.getloadavg()[0]
-    started = [
-        subprocess.Popen([sys.executable, throughput.__file__, "--measure", *argv], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for _ in range(CEILING_RUNS)
-    ]
-    singles = []
-    for process in started:
-        out, err = process.communicate()
-        if process.returncode != 0:
-            raise RuntimeError(f"ceiling run {argv} failed:\n{err[-4000:]}")
-        singles.append(json.loads(out.strip().splitlines()[-1]))
-    summed = sum(single["img_s"] for single in singles)
-    return {"ceiling_runs": singles, "ceiling_img_s": summed, "ceiling_efficiency": np2_img_s / summed,
-            "ceiling_load_before": load}
+    together = throughput.run_together("job", slice_path, variant, "1", "1", backend, copies=CEILING_RUNS)
+    return {"ceiling_runs": together["runs"], "ceiling_img_s": together["img_s"],
+            "ceiling_efficiency": np2_img_s / together["img_s"], "ceiling_load_before": load}
 
 
 def describe(run: dict[str, Any]) -> str:

@@ -182,9 +182,10 @@ def _run_training(args: argparse.Namespace) -> None:
             raise ConfigError(
                 f"--resume continues a run with the settings it was started with; drop {', '.join(given)}"
             )
-        from sparkml_mnist.run_state import stored_run
+        from sparkml_mnist.run_state import stored_overwrite, stored_run
 
-        plan = plan_job(stored_run(Path(args.resume)), resume=True)
+        output = Path(args.resume)
+        plan = plan_job(stored_run(output), overwrite=stored_overwrite(output), resume=True)
     else:
         plan = plan_job(_run_config(args), overwrite=args.overwrite)  # every setting checked, before Spark starts
     tracking = _tracking(args)  # an MLflow asked for but missing is a usage error, before Spark starts
@@ -297,7 +298,10 @@ def exit_code(error: SparkMnistError) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # a usage error exits here with EXIT_USAGE (argparse's 2)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # a usage error exits here with EXIT_USAGE (argparse's 2)
+    if getattr(args, "verbose", False) and getattr(args, "quiet", False):  # -q before the command, -v after
+        parser.error("-v/--verbose: not allowed with -q/--quiet")
     from sparkml_mnist import console
 
     verbosity = console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL

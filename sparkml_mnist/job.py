@@ -122,12 +122,25 @@ def _train_all(
     log(f"reading and checking {redact(paths.train)} and {redact(paths.test)}")
     clock = time.perf_counter()
     train = load_libsvm(spark, paths.train)
-    test = load_libsvm(spark, paths.test)
-    x_test, y_test = collect_tensors(test)
-    test.release()
-    timings["read_and_validate_s"] = time.perf_counter() - clock
-    log(f"  {train.num_rows:,} training rows, {test.num_rows:,} test rows ({timings['read_and_validate_s']:.1f} s)")
+    try:
+        test = load_libsvm(spark, paths.test)
+        try:
+            x_test, y_test = collect_tensors(test)
+        finally:
+            test.release()
+        timings["read_and_validate_s"] = time.perf_counter() - clock
+        log(f"  {train.num_rows:,} training rows, {test.num_rows:,} test rows "
+            f"({timings['read_and_validate_s']:.1f} s)")
+        return _train_remaining(spark, plan, state, train, x_test, y_test, log), timings, x_test[:SIGNATURE_EXAMPLES]
+    finally:
+        train.release()  # cached by the validating read; on a notebook's session it would stay
 
+
+def _train_remaining(
+    spark: SparkSession, plan: JobPlan, state: RunState, train: LibsvmData, x_test: np.ndarray, y_test: np.ndarray,
+    log: Say,
+) -> list[VariantResult]:
+    """Each variant's result: kept from an earlier attempt of the run, or trained now."""
     run, placement = plan.run, plan.placement
     finisher = VariantFinisher(list(plan.variants), placement.np, run.seed, run.deterministic, state, x_test, y_test,
                                log)
@@ -145,12 +158,9 @@ def _train_all(
             results[variant.name] = finisher.finish(variant, last)
         else:
             remaining.append(variant)
-    try:
-        if remaining:
-            results.update(_train_in_one_stage(spark, plan, remaining, train, finisher, state, checkpoints, log))
-    finally:
-        train.release()
-    return [results[variant.name] for variant in plan.variants], timings, x_test[:SIGNATURE_EXAMPLES]
+    if remaining:
+        results.update(_train_in_one_stage(spark, plan, remaining, train, finisher, state, checkpoints, log))
+    return [results[variant.name] for variant in plan.variants]
 
 
 def _train_in_one_stage(

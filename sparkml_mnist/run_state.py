@@ -42,18 +42,33 @@ def state_folder(output: Path) -> Path:
     return output.parent / f".{output.name}{STATE_SUFFIX}"
 
 
-def stored_run(output: Path) -> RunConfig:
-    """The run config an unfinished run into ``output`` was started with (for ``--resume``)."""
+def _stored_state(output: Path) -> dict[str, Any]:
     path = state_folder(output) / STATE_FILE
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(document, dict) or not isinstance(document.get("run"), dict):
+            raise ValueError("no run settings in it")
     except FileNotFoundError:
         raise ConfigError(f"{output}: there is no unfinished run to resume (no {path})") from None
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: cannot read the run's state ({error})") from None
-    settings = dict(document["run"])
-    source = str(settings.pop("source", path))
+        raise ConfigError(f"{path}: cannot read the run's state ({error}); start afresh with --overwrite") from None
+    return document
+
+
+def stored_run(output: Path) -> RunConfig:
+    """The run config an unfinished run into ``output`` was started with (for ``--resume``).
+
+    Its output is ``output`` as given now: the stored one may be relative to another working folder.
+    """
+    settings = dict(_stored_state(output)["run"])
+    settings["output"] = str(output)
+    source = str(settings.pop("source", state_folder(output) / STATE_FILE))
     return from_mapping(RunConfig, settings, source if source.endswith(RESUMED) else source + RESUMED)
+
+
+def stored_overwrite(output: Path) -> bool:
+    """Whether that run was started with ``--overwrite`` (its report then replaces the one in ``output``)."""
+    return bool(_stored_state(output).get("overwrite", False))
 
 
 class RunState:
@@ -96,7 +111,8 @@ class RunState:
             state._clear()
         if not (folder / STATE_FILE).exists():
             try:
-                state._write_json(folder / STATE_FILE, {"version": STATE_VERSION, "run": asdict(run)})
+                state._write_json(folder / STATE_FILE, {"version": STATE_VERSION, "run": asdict(run),
+                                                          "overwrite": overwrite})
             except OSError as error:
                 state.release()
                 raise StateError(f"cannot write the run's state in {folder} ({error.strerror}); choose an "

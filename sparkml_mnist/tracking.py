@@ -50,12 +50,7 @@ class Tracking:
             import mlflow  # noqa: PLC0415 - an optional extra
         except ImportError:
             raise ConfigError(f"MLflow tracking was asked for, but mlflow is not installed: {INSTALL_HINT}") from None
-        # MLflow reads these from the environment, and set_tracking_uri writes MLFLOW_TRACKING_URI there
-        # (for its subprocesses): what was there before comes back in finish(), so neither the caller's
-        # process nor the programs it starts later log to this run's server by surprise.
-        self._saved_environment = {key: os.environ.get(key) for key in (TRACKING_URI_ENV, *HTTP_SETTINGS)}
-        for key, value in HTTP_SETTINGS.items():
-            os.environ.setdefault(key, value)
+        self._saved_environment: dict[str, str | None] = {}  # see start()
         self._mlflow = mlflow
         self.tracking_uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or mlflow.get_tracking_uri()
         self.experiment = experiment or DEFAULT_EXPERIMENT
@@ -69,6 +64,13 @@ class Tracking:
 
     def start(self, run_name: str, params: dict[str, Any]) -> None:
         """The parent run; an unreachable server turns tracking off with one warning."""
+        # MLflow reads these from the environment, and set_tracking_uri writes MLFLOW_TRACKING_URI there
+        # (for its subprocesses): what was there before comes back in finish(), so neither the caller's
+        # process nor the programs it starts later log to this run's server by surprise. Set here, not
+        # when made, since a job that fails before it starts never calls finish().
+        self._saved_environment = {key: os.environ.get(key) for key in (TRACKING_URI_ENV, *HTTP_SETTINGS)}
+        for key, value in HTTP_SETTINGS.items():
+            os.environ.setdefault(key, value)
         problem = _unreachable(self.tracking_uri)
         if problem:
             self._disable(f"the MLflow tracking server at {redact(self.tracking_uri)} cannot be reached ({problem})")

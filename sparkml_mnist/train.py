@@ -155,8 +155,9 @@ def train_variants(
             continue  # finished by an earlier attempt: the driver has its last checkpoint
         shard = shard_tensors(table.filter(pc.equal(layouts, job.layout)).drop_columns([LAYOUT_COLUMN]))
         summary = train_one(context, keras, job.variant, job.plan, shard, seed, name, resumed, allreduce)
-        context.report_result(name, {key: value for key, value in summary.items() if key != "weights"})
-        trained[name] = summary
+        # The weights reach the driver in the last checkpoint: neither the report nor the return carries them.
+        trained[name] = {key: value for key, value in summary.items() if key != "weights"}
+        context.report_result(name, trained[name])
         del shard
         gc.collect()
     return trained
@@ -189,9 +190,10 @@ def train_one(
     if plan.validation_per_shard:
         validation_steps = steps_per_epoch(plan.validation_per_shard, variant.batch_size, context.size, "validation")
         fit_options = {
+            # evaluate() iterates it afresh each epoch: one epoch's batches, every time.
             "validation_data": distributed_dataset(
                 context, (shard.x_validation, shard.y_validation), variant.batch_size, validation_steps,
-                first_epoch=first_epoch, preprocess=scale_images(), epochs=variant.epochs,
+                preprocess=scale_images(), epochs=1,
             ),
             "validation_steps": validation_steps,
         }

@@ -74,6 +74,13 @@ def test_unknown_option_is_argparse_usage_error(capsys):
     assert caught.value.code == 2
 
 
+@pytest.mark.parametrize("argv", [["-q", "train", "-v"], ["-v", "train", "-q"]])
+def test_quiet_and_verbose_together_is_a_usage_error(capsys, argv):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2 and "not allowed with -q/--quiet" in capsys.readouterr().err
+
+
 def test_on_databricks_an_error_fails_the_task_run(monkeypatch, capsys):
     # A Databricks wheel task may ignore main()'s return value: the error must raise SystemExit(code).
     monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")

@@ -187,6 +187,22 @@ def epoch_batches_main(context) -> dict:
     return {"whole": batches(0), "resumed": batches(1)}
 
 
+def refused_inputs_main(context) -> list[str]:
+    """What a user's function gets for a bad all-reduce precision and a bad result report."""
+    from sparkml_mnist.errors import SparkMnistError
+
+    said = []
+    for attempt in (lambda: context.distributed_optimizer(keras_flavour.keras().optimizers.SGD(), "bfloat16"),
+                    lambda: context.report_result("no spaces allowed", {}),
+                    lambda: context.report_result("ok", ["not", "a", "dict"])):
+        try:
+            attempt()
+            said.append("accepted")
+        except SparkMnistError as error:
+            said.append(str(error))
+    return said
+
+
 # -- tests ------------------------------------------------------------------------------------------
 
 
@@ -272,3 +288,10 @@ def test_a_finite_input_ends_after_its_last_epoch_and_resumes_where_it_was() -> 
     assert len(whole) == 3 * 4 and resumed == whole[4:]
     assert whole[:4] != whole[4:8]  # each epoch has its own order
     assert all(len(set(sum(whole[e * 4:(e + 1) * 4], []))) == 32 for e in range(3))  # no row twice in an epoch
+
+
+def test_a_bad_precision_or_result_report_is_refused_at_once_naming_it() -> None:
+    said = HorovodRunner(np=-1, log_sink=None).run(refused_inputs_main)
+    assert said[0] == "allreduce='bfloat16': use 'float32' or 'float16'"
+    assert said[1].startswith("report_result('no spaces allowed', ...): the key takes")
+    assert said[2].endswith("(got list)")

@@ -115,6 +115,10 @@ def test_log_callback_streams_rank_zeros_epochs_and_counts_every_batch(spark) ->
     assert epoch_lines[0].startswith("epoch 1: loss ") and epoch_lines[1].startswith("epoch 2: loss ")
     assert sum(1 for _, line in lines if " batch " in line) == EPOCHS * STEPS
     assert [record.steps for record in records] == [EPOCHS * STEPS] * 2  # progress, for the watchdog
+    # An epoch's last batch logs the epoch's running mean: the same loss, not tf_keras's sum over ranks.
+    last_batches = [line for _, line in lines if f" batch {STEPS}: " in line]
+    assert [line.split("loss ")[1].split()[0] for line in last_batches] == \
+        [line.split("loss ")[1].split()[0] for line in epoch_lines]
 
 
 def test_a_function_that_never_reports_progress_is_judged_by_heartbeats_only(spark) -> None:

@@ -14,7 +14,7 @@ from sparkml_mnist.distributed.runner import NO_COLLECTIVE_TIMEOUT, HorovodRunne
 from sparkml_mnist.errors import ConfigError
 from sparkml_mnist.evaluate import evaluate
 from sparkml_mnist.report import VariantResult
-from sparkml_mnist.run_state import RunState, state_folder, stored_run
+from sparkml_mnist.run_state import RunState, state_folder, stored_overwrite, stored_run
 
 
 def a_result(tmp_path: Path) -> VariantResult:
@@ -62,6 +62,26 @@ def test_an_unfinished_run_is_resumed_not_overwritten_by_accident(tmp_path: Path
         assert sorted(p.name for p in fresh.folder.iterdir()) == [".lock", "state.json"]
 
 
+def test_a_resume_keeps_overwrite_and_finds_the_output_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    """Started with --overwrite onto an old report, a run must be resumable; its output was relative."""
+    monkeypatch.chdir(tmp_path)
+    run = load_run("sample").with_overrides(epochs=3, output="out")
+    RunState.claim(Path("out"), run, overwrite=True).release()
+    RunState.claim(Path("kept"), run.with_overrides(output="kept")).release()
+    monkeypatch.chdir(tmp_path.parent)
+    output = tmp_path / "out"
+    assert stored_run(output).output == str(output) and stored_overwrite(output)
+    assert not stored_overwrite(tmp_path / "kept")
+
+
+def test_a_broken_state_file_is_a_clear_error(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    state_folder(output).mkdir(parents=True)
+    (state_folder(output) / "state.json").write_text('{"version": 1}')
+    with pytest.raises(ConfigError, match=r"cannot read the run's state .* --overwrite"):
+        stored_run(output)
+
+
 def test_nothing_to_resume_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="there is no unfinished run to resume"):
         stored_run(tmp_path / "never")
@@ -95,6 +115,8 @@ def test_every_hang_is_bounded_by_default() -> None:
     assert HorovodRunner(np=-1, collective_timeout_s=NO_COLLECTIVE_TIMEOUT).options.collective_timeout_s == 0.0
     with pytest.raises(ConfigError, match="collective_timeout_s must be >= 0"):
         HorovodRunner(np=-1, collective_timeout_s=-1.0)
+    with pytest.raises(ConfigError, match=r"startup_timeout_s \(0.5\) must exceed heartbeat_interval_s"):
+        HorovodRunner(np=-1, startup_timeout_s=0.5)
     assert runner.max_retries == 2
     with pytest.raises(ConfigError, match="max_retries must be a whole number"):
         HorovodRunner(np=-1, max_retries=-1)

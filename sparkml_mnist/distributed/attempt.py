@@ -20,18 +20,17 @@ from pyspark.sql import DataFrame, SparkSession
 from sparkml_mnist.distributed import barrier, local, resources
 from sparkml_mnist.distributed.backends import driver_backend
 from sparkml_mnist.distributed.channel import ChannelServer, Event, LogSink, clean_line
-from sparkml_mnist.distributed.checkpoints import GET, PUT, CheckpointReceiver, valid_key
+from sparkml_mnist.distributed.checkpoints import GET, PUT, RESULT, RESULT_STORED, CheckpointReceiver, valid_key
 from sparkml_mnist.distributed.monitor import ProgressMonitor
 from sparkml_mnist.distributed.placement import Placement, rank_devices
 from sparkml_mnist.distributed.progress import DEFAULT_INTERVAL_S, ProgressBoard
 from sparkml_mnist.distributed.rank_setup import RankSettings
-from sparkml_mnist.distributed.records import RankRecord, RankStalledError, find_failure
+from sparkml_mnist.distributed.records import PreflightError, RankRecord, RankStalledError, find_failure
 from sparkml_mnist.errors import LaunchError
 
 DRIVER_HOST_CONF = "spark.driver.host"
 DRIVER_BIND_CONF = "spark.driver.bindAddress"
 STREAMS = ("stdout", "stderr", "log")
-RESULT, RESULT_STORED = "result", "result_stored"  # a rank's small JSON report of what it finished
 SECRET_BYTES = 32
 _SPARK_ERROR_LINES = 3
 
@@ -134,16 +133,16 @@ def run_attempt(
     monitor = ProgressMonitor(placement.size, options.progress_timeout_s, startup_timeout_s=options.startup_timeout_s)
     board = ProgressBoard(placement.size, title=options.title, interval_s=options.progress_interval_s)
     events = AttemptEvents(monitor, log_sink, receiver, board, results)
-    stop_board = board.start()
     secret = secrets.token_hex(SECRET_BYTES)
     try:
         server = ChannelServer(placement.size, secret, events.on_event, bind_host,
                                idle_timeout_s=max(options.progress_timeout_s, options.startup_timeout_s))
-    except OSError as error:
-        raise LaunchError(
+    except OSError as error:  # a setting to change, not something a retry fixes
+        raise PreflightError(
             f"cannot listen for the ranks on {bind_host} ({error.strerror or error}); set {DRIVER_BIND_CONF} "
             f"to an address of this machine that the executors reach as {DRIVER_HOST_CONF}={connect_host}"
         ) from None
+    stop_board = board.start()  # after the server: nothing may leave its thread drawing
     try:
         with server, driver_backend(placement.backend).driver_session(placement.size, bind_host) as backend_options:
             monitor.driver_address = f"{connect_host}:{server.port}"

@@ -22,6 +22,7 @@ from sparkml_mnist.distributed.channel import ChannelClient, Event
 CHUNK_BYTES = 512 * 1024  # raw bytes a frame; base64 makes it ~700 KB, below the channel's frame cap
 CHIEF_RANK = 0
 PUT, GET, STORED, CHECKPOINT = "checkpoint_put", "checkpoint_get", "checkpoint_stored", "checkpoint"
+RESULT, RESULT_STORED = "result", "result_stored"  # a rank's small JSON report of what it finished
 _FILE = re.compile(r"^epoch-(\d+)\.ckpt$")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # a key names a folder on the driver
 DEFAULT_KEY = ""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ContextManager
 
 from sparkml_mnist.distributed.backends import rank_backend
 from sparkml_mnist.distributed.spec import RankSpec
-from sparkml_mnist.errors import LaunchError
+from sparkml_mnist.errors import ConfigError, LaunchError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -160,8 +160,13 @@ class RankContext:
     def report_result(self, key: str, data: dict[str, Any]) -> None:
         """Tell the driver what this rank finished (small, JSON): ``HorovodRunner.results[key][rank]``,
         kept even when a later part of the run fails."""
-        self._channel().request({"type": "result", "key": key, "data": data},
-                                lambda reply: reply.get("type") == "result_stored")
+        from sparkml_mnist.distributed.checkpoints import RESULT, RESULT_STORED, valid_key
+
+        if not valid_key(key) or not isinstance(data, dict):  # the driver would refuse it without a reply
+            raise LaunchError(f"report_result({key!r}, ...): the key takes up to 100 letters, digits, '_', '.' or "
+                              f"'-', and the data is a dict (got {type(data).__name__})")
+        self._channel().request({"type": RESULT, "key": key, "data": data},
+                                lambda reply: reply.get("type") == RESULT_STORED)
 
     def _channel(self) -> ChannelClient:
         if self.channel is None or self.channel.disabled:
@@ -192,6 +197,10 @@ class RankContext:
     def distributed_optimizer(self, optimizer: Any, allreduce: str = "float32") -> Any:
         """The optimizer wrapped as the backend needs (Horovod's DistributedOptimizer; tf: unchanged);
         ``allreduce="float16"`` all-reduces the gradients in half precision."""
+        from sparkml_mnist.distributed.backends.base import FULL_PRECISION, HALF_PRECISION
+
+        if allreduce not in (FULL_PRECISION, HALF_PRECISION):
+            raise ConfigError(f"allreduce={allreduce!r}: use {FULL_PRECISION!r} or {HALF_PRECISION!r}")
         return self.backend.wrap_optimizer(optimizer, allreduce)
 
     def fit_callbacks(self) -> list[Any]:

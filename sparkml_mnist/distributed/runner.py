@@ -86,6 +86,10 @@ class HorovodRunner:
             raise ConfigError(
                 f"progress_timeout_s ({progress_timeout_s}) must exceed heartbeat_interval_s ({heartbeat_interval_s})"
             )
+        if startup_timeout_s is not None and startup_timeout_s <= heartbeat_interval_s:
+            raise ConfigError(
+                f"startup_timeout_s ({startup_timeout_s}) must exceed heartbeat_interval_s ({heartbeat_interval_s})"
+            )
         if collective_timeout_s is not None and collective_timeout_s < 0:
             raise ConfigError(
                 f"collective_timeout_s must be >= 0 (0: no per-collective timeout), got {collective_timeout_s}"

@@ -132,7 +132,8 @@ def _move_into_place(partial: Path, target: Path, overwrite: bool) -> None:
         except FileExistsError:
             raise ReportError(
                 f"{target}: another report appeared there while this run was writing; this run's report was "
-                "not written: choose another --output (the run's state is kept for --resume)"
+                f"not written: move that report away, then `sparkml-mnist train --resume {target}` writes this "
+                "run's (its state is kept)"
             ) from None
         return
     if not overwrite:
@@ -150,23 +151,28 @@ def _move_into_place(partial: Path, target: Path, overwrite: bool) -> None:
 
 _RENAME_NOREPLACE = 1  # <linux/fs.h>
 _AT_FDCWD = -100
+_NO_RENAME_FLAGS = (errno.EINVAL, errno.ENOSYS)  # the kernel or the filesystem does not support the flag
 
 
 def rename_no_replace(source: Path, target: Path) -> None:
     """``os.rename`` that fails with FileExistsError instead of replacing ``target``."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):  # not Linux/glibc: the check before is all there is
-        if target.exists():
-            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
-        os.rename(source, target)
-        return
-    if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) != 0:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux/glibc
+        renameat2 = None
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
         code = ctypes.get_errno()
-        raise FileExistsError(code, os.strerror(code), str(target)) if code == errno.EEXIST else OSError(
-            code, os.strerror(code), str(target)
-        )
+        if code == errno.EEXIST:
+            raise FileExistsError(code, os.strerror(code), str(target))
+        if code not in _NO_RENAME_FLAGS:
+            raise OSError(code, os.strerror(code), str(target))
+    # No atomic no-replace here (another OS, or a filesystem without the flag: NFS, FUSE mounts such as
+    # /dbfs and /Volumes): the check before the rename is all there is.
+    if target.exists():
+        raise FileExistsError(errno.EEXIST, "exists", str(target))
+    os.rename(source, target)
 
 
 def _write_contents(
