@@ -3,7 +3,8 @@
 Weights, the optimizer's variables (its step count and moments, so a resumed run goes on from where
 it was, on the same batches; dropout's random state is not kept, so a variant with dropout resumes
 close to, not bit for bit like, an undisturbed run), the history and epoch times so far (so every
-epoch appears exactly once in the final report). Stored with ``numpy.savez`` (``allow_pickle=False``): loading it runs no code.
+epoch appears exactly once in the final report). Stored with ``numpy.savez`` (``allow_pickle=False``):
+loading it runs no code.
 """
 
 from __future__ import annotations

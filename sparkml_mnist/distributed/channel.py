@@ -125,7 +125,6 @@ class _Handler(socketserver.BaseRequestHandler):
             sock.settimeout(HELLO_TIMEOUT_S)
             rank = server.authenticate(read_frame(sock))
             if rank is None:
-                server.rejected += 1
                 return
             sock.settimeout(server.idle_timeout_s)
             while True:
@@ -158,13 +157,11 @@ class _Server(socketserver.ThreadingTCPServer):
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
         self.open_connections = 0
-        self.rejected = 0
         self._lock = threading.Lock()
 
     def admit(self) -> bool:
         with self._lock:
             if self.open_connections >= self.max_connections:
-                self.rejected += 1
                 return False
             self.open_connections += 1
             return True
@@ -199,15 +196,6 @@ class ChannelServer:
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": SERVER_POLL_INTERVAL_S}, daemon=True
         )
-
-    @property
-    def rejected(self) -> int:
-        """Connections refused so far (no or a wrong token, over the cap)."""
-        return self._server.rejected
-
-    @property
-    def open_connections(self) -> int:
-        return self._server.open_connections
 
     def __enter__(self) -> ChannelServer:
         self._thread.start()
