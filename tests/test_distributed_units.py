@@ -210,3 +210,36 @@ def test_the_watchdog_arms_at_launch() -> None:
     verdict = one_late.check()
     assert verdict is not None and verdict.ranks == [1] and verdict.hosts == ["host-b"]
     assert "never started" in verdict.reason
+
+
+def test_the_first_rank_to_report_its_exception_is_named_not_the_one_spark_reported() -> None:
+    """Rank 1 raises; rank 0 fails in a collective because rank 1 left, and Spark reports rank 0's task."""
+    from sparkml_mnist.distributed.attempt import AttemptEvents, _translate
+    from sparkml_mnist.distributed.records import RankError, failure_event, failure_marker
+
+    monitor = ProgressMonitor(2, 60.0)
+    events = AttemptEvents(monitor, None, None, None)  # type: ignore[arg-type] - only failures are sent
+    events.on_event(1, failure_event("h1", RankError("exception", "ValueError", "rank 1 is broken", "x" * 200_000)))
+    events.on_event(0, failure_event("h0", RankError("exception", "UnknownError", "HorovodAllreduce failed")))
+    events.on_event(0, {"type": "rank_failed", "host": "h0", "error": {"kind": 1}})  # malformed: ignored
+    spark_said = Exception("stage failed\n" + failure_marker(0, "h0", RankError("exception", "UnknownError", "x")))
+    failure = _translate(spark_said, monitor, events.first_failure)
+    assert failure.rank == 1 and failure.host == "h1" and failure.error.message == "rank 1 is broken"
+    assert len(failure.error.traceback) == 16_384  # trimmed to stay inside the channel's frame cap
+    assert _translate(spark_said, monitor).rank == 0  # without a report: Spark's, as before
+    crashed = Exception("stage failed\n" + failure_marker(0, "h0", RankError("crash", "Crash", "", exit_code=-9)))
+    assert _translate(crashed, monitor, events.first_failure).rank == 0  # a crash cannot report: Spark's wins
+
+
+def test_an_interrupt_replaced_by_a_clean_up_error_is_found() -> None:
+    from sparkml_mnist.distributed.attempt import _interrupt_behind
+
+    interrupt = KeyboardInterrupt("signal 15")
+    try:
+        try:
+            raise interrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("Answer from Java side is empty")  # what py4j's next call raised
+    except RuntimeError as error:
+        assert _interrupt_behind(error) is interrupt
+    assert _interrupt_behind(RuntimeError("a rank failed")) is None

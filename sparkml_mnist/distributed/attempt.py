@@ -25,7 +25,9 @@ from sparkml_mnist.distributed.monitor import ProgressMonitor
 from sparkml_mnist.distributed.placement import Placement, rank_devices
 from sparkml_mnist.distributed.progress import DEFAULT_INTERVAL_S, ProgressBoard
 from sparkml_mnist.distributed.rank_setup import RankSettings
-from sparkml_mnist.distributed.records import PreflightError, RankRecord, RankStalledError, find_failure
+from sparkml_mnist.distributed.records import (
+    CRASH, RANK_FAILED, PreflightError, RankFailedError, RankRecord, RankStalledError, failure_from_event, find_failure,
+)
 from sparkml_mnist.errors import LaunchError
 
 DRIVER_HOST_CONF = "spark.driver.host"
@@ -76,6 +78,7 @@ class AttemptEvents:
         self.board = board
         self.results = results if results is not None else {}
         self.first_step_at: float | None = None
+        self.first_failure: RankFailedError | None = None  # the first rank to report its own exception
 
     def on_event(self, rank: int, event: Event) -> Event | list[Event] | None:
         kind = event["type"]
@@ -95,6 +98,8 @@ class AttemptEvents:
             return self.receiver.handle(rank, event)
         elif kind == GET:
             return self.receiver.replies(event)
+        elif kind == RANK_FAILED and self.first_failure is None:
+            self.first_failure = failure_from_event(rank, event)
         elif kind == RESULT and valid_key(event.get("key")) and isinstance(event.get("data"), dict):
             self.results.setdefault(event["key"], {})[rank] = event["data"]
             return {"type": RESULT_STORED}
@@ -157,7 +162,7 @@ def run_attempt(
             if placement.on_driver:
                 partitions = local.collect_partitions(data, placement.size) if data is not None else None
                 return local.run_local(settings, partitions, devices, monitor, log_sink or _drop)
-            return _run_barrier(spark, data, settings, monitor, options)  # type: ignore[arg-type]
+            return _run_barrier(spark, data, settings, monitor, events, options)  # type: ignore[arg-type]
     finally:
         stop_board()
         record.first_step_at = events.first_step_at
@@ -166,7 +171,7 @@ def run_attempt(
 
 def _run_barrier(
     spark: SparkSession, data: DataFrame | None, settings: RankSettings, monitor: ProgressMonitor,
-    options: LaunchOptions,
+    events: AttemptEvents, options: LaunchOptions,
 ) -> list[tuple[RankRecord, bytes]]:
     resources.check_barrier_run(spark, settings.size, options.executor_wait_s)
     frame = data if data is not None else spark.range(0, settings.size, 1, settings.size)
@@ -177,9 +182,15 @@ def _run_barrier(
         try:
             rows = frame.mapInArrow(barrier.make_task(settings), barrier.RESULT_SCHEMA, barrier=True).collect()
         except Exception as error:
-            raise _translate(error, monitor) from None
+            interrupt = _interrupt_behind(error)
+            if interrupt is not None:  # pyspark's clean-up call failed while Ctrl-C/SIGTERM unwound collect()
+                with contextlib.suppress(Exception):
+                    cancel()
+                raise interrupt from None
+            raise _translate(error, monitor, events.first_failure) from None
         except BaseException:  # Ctrl-C, SIGTERM: stop the ranks before leaving
-            cancel()
+            with contextlib.suppress(Exception):  # the interrupt, not a failed cancel, is what must leave
+                cancel()
             raise
         finally:
             stop_watching()
@@ -217,14 +228,39 @@ def _cancellable(spark: SparkSession, group: str) -> Iterator[Callable[[], None]
             sc.setLocalProperty(key, value)  # type: ignore[arg-type] - None removes the property
 
 
-def _translate(error: Exception, monitor: ProgressMonitor) -> LaunchError:
-    """Spark's stage failure -> the rank's own error (or the watchdog's), without Py4J's wall of text."""
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C/SIGTERM an error was raised while handling, if any.
+
+    py4j re-raises a KeyboardInterrupt that lands in a call to the JVM, after shutting that call's
+    connection down; a pyspark clean-up call on the way out (e.g. ``SCCallSiteSync.__exit__``) then
+    fails with a Py4JError that replaces it. Taken for a rank failure, that would start a retry.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
+def _translate(error: Exception, monitor: ProgressMonitor, first_failure: RankFailedError | None = None) -> LaunchError:
+    """Spark's stage failure -> the rank's own error (or the watchdog's), without Py4J's wall of text.
+
+    When a rank reported its exception over the channel, the first to do so is named: Spark reports
+    whichever task's failure it handled first, often a rank that failed only because that one left.
+    A crashed rank cannot report: when Spark's failure is a crash, it is the cause.
+    """
     verdict = monitor.verdict
     if verdict is not None:
         failure: LaunchError = RankStalledError(verdict.ranks, verdict.hosts, verdict.reason, verdict.limit_s,
                                                 verdict.setting)
     else:
-        failure = find_failure(str(error)) or LaunchError(
+        reported = find_failure(str(error))
+        if first_failure is not None and (reported is None or reported.error.kind != CRASH):
+            reported = first_failure
+        failure = reported or LaunchError(
             "the barrier stage failed before any rank reported: "
             + " ".join(str(error).strip().splitlines()[:_SPARK_ERROR_LINES])
         )

@@ -82,7 +82,7 @@ def main(workdir: Path) -> None:
     from sparkml_mnist import keras_flavour  # sets TF_USE_LEGACY_KERAS before anything imports TF
     from sparkml_mnist.distributed import context as context_module
     from sparkml_mnist.distributed.channel import ChannelClient
-    from sparkml_mnist.distributed.records import EXCEPTION, RankError, RankRecord
+    from sparkml_mnist.distributed.records import EXCEPTION, RankError, RankRecord, failure_event
     from sparkml_mnist.distributed.spec import PARTITION_FILE, PAYLOAD_FILE, RECORD_FILE, VALUE_FILE, RankSpec
 
     spec = RankSpec.read(workdir)
@@ -116,6 +116,7 @@ def main(workdir: Path) -> None:
             kind=EXCEPTION, error_type=type(error).__name__, message=str(error), traceback=traceback.format_exc(),
             steps=context.progress.steps,
         )
+        client.send(failure_event(spec.host, record.error))  # before the other ranks see this one go
     record.ended_at = time.time()
     record.steps = context.progress.steps
     record.examples_seen = context.progress.examples

@@ -2,7 +2,9 @@
 
 A failing rank's details travel inside the Spark task's exception message as one base64 JSON
 marker, so the driver can name the rank and show its own traceback instead of Spark's Py4J
-wall, over classic Spark and Spark Connect alike (no side channel needed).
+wall, over classic Spark and Spark Connect alike. A rank that raises also tells the driver at
+once over the run's channel, so that when several fail (the others because the first one left their
+collectives) the driver names the first, not the one whose task Spark happened to report.
 """
 
 from __future__ import annotations
@@ -113,6 +115,27 @@ def failure_marker(rank: int, host: str, error: RankError) -> str:
     """A single line the driver finds in Spark's task-failure text and decodes back."""
     payload = json.dumps({"rank": rank, "host": host, "error": asdict(error)})
     return _MARKER_PREFIX + base64.b64encode(payload.encode("utf-8")).decode("ascii") + _MARKER_SUFFIX
+
+
+RANK_FAILED = "rank_failed"  # a rank's own report of its exception, sent the moment it happens
+_REPORTED_TEXT_CHARS = 16_384  # each text field of that report: inside the 1 MiB frame cap even as \uXXXX
+
+
+def failure_event(host: str, error: RankError) -> dict[str, Any]:
+    fields = {name: value[-_REPORTED_TEXT_CHARS:] if isinstance(value, str) else value
+              for name, value in asdict(error).items()}
+    return {"type": RANK_FAILED, "host": host, "error": fields}
+
+
+def failure_from_event(rank: int, event: dict[str, Any]) -> RankFailedError | None:
+    """The ``RankFailedError`` a rank's ``failure_event`` describes (None: not one)."""
+    error, host = event.get("error"), event.get("host")
+    if not isinstance(error, dict) or not isinstance(host, str):
+        return None
+    known = {name: error[name] for name in RankError.__dataclass_fields__ if name in error}
+    if not all(isinstance(known.get(name), str) for name in ("kind", "error_type", "message")):
+        return None
+    return RankFailedError(rank, host, RankError(**known))
 
 
 def find_failure(text: str) -> RankFailedError | None:
