@@ -80,5 +80,5 @@ setup(
         "jax": JAX_CPU,
         "jax-cuda": JAX_CUDA,
     },
-    entry_points={"console_scripts": ["sparkml-mnist=sparkml_mnist.cli:main"]},
+    entry_points={"console_scripts": ["sparkml-mnist=sparkml_mnist.cli.commands:main"]},
 )

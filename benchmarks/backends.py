@@ -49,8 +49,8 @@ PACK_PER_TENSOR = 1  # any positive size below the smallest tensor: one pack (on
 
 def collective_main(backend: str, shapes: list[tuple[int, ...]], fused: bool) -> dict[str, Any]:
     """Time one all-reduce of ``shapes`` (ms), on this rank; the launcher runs it at np=2."""
-    from sparkml_mnist import keras_flavour
-    from sparkml_mnist.distributed import get_context
+    from sparkml_mnist.launcher import keras_flavour
+    from sparkml_mnist.launcher import get_context
 
     tf = keras_flavour.tensorflow()
     context = get_context()
@@ -91,8 +91,8 @@ def collective_main(backend: str, shapes: list[tuple[int, ...]], fused: bool) ->
 
 
 def measure_collective(backend: str, fused: bool) -> dict[str, Any]:
-    from sparkml_mnist.distributed import HorovodRunner
-    from sparkml_mnist.session import create_spark
+    from sparkml_mnist.launcher import HorovodRunner
+    from sparkml_mnist.cli.session import create_spark
 
     spark = create_spark(
         "collective-benchmark", master="local[2]", conf={"spark.task.cpus": "1", "spark.ui.enabled": "false"}

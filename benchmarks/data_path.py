@@ -70,7 +70,7 @@ def measure_sklearn(folder: Path, suffix: str) -> dict:
 def _task_summary(batches: Iterator) -> Iterator:
     import pyarrow as pa
 
-    from sparkml_mnist.inputs import shard_tensors
+    from sparkml_mnist.training.inputs import shard_tensors
 
     tensors = shard_tensors(pa.Table.from_batches(list(batches)))
     yield pa.RecordBatch.from_pylist(
@@ -108,7 +108,7 @@ def measure_shuffle(folder: Path, suffix: str, shards: int) -> dict:
 
     from sparkml_mnist.data.libsvm import load_libsvm
     from sparkml_mnist.data.shards import shard_frame
-    from sparkml_mnist.session import create_spark
+    from sparkml_mnist.cli.session import create_spark
 
     spark = create_spark("data-path-shuffle", master="local[2]", conf={"spark.ui.enabled": "true", "spark.ui.port": "0"})
     data = load_libsvm(spark, str(folder / (FILES[0] + suffix)))
@@ -130,7 +130,7 @@ def measure_shuffle(folder: Path, suffix: str, shards: int) -> dict:
 
 def measure_spark(folder: Path, suffix: str, master: str, shards: int, barrier: bool, repeats: int) -> dict:
     started = time.perf_counter()
-    from sparkml_mnist.session import create_spark
+    from sparkml_mnist.cli.session import create_spark
 
     spark = create_spark("data-path-benchmark", master=master, conf={"spark.ui.enabled": "false"})
     session_s = time.perf_counter() - started

@@ -36,7 +36,7 @@ def train(output: Path, variant: str, epochs: int, np_: int, deterministic: bool
 
 
 def weights(folder: Path) -> list:
-    from sparkml_mnist.keras_flavour import keras
+    from sparkml_mnist.launcher.keras_flavour import keras
 
     return keras().models.load_model(next(folder.rglob("*.keras")), compile=False).get_weights()
 

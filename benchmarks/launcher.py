@@ -21,9 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sparkml_mnist import keras_flavour
-from sparkml_mnist.distributed import HorovodRunner
-from sparkml_mnist.session import create_spark
+from sparkml_mnist.launcher import keras_flavour
+from sparkml_mnist.launcher import HorovodRunner
+from sparkml_mnist.cli.session import create_spark
 
 NP = 2
 MASTER = "local[2]"
@@ -37,8 +37,8 @@ def first_steps(context: Any) -> dict[str, float]:
     """The measured rank function: TF import, strategy, tiny model, two steps."""
     import numpy as np
 
-    from sparkml_mnist.distributed.callbacks import ProgressCallback
-    from sparkml_mnist.inputs import distributed_dataset
+    from sparkml_mnist.launcher.rank.callbacks import ProgressCallback
+    from sparkml_mnist.training.inputs import distributed_dataset
 
     keras = keras_flavour.keras()
     strategy = context.strategy

@@ -7,7 +7,7 @@ Each configuration runs in a fresh Python process (TensorFlow's threads and Spar
 
 - ``bare``: ``model.fit(x, y, batch_size=128)`` on the first ``--rows`` training images, the whole
   machine's cores (``TF_NUM_INTRAOP_THREADS`` = cores);
-- ``job np=1``: the job's own training path (``HorovodRunner`` + ``sparkml_mnist.train.train_rank``
+- ``job np=1``: the job's own training path (``HorovodRunner`` + ``sparkml_mnist.training.loop.train_rank``
   on the data stage's shards) on ``local[C]`` with ``spark.task.cpus`` = C: the same cores;
 - ``job np=1, 1 core`` and ``job np=2, 1 core each``: ``spark.task.cpus`` = 1, the scaling pair;
 - ``ceiling``: what this machine can do at all with two 1-core workers: two independent ``job np=1,
@@ -58,8 +58,8 @@ def measure_bare(slice_path: str, variant_name: str, epochs: int, jit_compile: b
     import numpy as np
     from sklearn.datasets import load_svmlight_file
 
-    from sparkml_mnist.keras_flavour import keras as keras_module
-    from sparkml_mnist.models import build_model
+    from sparkml_mnist.launcher.keras_flavour import keras as keras_module
+    from sparkml_mnist.training.models import build_model
 
     features, labels = load_svmlight_file(slice_path, n_features=784)
     x = (features.toarray().astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
@@ -88,9 +88,9 @@ def measure_job(
     """The job's training path: data stage shards -> HorovodRunner -> train_rank."""
     from sparkml_mnist.data.libsvm import load_libsvm
     from sparkml_mnist.data.shards import shard_frame
-    from sparkml_mnist.distributed import HorovodRunner
-    from sparkml_mnist.session import create_spark
-    from sparkml_mnist.train import train_rank
+    from sparkml_mnist.launcher import HorovodRunner
+    from sparkml_mnist.cli.session import create_spark
+    from sparkml_mnist.training.loop import train_rank
 
     cores = os.cpu_count() or 1
     spark = create_spark(

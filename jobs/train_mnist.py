@@ -19,7 +19,7 @@ See docs/production.md.
 
 import sys
 
-from sparkml_mnist.cli import main
+from sparkml_mnist.cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

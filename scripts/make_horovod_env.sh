@@ -22,7 +22,7 @@ HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS="${MAKEFLAGS:--j$(
 # The check the backend itself makes (Horovod's TensorFlow ops built, TF <= 2.15), then a real import.
 TF_CPP_MIN_LOG_LEVEL=2 "$venv/bin/python" -c '
 import sys
-from sparkml_mnist.distributed.backends.horovod import horovod_problem
+from sparkml_mnist.launcher.backends.horovod import horovod_problem
 problem = horovod_problem()
 if problem:
     sys.exit(f"make_horovod_env: {problem}")

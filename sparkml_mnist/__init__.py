@@ -16,15 +16,15 @@ from sparkml_mnist.lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "HorovodRunner": "sparkml_mnist.distributed.runner",
-    "get_context": "sparkml_mnist.distributed.context",
-    "log_to_driver": "sparkml_mnist.distributed.context",
-    "LogCallback": "sparkml_mnist.distributed.callbacks",
+    "HorovodRunner": "sparkml_mnist.launcher.runner",
+    "get_context": "sparkml_mnist.launcher.rank.context",
+    "log_to_driver": "sparkml_mnist.launcher.rank.context",
+    "LogCallback": "sparkml_mnist.launcher.rank.callbacks",
     "read_libsvm": "sparkml_mnist.data.libsvm",
     "load_libsvm": "sparkml_mnist.data.libsvm",
     "shard_frame": "sparkml_mnist.data.shards",
-    "run_job": "sparkml_mnist.job",
-    "plan_job": "sparkml_mnist.plan",
+    "run_job": "sparkml_mnist.job.run",
+    "plan_job": "sparkml_mnist.job.plan",
     "load_run": "sparkml_mnist.config.runs",
     "load_variant": "sparkml_mnist.config.variants",
     "SparkMnistError": "sparkml_mnist.errors",

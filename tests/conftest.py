@@ -33,7 +33,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS_DIR, os.environ.ge
 
 @pytest.fixture(scope="session")
 def spark():
-    from sparkml_mnist.session import create_spark
+    from sparkml_mnist.cli.session import create_spark
 
     session = create_spark("sparkml-mnist-tests", master=TEST_MASTER, conf=TEST_CONF)
     yield session

@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-CHILD_MODULE = b"sparkml_mnist.distributed.child"
+CHILD_MODULE = b"sparkml_mnist.launcher.rank.main"
 POLL_S = 0.2
 
 

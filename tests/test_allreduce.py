@@ -10,8 +10,8 @@ import pytest
 from pyspark import cloudpickle
 
 from sparkml_mnist.config import load_run
-from sparkml_mnist.distributed import HorovodRunner
-from sparkml_mnist.job import run_job
+from sparkml_mnist.launcher import HorovodRunner
+from sparkml_mnist.job.run import run_job
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -19,7 +19,7 @@ VALUES = [1 / 3, 1000.1]  # neither is a float16 number
 
 
 def aggregate_main(allreduce: str, context) -> dict:
-    from sparkml_mnist import keras_flavour
+    from sparkml_mnist.launcher import keras_flavour
 
     tf, keras = keras_flavour.tensorflow(), keras_flavour.keras()
     strategy = context.strategy

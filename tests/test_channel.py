@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sparkml_mnist.distributed.channel import ChannelClient, ChannelServer, rank_token
-from sparkml_mnist.distributed.checkpoints import (
+from sparkml_mnist.launcher.channel import ChannelClient, ChannelServer, rank_token
+from sparkml_mnist.launcher.driver.store import (
     CHUNK_BYTES,
     CheckpointReceiver,
     CheckpointStore,

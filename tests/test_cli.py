@@ -8,13 +8,15 @@ import sys
 
 import pytest
 
-from sparkml_mnist import __version__, cli
-from sparkml_mnist.cli import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USAGE, build_parser, main
+from sparkml_mnist import __version__
+
+from sparkml_mnist.cli import commands as cli
+from sparkml_mnist.cli.commands import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USAGE, build_parser, main
 from sparkml_mnist.data.idx import DownloadError
-from sparkml_mnist.distributed.records import PreflightError, RankStalledError
+from sparkml_mnist.launcher.failures import PreflightError, RankStalledError
 from sparkml_mnist.errors import ConfigError, DataError, SparkMnistError
 from sparkml_mnist.report.results import ReportError
-from sparkml_mnist.versions import VersionError
+from sparkml_mnist.cli.versions import VersionError
 
 
 def test_data_preview_on_the_bundled_sample(spark, capsys):
@@ -168,7 +170,7 @@ def test_an_output_uri_is_refused_before_spark_starts(monkeypatch, capsys):
     def no_spark(*args, **kwargs):
         raise AssertionError("Spark was started")
 
-    monkeypatch.setattr("sparkml_mnist.session.create_spark", no_spark)
+    monkeypatch.setattr("sparkml_mnist.cli.session.create_spark", no_spark)
     assert main(["train", "--variant", "variant1", "--output", "hdfs://namenode/reports/run-1"]) == EXIT_USAGE
     assert "local filesystem, which cannot write hdfs: URIs" in capsys.readouterr().err
 

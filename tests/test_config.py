@@ -142,7 +142,7 @@ def test_unknown_variant_name_lists_the_available_ones():
 
 
 def test_global_batch_must_split_evenly_across_replicas():
-    from sparkml_mnist.plan import check_replicas
+    from sparkml_mnist.job.plan import check_replicas
 
     variant = load_variant("variant1")
     check_replicas(variant, 2)
@@ -154,8 +154,8 @@ def test_global_batch_must_split_evenly_across_replicas():
 def test_xla_with_several_ranks_is_refused_where_it_cannot_run():
     from dataclasses import replace
 
-    from sparkml_mnist.distributed.placement import Placement
-    from sparkml_mnist.plan import check_xla
+    from sparkml_mnist.launcher.placement import Placement
+    from sparkml_mnist.job.plan import check_xla
 
     two, one = Placement(size=2, on_driver=False), Placement(size=1, on_driver=False)
     plain = load_variant("variant3")
@@ -180,7 +180,7 @@ def test_jit_compile_must_be_a_boolean(tmp_path):
 
 def test_run_backend_is_checked_once_where_np_is_parsed():
     from sparkml_mnist.config import load_run
-    from sparkml_mnist.plan import plan_job
+    from sparkml_mnist.job.plan import plan_job
 
     run = load_run("sample")
     assert run.backend == "tf" and run.with_overrides(backend="horovod").backend == "horovod"
@@ -212,7 +212,7 @@ def test_two_variant_files_with_one_name_are_refused(tmp_path):
 @pytest.mark.parametrize("uri", ["hdfs://namenode/reports/run-1", "s3a://bucket/reports", "dbfs:/tmp/reports", "file://otherhost/x"])
 def test_an_output_the_report_writer_cannot_write_is_refused_before_any_work(uri):
     from sparkml_mnist.config import load_run
-    from sparkml_mnist.plan import plan_job
+    from sparkml_mnist.job.plan import plan_job
 
     with pytest.raises(ConfigError, match=r"field 'output' \(--output\) .*the report is written by the driver"):
         plan_job(load_run("sample").with_overrides(output=uri))
@@ -220,7 +220,7 @@ def test_an_output_the_report_writer_cannot_write_is_refused_before_any_work(uri
 
 def test_a_local_file_uri_output_is_its_path(tmp_path):
     from sparkml_mnist.config import load_run
-    from sparkml_mnist.plan import plan_job
+    from sparkml_mnist.job.plan import plan_job
 
     plan = plan_job(load_run("sample").with_overrides(output=f"file://{tmp_path}/run-1"))
     assert plan.output == tmp_path / "run-1"
@@ -230,7 +230,7 @@ def test_a_local_file_uri_output_is_its_path(tmp_path):
 
 def test_a_non_empty_output_folder_is_a_config_error_at_plan_time(tmp_path):
     from sparkml_mnist.config import load_run
-    from sparkml_mnist.plan import plan_job
+    from sparkml_mnist.job.plan import plan_job
 
     (tmp_path / "report.json").write_text("{}")
     run = load_run("sample").with_overrides(output=str(tmp_path))

@@ -93,7 +93,7 @@ session = {}
 @probe("create_spark_from_SPARK_REMOTE")
 def _():
     from pyspark.sql.utils import is_remote
-    from sparkml_mnist.session import create_spark
+    from sparkml_mnist.cli.session import create_spark
 
     spark = create_spark("sparkml-mnist connect test")  # SPARK_REMOTE is set, no master given
     session["spark"] = spark
@@ -112,7 +112,7 @@ def _():
 
 @probe("resources")
 def _():
-    from sparkml_mnist.distributed import resources
+    from sparkml_mnist.launcher.driver import cluster as resources
 
     return {"barrier_slots": resources.barrier_slots(spark), "task_cpus": resources.task_cpus(spark),
             "driver_gpus": resources.driver_gpus(spark)}
@@ -120,7 +120,7 @@ def _():
 
 @probe("preflight_np3")
 def _():
-    from sparkml_mnist.distributed.resources import check_barrier_run
+    from sparkml_mnist.launcher.driver.cluster import check_barrier_run
 
     check_barrier_run(spark, 3)
 
@@ -145,7 +145,7 @@ def _():
 
     def task(batches):
         from pyspark import BarrierTaskContext
-        from sparkml_mnist.inputs import shard_tensors
+        from sparkml_mnist.training.inputs import shard_tensors
 
         context = BarrierTaskContext.get()
         tensors = shard_tensors(pa.Table.from_batches(list(batches)))
@@ -163,11 +163,11 @@ def _():
 
 @probe("launcher")
 def _():
-    from sparkml_mnist.distributed import HorovodRunner
+    from sparkml_mnist.launcher import HorovodRunner
 
     def tiny(context):
         import os
-        from sparkml_mnist.inputs import shard_tensors
+        from sparkml_mnist.training.inputs import shard_tensors
         rows = int(shard_tensors(context.partition()).x_train.shape[0])
         return {"rank": context.rank, "size": context.size, "rows": rows, "pid": os.getpid()}
 
@@ -177,7 +177,7 @@ def _():
 
 @probe("launcher_watchdog")
 def _():
-    from sparkml_mnist.distributed import HorovodRunner
+    from sparkml_mnist.launcher import HorovodRunner
 
     def stall(context):
         import time
@@ -189,7 +189,7 @@ def _():
 
 @probe("job_cli")
 def _():
-    from sparkml_mnist.cli import main
+    from sparkml_mnist.cli.commands import main
 
     code = main(["train", "--variant", "variant1", "--epochs", "1", "--np", str(NP), "--train", paths["train"],
                  "--test", paths["test"], "--output", OUTPUT])
@@ -312,7 +312,7 @@ def test_a_process_with_a_classic_session_cannot_open_a_connect_session(spark, c
 
 def test_create_spark_says_clearly_that_one_process_cannot_hold_both(spark, connect_url):
     from sparkml_mnist.errors import ConfigError
-    from sparkml_mnist.session import create_spark
+    from sparkml_mnist.cli.session import create_spark
 
     saved = dict(os.environ)
     try:

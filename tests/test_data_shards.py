@@ -15,7 +15,7 @@ from sparkml_mnist.data.paths import sample_paths
 from sparkml_mnist.data.shards import partition_keys, shard_frame, spark_hash_int
 from sparkml_mnist.data.split import plan_shards, validation_split_index
 from sparkml_mnist.data.tensors import collect_tensors
-from sparkml_mnist.inputs import shard_tensors
+from sparkml_mnist.training.inputs import shard_tensors
 from sparkml_mnist.errors import ConfigError, DataError
 
 

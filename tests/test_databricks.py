@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sparkml_mnist import databricks
+from sparkml_mnist.config import platform as databricks
 from sparkml_mnist.config import load_data_spec
-from sparkml_mnist.databricks import DATABRICKS_RUNTIME_ENV
+from sparkml_mnist.config.platform import DATABRICKS_RUNTIME_ENV
 from sparkml_mnist.errors import ConfigError
 
 RUNTIME = "17.3"

@@ -31,10 +31,10 @@ from bundle_loader import Bundle, BundleError, fill_job_parameters, job_paramete
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from sparkml_mnist.cli import build_parser
+from sparkml_mnist.cli.commands import build_parser
 from sparkml_mnist.config import load_data_spec, load_run
 from sparkml_mnist.errors import SparkMnistError
-from sparkml_mnist.databricks import load_platform_settings
+from sparkml_mnist.config.platform import load_platform_settings
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_FILE = REPO / "databricks.yml"

@@ -17,8 +17,8 @@ import pyspark
 
 SCRIPT = r'''
 import json, os, sys
-from sparkml_mnist.session import create_spark
-from sparkml_mnist.distributed import HorovodRunner
+from sparkml_mnist.cli.session import create_spark
+from sparkml_mnist.launcher import HorovodRunner
 
 def main():
     import os

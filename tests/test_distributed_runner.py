@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from pyspark import cloudpickle
 
-from sparkml_mnist import keras_flavour
+from sparkml_mnist.launcher import keras_flavour
 from sparkml_mnist.data.libsvm import load_libsvm
 from sparkml_mnist.data.shards import shard_frame
-from sparkml_mnist.distributed import HorovodRunner, get_context
-from sparkml_mnist.distributed.records import CRASH, PreflightError, RankFailedError, RankStalledError
+from sparkml_mnist.launcher import HorovodRunner, get_context
+from sparkml_mnist.launcher.failures import CRASH, PreflightError, RankFailedError, RankStalledError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -57,8 +57,8 @@ def horovod_style_main(offset: float) -> dict[str, Any]:
 
 def train_main(global_batch: int, context: Any) -> dict[str, Any]:
     """A tiny tf_keras model, one epoch on this rank's shard; also lists the rows its pipeline fed."""
-    from sparkml_mnist.distributed.callbacks import ProgressCallback
-    from sparkml_mnist.inputs import distributed_dataset, scale_images, shard_tensors, steps_per_epoch
+    from sparkml_mnist.launcher.rank.callbacks import ProgressCallback
+    from sparkml_mnist.training.inputs import distributed_dataset, scale_images, shard_tensors, steps_per_epoch
 
     keras = keras_flavour.keras()
     shard = shard_tensors(context.partition())
@@ -176,7 +176,7 @@ def device_datasets_main(context) -> dict:
 
 def epoch_batches_main(context) -> dict:
     """The batches of a 3-epoch run, and of the same run resumed at epoch 1, as lists of row indices."""
-    from sparkml_mnist.inputs import rank_batches
+    from sparkml_mnist.training.inputs import rank_batches
 
     rows = np.arange(TRAIN_ROWS)
 

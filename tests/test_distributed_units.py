@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sparkml_mnist.distributed.monitor import ProgressMonitor
-from sparkml_mnist.distributed.records import (
+from sparkml_mnist.launcher.driver.watchdog import ProgressMonitor
+from sparkml_mnist.launcher.failures import (
     CRASH,
     EXCEPTION,
     PreflightError,
@@ -20,8 +20,8 @@ from sparkml_mnist.distributed.records import (
     failure_marker,
     find_failure,
 )
-from sparkml_mnist.distributed.resources import check_barrier_run, local_master_slots
-from sparkml_mnist.distributed.runner import HorovodRunner
+from sparkml_mnist.launcher.driver.cluster import check_barrier_run, local_master_slots
+from sparkml_mnist.launcher.runner import HorovodRunner
 from sparkml_mnist.errors import ConfigError, LaunchError
 
 TIMEOUT_S = 10.0
@@ -145,8 +145,8 @@ REAL_ERROR = "E0000 00:00:1795619535.238840   19118 collective_ops.cc:12] Collec
 
 
 def test_console_sink_hides_tensorflow_start_up_notices_but_not_errors(caplog, monkeypatch):
-    from sparkml_mnist.distributed.channel import print_log_line
-    from sparkml_mnist.tf_notices import SHOW_NOTICES_ENV
+    from sparkml_mnist.launcher.channel import print_log_line
+    from sparkml_mnist.launcher.tf_notices import SHOW_NOTICES_ENV
 
     caplog.set_level(logging.INFO, logger="sparkml_mnist.ranks")
     monkeypatch.delenv(SHOW_NOTICES_ENV, raising=False)
@@ -162,17 +162,17 @@ def test_console_sink_hides_tensorflow_start_up_notices_but_not_errors(caplog, m
 
 
 def test_without_logging_configured_rank_lines_still_reach_stderr(capsys, monkeypatch):
-    import sparkml_mnist.log as log_module
+    import sparkml_mnist.launcher.driver.events as log_module
 
     monkeypatch.setattr(log_module, "_configured", lambda logger: False)  # a plain script, no handlers anywhere
     log_module.rank_line(1, "stdout", "visible")
-    log_module.info(logging.getLogger("sparkml_mnist.job"), "also visible")
+    log_module.info(logging.getLogger("sparkml_mnist.job.run"), "also visible")
     assert capsys.readouterr().err.splitlines() == ["[rank 1] visible", "also visible"]
 
 
 def test_the_drivers_own_tensorflow_notices_are_filtered_at_the_file_descriptor(monkeypatch):
     """A fresh process importing TensorFlow through keras_flavour prints no notice, but keeps its own stderr."""
-    from sparkml_mnist.tf_notices import SHOW_NOTICES_ENV
+    from sparkml_mnist.launcher.tf_notices import SHOW_NOTICES_ENV
 
     script = (
         "import sys\n"
@@ -214,8 +214,8 @@ def test_the_watchdog_arms_at_launch() -> None:
 
 def test_the_first_rank_to_report_its_exception_is_named_not_the_one_spark_reported() -> None:
     """Rank 1 raises; rank 0 fails in a collective because rank 1 left, and Spark reports rank 0's task."""
-    from sparkml_mnist.distributed.attempt import AttemptEvents, _translate
-    from sparkml_mnist.distributed.records import RankError, failure_event, failure_marker
+    from sparkml_mnist.launcher.driver.attempt import AttemptEvents, _translate
+    from sparkml_mnist.launcher.failures import RankError, failure_event, failure_marker
 
     monitor = ProgressMonitor(2, 60.0)
     events = AttemptEvents(monitor, None, None, None)  # type: ignore[arg-type] - only failures are sent
@@ -232,7 +232,7 @@ def test_the_first_rank_to_report_its_exception_is_named_not_the_one_spark_repor
 
 
 def test_an_interrupt_replaced_by_a_clean_up_error_is_found() -> None:
-    from sparkml_mnist.distributed.attempt import _interrupt_behind
+    from sparkml_mnist.launcher.driver.attempt import _interrupt_behind
 
     interrupt = KeyboardInterrupt("signal 15")
     try:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_svmlight_file
 
-from sparkml_mnist.cli import EXIT_RUN_FAILED, EXIT_USAGE, main
+from sparkml_mnist.cli.commands import EXIT_RUN_FAILED, EXIT_USAGE, main
 from sparkml_mnist.config import load_data_spec
 from sparkml_mnist.data import download as download_module
 from sparkml_mnist.data.download import DownloadError, download_mnist, load_download_spec

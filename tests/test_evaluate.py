@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from sparkml_mnist.errors import SparkMnistError
-from sparkml_mnist.evaluate import KERAS_EPSILON, Evaluation, EvaluationError, evaluate
+from sparkml_mnist.job.metrics import KERAS_EPSILON, Evaluation, EvaluationError, evaluate
 
 CLASSES = 10
 EXAMPLES = 500

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from conftest import HOROVOD_SUITE_DIR, HOROVOD_SUITE_ENV
-from sparkml_mnist import cli
-from sparkml_mnist.distributed import HorovodRunner
-from sparkml_mnist.distributed.backends.horovod import RENDEZVOUS_PORT, HorovodDriverBackend, placement
-from sparkml_mnist.distributed.spec import RankSpec
+from sparkml_mnist.cli import commands as cli
+from sparkml_mnist.launcher import HorovodRunner
+from sparkml_mnist.launcher.backends.horovod import RENDEZVOUS_PORT, HorovodDriverBackend, placement
+from sparkml_mnist.launcher.spec import RankSpec
 from sparkml_mnist.errors import ConfigError, LaunchError
 
 pytestmark = pytest.mark.horovod
@@ -56,7 +56,7 @@ def test_the_cli_refuses_horovod_here_before_any_spark_work(capsys, monkeypatch)
     def no_spark(*args, **kwargs):
         raise AssertionError("Spark was started")
 
-    monkeypatch.setattr("sparkml_mnist.session.create_spark", no_spark)
+    monkeypatch.setattr("sparkml_mnist.cli.session.create_spark", no_spark)
     assert cli.main(["train", "--backend", "horovod", "--variant", "variant1", "--epochs", "1"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("sparkml-mnist: error: backend 'horovod' was asked for") and "make_horovod_env.sh" in error

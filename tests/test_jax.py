@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from pyspark import cloudpickle
 
-from sparkml_mnist import HorovodRunner, cli
-from sparkml_mnist.distributed.backends import jax as jax_backend
-from sparkml_mnist.distributed.records import RankFailedError
-from sparkml_mnist.distributed.spec import RankSpec
+from sparkml_mnist import HorovodRunner
+
+from sparkml_mnist.cli import commands as cli
+from sparkml_mnist.launcher.backends import jax as jax_backend
+from sparkml_mnist.launcher.failures import RankFailedError
+from sparkml_mnist.launcher.spec import RankSpec
 from sparkml_mnist.errors import ConfigError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -141,8 +143,8 @@ def test_jit_compile_is_not_refused_under_jax_which_always_compiles() -> None:
     from dataclasses import replace
 
     from sparkml_mnist.config import load_variant
-    from sparkml_mnist.distributed.placement import Placement
-    from sparkml_mnist.plan import check_xla
+    from sparkml_mnist.launcher.placement import Placement
+    from sparkml_mnist.job.plan import check_xla
 
     variant = replace(load_variant("variant1"), jit_compile=True)
     check_xla(variant, Placement(size=2, on_driver=False, backend="jax"), on_gpus=False)
@@ -186,7 +188,7 @@ def test_a_seed_per_rank_is_a_clear_error(spark) -> None:
 def jax_report(spark, tmp_path_factory) -> Path:
     """variant1 for 2 epochs at np=2 under jax on the bundled sample (42 steps an epoch)."""
     from sparkml_mnist.config import load_run
-    from sparkml_mnist.job import run_job
+    from sparkml_mnist.job.run import run_job
 
     output = tmp_path_factory.mktemp("job") / "jax"
     run = load_run("sample").with_overrides(variants="variant1", np=2, epochs=2, backend="jax", output=str(output))
@@ -202,7 +204,7 @@ def test_the_job_trains_keras3_models_under_jax(jax_report: Path) -> None:
 
 
 def test_the_driver_evaluates_rank_zeros_keras3_weights_in_its_tf_keras_model(spark, jax_report: Path) -> None:
-    from sparkml_mnist import keras_flavour
+    from sparkml_mnist.launcher import keras_flavour
     from sparkml_mnist.data.libsvm import load_libsvm
     from sparkml_mnist.data.paths import sample_paths
     from sparkml_mnist.data.tensors import collect_tensors
@@ -217,7 +219,7 @@ def test_the_driver_evaluates_rank_zeros_keras3_weights_in_its_tf_keras_model(sp
 
 def test_half_precision_allreduce_is_refused_under_jax_before_spark_work() -> None:
     from sparkml_mnist.config import load_run
-    from sparkml_mnist.plan import plan_job
+    from sparkml_mnist.job.plan import plan_job
 
     run = load_run("sample").with_overrides(variants="variant1", np=2, backend="jax", allreduce="float16")
     with pytest.raises(ConfigError, match=r"allreduce: 'float16' is not available under the jax backend"):
@@ -226,9 +228,10 @@ def test_half_precision_allreduce_is_refused_under_jax_before_spark_work() -> No
 
 def checkpoint_round_trip_main(context: Any) -> dict[str, Any]:
     """In a jax rank: a variant trained one step, packed as rank 0's checkpoint, restored into a fresh model."""
-    from sparkml_mnist import keras_flavour, training_state
+    from sparkml_mnist.launcher import keras_flavour
+    from sparkml_mnist.training import state as training_state
     from sparkml_mnist.config import load_variant
-    from sparkml_mnist.models import build_model
+    from sparkml_mnist.training.models import build_model
 
     keras = keras_flavour.keras()
     keras.distribution.distribution().auto_shard_dataset = False  # each rank fits its own arrays

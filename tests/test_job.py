@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparkml_mnist.cli import EXIT_RUN_FAILED, EXIT_USAGE, main
+from sparkml_mnist.cli.commands import EXIT_RUN_FAILED, EXIT_USAGE, main
 from sparkml_mnist.config import load_run
-from sparkml_mnist.job import run_job
+from sparkml_mnist.job.run import run_job
 
 CHANCE = 0.1
 
@@ -57,7 +57,7 @@ def test_gathered_evaluation_equals_a_single_process_evaluation(spark, np2_repor
     from sparkml_mnist.data.libsvm import load_libsvm
     from sparkml_mnist.data.paths import sample_paths
     from sparkml_mnist.data.tensors import collect_tensors
-    from sparkml_mnist.keras_flavour import keras
+    from sparkml_mnist.launcher.keras_flavour import keras
 
     model = keras().models.load_model(next(np2_report.rglob("variant1.keras")))
     x_test, y_test = collect_tensors(load_libsvm(spark, sample_paths().test))
@@ -121,9 +121,9 @@ def test_missing_data_folder_exits_1_naming_the_file(spark, tmp_path, capsys):
 def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_run_for_resume(spark, tmp_path, monkeypatch):
     import errno
 
-    from sparkml_mnist import job as job_module
+    from sparkml_mnist.job import run as job_module
     from sparkml_mnist.report import ReportError
-    from sparkml_mnist.run_state import state_folder
+    from sparkml_mnist.job.state import state_folder
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -139,8 +139,8 @@ def test_a_full_disk_at_the_end_is_one_line_and_keeps_the_run_for_resume(spark, 
     assert (kept / "result.json").is_file() and (kept / "variant1.keras").is_file()
 
     monkeypatch.undo()  # space again: --resume writes the report from what was kept, without training
-    from sparkml_mnist.plan import plan_job
-    from sparkml_mnist.run_state import stored_run
+    from sparkml_mnist.job.plan import plan_job
+    from sparkml_mnist.job.state import stored_run
 
     lines: list[str] = []
     folder = run_job(spark, plan_job(stored_run(output), resume=True), log=lines.append)

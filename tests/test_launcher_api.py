@@ -14,7 +14,7 @@ import pytest
 from pyspark import cloudpickle
 
 from sparkml_mnist import HorovodRunner, log_to_driver
-from sparkml_mnist.distributed.monitor import ProgressMonitor
+from sparkml_mnist.launcher.driver.watchdog import ProgressMonitor
 from sparkml_mnist.errors import ConfigError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

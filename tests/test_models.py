@@ -11,7 +11,7 @@ from sparkml_mnist.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def models():
-    from sparkml_mnist.models import build_model
+    from sparkml_mnist.training.models import build_model
 
     return {name: build_model(load_variant(name)) for name in available_variants()}
 
@@ -43,13 +43,13 @@ def test_optimizers_and_layers_follow_the_config(models):
 
 
 def test_keras_is_tf_keras():
-    from sparkml_mnist.keras_flavour import keras
+    from sparkml_mnist.launcher.keras_flavour import keras
 
     assert keras().__name__ == "tf_keras"
 
 
 def test_output_layer_must_be_a_softmax_over_ten_classes(tmp_path):
-    from sparkml_mnist.models import build_model
+    from sparkml_mnist.training.models import build_model
 
     path = tmp_path / "bad.yaml"
     path.write_text(
@@ -63,7 +63,7 @@ def test_output_layer_must_be_a_softmax_over_ten_classes(tmp_path):
 def test_jit_compile_reaches_the_compiled_model():
     from dataclasses import replace
 
-    from sparkml_mnist.models import build_model
+    from sparkml_mnist.training.models import build_model
 
     variant = load_variant("variant1")
     assert build_model(variant).jit_compile is False

@@ -19,9 +19,9 @@ from pyspark import cloudpickle
 from spark_processes import LOCALHOST, free_port
 
 from sparkml_mnist.config import load_run
-from sparkml_mnist.distributed import HorovodRunner
-from sparkml_mnist.distributed.progress import ProgressBoard, straggler_summary
-from sparkml_mnist.job import run_job
+from sparkml_mnist.launcher import HorovodRunner
+from sparkml_mnist.launcher.driver.board import ProgressBoard, straggler_summary
+from sparkml_mnist.job.run import run_job
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -85,7 +85,7 @@ def mlflow_server(tmp_path_factory):
 
 
 def tracked_run(spark, tmp_path: Path, tracking_uri: str) -> tuple[Path, Any]:
-    from sparkml_mnist.tracking import Tracking
+    from sparkml_mnist.job.tracking import Tracking
 
     run = load_run("sample").with_overrides(variants="variant1", np=-1, epochs=EPOCHS, output=str(tmp_path / "out"))
     before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
@@ -103,7 +103,7 @@ def read_back(tracking_uri: str, tracking: Any, folder: Path) -> None:
     from mlflow import MlflowClient
 
     from sparkml_mnist.data.libsvm import load_libsvm  # noqa: F401 - the test set below comes from the sample
-    from sparkml_mnist.keras_flavour import keras
+    from sparkml_mnist.launcher.keras_flavour import keras
 
     client = MlflowClient(tracking_uri)
     report = json.loads((folder / "report.json").read_text())["variants"][0]
@@ -191,7 +191,7 @@ def test_the_board_names_a_straggler_and_renders_one_line_per_rank() -> None:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_a_terminal_shows_the_ranks_lines_updating_in_place(tmp_path: Path) -> None:
     session = f"sparkml-mnist-{os.getpid()}"
-    command = (f"{sys.executable} -m sparkml_mnist.cli train --variant variant3 --epochs 3 --np 2 "
+    command = (f"{sys.executable} -m sparkml_mnist.cli.commands train --variant variant3 --epochs 3 --np 2 "
                f"--output {tmp_path / 'out'}; echo EXIT=$?; sleep 600")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command], check=True)
     screens = []
@@ -241,7 +241,7 @@ def test_verbose_shows_tensorflows_notices_and_times(tmp_path: Path) -> None:
     done = cli("-v", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "oneDNN" in done.stderr or "cpu_feature_guard" in done.stderr
-    assert " sparkml_mnist.job: reading and checking " in done.stderr  # time and logger name at -v
+    assert " sparkml_mnist.job.run: reading and checking " in done.stderr  # time and logger name at -v
 
 
 def test_a_library_users_handler_gets_rank_lines_with_the_rank(spark) -> None:
@@ -265,7 +265,7 @@ def test_a_library_users_handler_gets_rank_lines_with_the_rank(spark) -> None:
 
 def test_the_cli_called_in_process_leaves_logging_as_it_found_it(capsys) -> None:
     """A notebook or wheel task calling cli.main goes on afterwards: no handler may outlive the command."""
-    from sparkml_mnist import cli
+    from sparkml_mnist.cli import commands as cli
 
     package, warnings_logger = logging.getLogger("sparkml_mnist"), logging.getLogger("py.warnings")
     before = [(list(lg.handlers), lg.propagate, lg.level) for lg in (package, warnings_logger)]
@@ -280,7 +280,7 @@ def test_mlflow_says_info_only_at_verbose(monkeypatch, verbosity: int, mlflow_le
     """MLflow's own INFO lines (database set-up, signature checks) would land among the epoch lines."""
     import io
 
-    from sparkml_mnist import console
+    from sparkml_mnist.cli.commands import console
 
     monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
     with console.configured(verbosity, io.StringIO()):

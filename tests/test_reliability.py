@@ -22,9 +22,9 @@ from pyspark import cloudpickle
 from rank_processes import CliRun, rank_pids
 
 from sparkml_mnist.config import load_run
-from sparkml_mnist.distributed import HorovodRunner, get_context
-from sparkml_mnist.distributed.records import RankFailedError
-from sparkml_mnist.job import run_job
+from sparkml_mnist.launcher import HorovodRunner, get_context
+from sparkml_mnist.launcher.failures import RankFailedError
+from sparkml_mnist.job.run import run_job
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -155,7 +155,7 @@ def test_a_crash_that_does_not_repeat_is_retried(spark, tmp_path: Path) -> None:
 
 
 def saved_weights(folder: Path) -> list[np.ndarray]:
-    from sparkml_mnist.keras_flavour import keras
+    from sparkml_mnist.launcher.keras_flavour import keras
 
     return keras().models.load_model(next(folder.rglob("variant1.keras"))).get_weights()
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from sparkml_mnist.report import folder as report_folder
 from sparkml_mnist.errors import SparkMnistError
-from sparkml_mnist.evaluate import Evaluation, evaluate
+from sparkml_mnist.job.metrics import Evaluation, evaluate
 from sparkml_mnist.report import (
     COMPARISON_PNG,
     REPORT_JSON,

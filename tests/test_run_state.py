@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from sparkml_mnist.config import load_run
-from sparkml_mnist.distributed.attempt import AttemptRecord
-from sparkml_mnist.distributed.records import RankError, RankFailedError, RankStalledError
-from sparkml_mnist.distributed.runner import NO_COLLECTIVE_TIMEOUT, HorovodRunner, failure_signature
+from sparkml_mnist.launcher.driver.attempt import AttemptRecord
+from sparkml_mnist.launcher.failures import RankError, RankFailedError, RankStalledError
+from sparkml_mnist.launcher.runner import NO_COLLECTIVE_TIMEOUT, HorovodRunner, failure_signature
 from sparkml_mnist.errors import ConfigError
-from sparkml_mnist.evaluate import evaluate
+from sparkml_mnist.job.metrics import evaluate
 from sparkml_mnist.report import VariantResult
-from sparkml_mnist.run_state import RunState, state_folder, stored_overwrite, stored_run
+from sparkml_mnist.job.state import RunState, state_folder, stored_overwrite, stored_run
 
 
 def a_result(tmp_path: Path) -> VariantResult:

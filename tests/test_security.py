@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from pyspark import cloudpickle
 
-from sparkml_mnist.distributed import HorovodRunner, get_context
-from sparkml_mnist.distributed.channel import HELLO_TIMEOUT_S, MAX_FRAME_BYTES, rank_token
-from sparkml_mnist.distributed.process import rank_workdir
-from sparkml_mnist.distributed.records import PreflightError
-from sparkml_mnist.distributed.resources import ACCEPT_RISK_CONF, check_secured_cluster
+from sparkml_mnist.launcher import HorovodRunner, get_context
+from sparkml_mnist.launcher.channel import HELLO_TIMEOUT_S, MAX_FRAME_BYTES, rank_token
+from sparkml_mnist.launcher.task.process import rank_workdir
+from sparkml_mnist.launcher.failures import PreflightError
+from sparkml_mnist.launcher.driver.cluster import ACCEPT_RISK_CONF, check_secured_cluster
 from sparkml_mnist.redact import redact
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -1,7 +1,7 @@
 """Configuration: YAML files in ``conf/`` -> typed, validated objects (one generic loader).
 
 Runtime policy (how many ranks, what fits on them) is not decided here but where ``np`` is parsed
-(``sparkml_mnist.plan``).
+(``sparkml_mnist.job.plan``).
 """
 
 from sparkml_mnist.config.data_spec import DataSpec, load_data_spec

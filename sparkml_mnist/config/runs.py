@@ -42,7 +42,7 @@ class RunConfig:
     np: int
     output: str
     seed: int
-    backend: str  # checked against the launcher's backends where np is parsed (sparkml_mnist.plan)
+    backend: str  # checked against the launcher's backends where np is parsed (sparkml_mnist.job.plan)
     progress_timeout_s: float = field(metadata=rule(positive))
     variants: tuple[str, ...] = field(default=(ALL_VARIANTS,), metadata=rule(convert=variant_names))
     data: str | None = None  # "sample", a folder, or None for the environment's default

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sparkml_mnist import databricks
+from sparkml_mnist.config import platform as databricks
 from sparkml_mnist.config import DataSpec, load_data_spec, package_folder
 from sparkml_mnist.errors import ConfigError
 
@@ -59,7 +59,7 @@ def resolve_inputs(
     data: str | None, train: str | None = None, test: str | None = None, spec: DataSpec | None = None
 ) -> DatasetPaths:
     """Explicit files, else a folder ("sample" = the bundled sample), else the environment's default:
-    ``SPARKML_MNIST_DATA``, or on Databricks the runtime's copy of the dataset (``sparkml_mnist.databricks``)."""
+    ``SPARKML_MNIST_DATA``, or on Databricks the runtime's copy of the dataset (``sparkml_mnist.config.platform``)."""
     spec = spec or load_data_spec()
     if train and test:
         return DatasetPaths(train=train, test=test)

@@ -4,7 +4,7 @@ The hand-off to the launcher is a DataFrame whose partition ``s`` holds exactly 
 (train and validation rows of that shard), so a barrier stage of ``k`` tasks over it gives each
 rank its own shard straight from Spark's shuffle: nothing is collected on the driver and no
 shared filesystem is needed. The launcher hands partition ``s`` to rank ``s`` as Arrow; the
-training side (``sparkml_mnist.inputs``) turns it into tensors.
+training side (``sparkml_mnist.training.inputs``) turns it into tensors.
 """
 
 from __future__ import annotations

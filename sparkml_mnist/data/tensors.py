@@ -1,6 +1,6 @@
 """Arrow rows of the data stage -> numpy tensors: images (n, 28, 28, 1), ``y`` one-hot.
 
-Used where the tensors are needed: inside each rank on its own partition (``sparkml_mnist.inputs``)
+Used where the tensors are needed: inside each rank on its own partition (``sparkml_mnist.training.inputs``)
 and on the driver for the test set (``collect_tensors``). No Python loop over rows.
 """
 

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from sparkml_mnist.config.variants import safe_name
 from sparkml_mnist.errors import SparkMnistError
-from sparkml_mnist.evaluate import Evaluation
+from sparkml_mnist.job.metrics import Evaluation
 
 LOSS_PNG_SUFFIX = "-loss.png"
 CONFUSION_PNG_SUFFIX = "-confusion.png"

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from pyspark import cloudpickle
 
-from sparkml_mnist import keras_flavour
+from sparkml_mnist.launcher import keras_flavour
 from sparkml_mnist.config import load_run
-from sparkml_mnist.distributed import HorovodRunner, get_context
-from sparkml_mnist.distributed.backends.horovod import placement
-from sparkml_mnist.distributed.records import RankFailedError, RankStalledError
-from sparkml_mnist.job import run_job
-from sparkml_mnist.versions import check_versions
+from sparkml_mnist.launcher import HorovodRunner, get_context
+from sparkml_mnist.launcher.backends.horovod import placement
+from sparkml_mnist.launcher.failures import RankFailedError, RankStalledError
+from sparkml_mnist.job.run import run_job
+from sparkml_mnist.cli.versions import check_versions
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -1,0 +1,1 @@
+"""The command line: argument parsing, the console, the Spark session and runtime guardrails; thin."""

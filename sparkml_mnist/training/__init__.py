@@ -1,0 +1,1 @@
+"""What one rank does with its partition: inputs -> model -> fit -> report."""
