@@ -97,9 +97,9 @@ def measure_collective(backend: str, fused: bool) -> dict[str, Any]:
     spark = create_spark(
         "collective-benchmark", master="local[2]", conf={"spark.task.cpus": "1", "spark.ui.enabled": "false"}
     )
-    records = HorovodRunner(np=2, spark=spark, backend=backend, log_sink=None).run_all(
+    records = HorovodRunner(np=2, spark=spark, backend=backend).run_all(
         collective_main, backend=backend, shapes=VARIANT1_SHAPES, fused=fused
-    )
+    ).records
     spark.stop()
     values = [record.value for record in records]
     if any(v["check"] != 3.0 for v in values):  # ones * 1 + ones * 2

@@ -55,7 +55,7 @@ def first_steps(context: Any) -> dict[str, float]:
 
 
 def measure(runner: HorovodRunner) -> dict[str, Any]:
-    records = runner.run_all(first_steps)
+    records = runner.run_all(first_steps).records
     started = records[0].timings["run_started_at"]
     ranks = []
     for record in records:
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     spark = create_spark("launcher-benchmark", master=MASTER, conf={"spark.ui.enabled": "false"})
-    runner = HorovodRunner(np=NP, spark=spark, log_sink=None)
+    runner = HorovodRunner(np=NP, spark=spark)
     measure(runner)  # warm-up: JVM code paths, Python worker start, file caches
     runs = [measure(runner) for _ in range(args.repeats)]
     spark.stop()

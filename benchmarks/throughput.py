@@ -7,7 +7,7 @@ Each configuration runs in a fresh Python process (TensorFlow's threads and Spar
 
 - ``bare``: ``model.fit(x, y, batch_size=128)`` on the first ``--rows`` training images, the whole
   machine's cores (``TF_NUM_INTRAOP_THREADS`` = cores);
-- ``job np=1``: the job's own training path (``HorovodRunner`` + ``sparkml_mnist.training.loop.train_rank``
+- ``job np=1``: the job's own training path (``HorovodRunner`` + ``sparkml_mnist.training.loop.train_variants``
   on the data stage's shards) on ``local[C]`` with ``spark.task.cpus`` = C: the same cores;
 - ``job np=1, 1 core`` and ``job np=2, 1 core each``: ``spark.task.cpus`` = 1, the scaling pair;
 - ``ceiling``: what this machine can do at all with two 1-core workers: two independent ``job np=1,
@@ -85,12 +85,12 @@ def measure_job(
     slice_path: str, variant_name: str, epochs: int, np_: int, task_cpus: int, backend: str = "tf",
     jit_compile: bool = False, allreduce: str = "float32",
 ) -> dict:
-    """The job's training path: data stage shards -> HorovodRunner -> train_rank."""
-    from sparkml_mnist.data.libsvm import load_libsvm
-    from sparkml_mnist.data.shards import shard_frame
-    from sparkml_mnist.launcher import HorovodRunner
+    """The job's training path: data stage shards -> HorovodRunner -> train_variants."""
     from sparkml_mnist.cli.session import create_spark
-    from sparkml_mnist.training.loop import train_rank
+    from sparkml_mnist.data.libsvm import load_libsvm
+    from sparkml_mnist.data.shards import shard_layouts
+    from sparkml_mnist.launcher import HorovodRunner
+    from sparkml_mnist.training.loop import VariantPlan, train_variants
 
     cores = os.cpu_count() or 1
     spark = create_spark(
@@ -99,15 +99,15 @@ def measure_job(
         conf={"spark.task.cpus": str(task_cpus), "spark.ui.enabled": "false"},
     )
     variant = variant_without_validation(variant_name, epochs, jit_compile)
-    sharded = shard_frame(load_libsvm(spark, slice_path), np_, 0.0)
-    records = HorovodRunner(np=np_, spark=spark, data=sharded.frame, backend=backend, log_sink=None).run_all(
-        train_rank, variant=variant, plan=sharded.plan, seed=SEED, allreduce=allreduce
-    )
+    layouts = shard_layouts(load_libsvm(spark, slice_path), np_, [0.0])
+    records = HorovodRunner(np=np_, spark=spark, data=layouts.frame, backend=backend).run_all(
+        train_variants, plans=[VariantPlan(variant, layouts.plans[0])], seed=SEED, allreduce=allreduce
+    ).records
     spark.stop()
-    chief = records[0].value
+    chief = records[0].value[variant.name]
     images = chief["steps_per_epoch"] * variant.batch_size
     # Every rank runs in lockstep; the slowest rank's epoch is the run's epoch.
-    last = max(record.value["epoch_seconds"][-1] for record in records)
+    last = max(record.value[variant.name]["epoch_seconds"][-1] for record in records)
     return {"images_per_epoch": images, "epoch_seconds": chief["epoch_seconds"], "img_s": images / last}
 
 

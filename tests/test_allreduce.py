@@ -38,8 +38,8 @@ def aggregate_main(allreduce: str, context) -> dict:
 
 @pytest.mark.parametrize("allreduce", ["float32", "float16"])
 def test_the_gradients_are_summed_in_the_precision_asked_for(spark, allreduce: str) -> None:
-    values = [r.value for r in HorovodRunner(np=-2, spark=spark, log_sink=None).run_all(aggregate_main,
-                                                                                        allreduce=allreduce)]
+    values = [r.value for r in HorovodRunner(np=-2, spark=spark).run_all(aggregate_main,
+                                                                                        allreduce=allreduce).records]
     assert values[0] == values[1] and values[0]["dtype"] == "float32" and values[0]["name"] == "SGD"
     ranks = [np.array(VALUES, np.float32) + np.float32(rank * 1e-4) for rank in (0, 1)]
     if allreduce == "float16":

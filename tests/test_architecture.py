@@ -1,5 +1,5 @@
-"""The package's shape, held by tests: no import cycles, a launcher that knows nothing of the data or the
-models, no oversized modules, and the public names a user can guess."""
+"""The package's shape, held by tests: packages by role, each importing only the roles below it (the
+folder layout is the architecture), no import cycles, and the public names a user can guess."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ import pytest
 
 PACKAGE = "sparkml_mnist"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
-# What the launcher must never import: it is a general tool; what a rank does with its partition is
-# the training side's business.
-LAUNCHER = f"{PACKAGE}.distributed"
-NOT_FOR_THE_LAUNCHER = (f"{PACKAGE}.data", f"{PACKAGE}.models", f"{PACKAGE}.train", f"{PACKAGE}.inputs",
-                        f"{PACKAGE}.plan", f"{PACKAGE}.job", f"{PACKAGE}.evaluate", f"{PACKAGE}.report",
-                        f"{PACKAGE}.config")
-MAX_MODULE_LINES = 400
+# The package's top: the public face (lazy exports) and what every role shares. Nothing else lives there.
+TOP_MODULES = {"__init__", "errors", "lazy", "redact"}
+SHARED = "shared"
+# Which role may import which (besides itself and the shared top). The launcher is a general tool: it
+# knows nothing of the job, the training side, the data stage or the report. The CLI sits on top.
+MAY_IMPORT = {
+    "launcher": set(),
+    "config": set(),
+    "data": {"config"},
+    "report": {"config", "launcher"},
+    "training": {"launcher", "config", "data"},
+    "job": {"launcher", "training", "config", "data", "report"},
+    "cli": {"launcher", "training", "config", "data", "report", "job"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -99,26 +106,40 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_the_launcher_imports_no_data_model_or_training_module() -> None:
-    graph = import_graph()
-    offending = {
-        module: sorted(target for target in targets if target.startswith(NOT_FOR_THE_LAUNCHER))
-        for module, targets in graph.items()
-        if module.startswith(LAUNCHER)
-    }
-    assert {module: targets for module, targets in offending.items() if targets} == {}
+def role(module: str) -> str:
+    """``sparkml_mnist.job.run`` -> "job"; the top's modules -> "shared"."""
+    parts = module.split(".")
+    return SHARED if len(parts) == 1 or parts[1] in TOP_MODULES else parts[1]
+
+
+def layout_breaches(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{module} ({role(module)}) imports {target} ({role(target)})"
+        for module, targets in graph.items() for target in targets
+        if role(target) not in {role(module), SHARED} and role(target) not in MAY_IMPORT.get(role(module), set())
+    )
+
+
+def test_every_package_imports_only_the_roles_below_it() -> None:
+    assert layout_breaches(import_graph()) == []
+
+
+def test_the_layout_check_catches_a_launcher_that_imports_the_job() -> None:
+    graph = {f"{PACKAGE}.launcher.runner": {f"{PACKAGE}.job.run", f"{PACKAGE}.errors"}}
+    assert layout_breaches(graph) == [f"{PACKAGE}.launcher.runner (launcher) imports {PACKAGE}.job.run (job)"]
+
+
+def test_the_top_holds_only_the_public_face_and_every_module_has_a_role() -> None:
+    top = {path.stem for path in ROOT.glob("*.py")}
+    assert top <= TOP_MODULES, f"modules at the package top without a role: {sorted(top - TOP_MODULES)}"
+    roles = {role(module) for module in modules()} - {SHARED}
+    assert roles <= set(MAY_IMPORT), f"packages without a place in the layout: {sorted(roles - set(MAY_IMPORT))}"
 
 
 def test_the_import_reader_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
     graph = import_graph()
-    assert f"{PACKAGE}.distributed.callbacks" in graph[f"{PACKAGE}.train"]  # imported inside train_rank
-    assert f"{PACKAGE}.distributed.backends.horovod" in graph[f"{PACKAGE}.distributed.backends"]
-
-
-@pytest.mark.parametrize("module", sorted(modules()))
-def test_no_module_is_oversized(module: str) -> None:
-    lines = len(modules()[module].read_text(encoding="utf-8").splitlines())
-    assert lines <= MAX_MODULE_LINES, f"{module} has {lines} lines: split it by job"
+    assert f"{PACKAGE}.launcher.rank.callbacks" in graph[f"{PACKAGE}.training.loop"]  # imported inside a function
+    assert f"{PACKAGE}.launcher.backends.horovod" in graph[f"{PACKAGE}.launcher.backends"]
 
 
 def test_the_public_api_has_the_names_a_user_guesses() -> None:

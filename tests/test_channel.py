@@ -1,5 +1,5 @@
 """The driver's channel on its own: framing, reconnects with backoff, giving up only on a sustained loss,
-and checkpoints carried in chunks both ways (no Spark, no TensorFlow)."""
+and a rank's reports (metrics, rank 0's checkpoints in chunks) both ways (no Spark, no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from sparkml_mnist.errors import LaunchError
 from sparkml_mnist.launcher.channel import ChannelClient, ChannelServer, rank_token
-from sparkml_mnist.launcher.driver.store import (
-    CHUNK_BYTES,
-    CheckpointReceiver,
-    CheckpointStore,
-    fetch_checkpoint,
-    send_checkpoint,
-)
+from sparkml_mnist.launcher.driver.reports import RunReports
+from sparkml_mnist.launcher.driver.store import CheckpointStore
+from sparkml_mnist.launcher.policy import FailurePolicy
+from sparkml_mnist.launcher.protocol import CHUNK_BYTES, FETCH, REPORT, Checkpoint
+from sparkml_mnist.launcher.rank.context import RankContext
+from sparkml_mnist.launcher.spec import LaunchSpec
 
 LOOPBACK = "127.0.0.1"
 SECRET = "s" * 64
@@ -24,18 +24,18 @@ WAIT_S = 10.0  # events arrive well within this (polled; not a timing assertion)
 
 
 class Collector:
-    def __init__(self, receiver: CheckpointReceiver | None = None) -> None:
+    def __init__(self, reports: RunReports | None = None) -> None:
         self.events: list[tuple[int, dict]] = []
-        self.receiver = receiver or CheckpointReceiver(None)
+        self.reports = reports or RunReports(CheckpointStore())
         self.lock = threading.Lock()
 
     def __call__(self, rank: int, event: dict):
         with self.lock:
             self.events.append((rank, event))
-        if event["type"] == "checkpoint_put":
-            return self.receiver.handle(rank, event)
-        if event["type"] == "checkpoint_get":
-            return self.receiver.replies(event)
+        if event["type"] == REPORT:
+            return self.reports.receive(rank, event)
+        if event["type"] == FETCH:
+            return self.reports.fetch(event)
         return None
 
     def wait_for(self, count: int) -> list[tuple[int, dict]]:
@@ -89,19 +89,32 @@ def test_only_a_sustained_loss_is_reported_once() -> None:
     assert len(losses) == 1
 
 
-def test_a_checkpoint_travels_in_chunks_and_comes_back_from_disk(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path / "checkpoints")
-    collector = Collector(CheckpointReceiver(store))
+def context_for(server: ChannelServer, rank: int) -> RankContext:
+    """A rank's context talking to ``server``, as the launcher makes it in the rank's process."""
+    launch = LaunchSpec(size=2, backend="tf", policy=FailurePolicy(), driver_host=LOOPBACK, driver_port=server.port,
+                        secret=SECRET)
+    spec = launch.for_rank(rank, [LOOPBACK, LOOPBACK], [0, 0], [])
+    return RankContext(spec=spec, channel=ChannelClient(LOOPBACK, server.port, rank, spec.channel_token))
+
+
+def test_a_report_carries_metrics_and_rank_zeros_checkpoint_in_chunks_kept_on_disk(tmp_path: Path) -> None:
+    heard: list[tuple[str, int, dict, int | None]] = []
+    reports = RunReports(CheckpointStore(tmp_path / "checkpoints"),
+                         on_report=lambda key, rank, metrics, ckpt: heard.append((key, rank, metrics, ckpt and ckpt.epoch)))
     data = bytes(range(256)) * (3 * CHUNK_BYTES // 256 + 7)  # four chunks
-    with ChannelServer(2, SECRET, collector, LOOPBACK) as server:
-        chief, other = client_for(server, 0), client_for(server, 1)
-        assert fetch_checkpoint(other) is None
-        send_checkpoint(chief, 1, b"first")
-        send_checkpoint(chief, 2, data)
-        latest = fetch_checkpoint(other)
+    with ChannelServer(2, SECRET, Collector(reports), LOOPBACK) as server:
+        chief, other = context_for(server, 0), context_for(server, 1)
+        assert other.latest_checkpoint() is None
+        chief.report("", {"epoch": 1}, Checkpoint(1, b"first"))
+        chief.report("", {"epoch": 2}, Checkpoint(2, data))
+        other.report("", {"done": True})
+        latest = other.latest_checkpoint()
         assert latest is not None and latest.epoch == 2 and latest.data == data
-        chief.close()
-        other.close()
+        assert other.heartbeat.progress == 1 and chief.heartbeat.progress == 2  # a report is progress
+        chief.channel.close()  # type: ignore[union-attr]
+        other.channel.close()  # type: ignore[union-attr]
+    assert reports.metrics == {"": {0: {"epoch": 2}, 1: {"done": True}}}
+    assert heard == [("", 0, {"epoch": 1}, 1), ("", 0, {"epoch": 2}, 2), ("", 1, {"done": True}, None)]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-000002.ckpt"]
     again = CheckpointStore(tmp_path / "checkpoints").latest()  # a new driver (--resume) finds it
     assert again is not None and again.epoch == 2 and again.data == data
@@ -109,13 +122,15 @@ def test_a_checkpoint_travels_in_chunks_and_comes_back_from_disk(tmp_path: Path)
 
 def test_only_rank_zero_stores_checkpoints(tmp_path: Path) -> None:
     store = CheckpointStore()
-    collector = Collector(CheckpointReceiver(store))
+    collector = Collector(RunReports(store))
     with ChannelServer(2, SECRET, collector, LOOPBACK) as server:
-        client = client_for(server, 1)
-        client.send({"type": "checkpoint_put", "epoch": 5, "seq": 0, "total": 1, "data": ""})
+        with pytest.raises(LaunchError, match="only rank 0 reports checkpoints; rank 1 attached one"):
+            context_for(server, 1).report("", {}, Checkpoint(5, b"x"))
+        client = client_for(server, 1)  # a forged frame, past the rank-side check: dropped by the driver
+        client.send({"type": REPORT, "key": "", "epoch": 5, "seq": 0, "total": 1, "data": "", "metrics": {}})
         collector.wait_for(1)
         client.close()
-    assert store.latest() is None
+    assert store.latest() is None and collector.reports.metrics == {}
 
 
 @pytest.mark.parametrize("epochs", [[1, 2, 3]])

@@ -16,7 +16,7 @@ from sparkml_mnist.data.idx import DownloadError
 from sparkml_mnist.launcher.failures import PreflightError, RankStalledError
 from sparkml_mnist.errors import ConfigError, DataError, SparkMnistError
 from sparkml_mnist.report.results import ReportError
-from sparkml_mnist.cli.versions import VersionError
+from sparkml_mnist.job.versions import VersionError
 
 
 def test_data_preview_on_the_bundled_sample(spark, capsys):
@@ -149,12 +149,10 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"sparkml-mnist {__version__}\n"
 
 
-def test_run_config_option_and_its_deprecated_alias(capsys):
+def test_run_config_option(capsys):
     assert build_parser().parse_args(["train", "--run-config", "lab"]).run_config == "lab"
     assert capsys.readouterr().err == ""
     assert build_parser().parse_args(["train"]).run_config is None  # the sample; None lets --resume tell it apart
-    assert build_parser().parse_args(["train", "--conf", "lab"]).run_config == "lab"
-    assert capsys.readouterr().err == "sparkml-mnist: warning: --conf is deprecated, use --run-config\n"
 
 
 def test_an_empty_number_means_not_given_as_a_job_parameter_cannot_be_left_out(capsys):

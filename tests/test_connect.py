@@ -163,7 +163,7 @@ def _():
 
 @probe("launcher")
 def _():
-    from sparkml_mnist.launcher import HorovodRunner
+    from sparkml_mnist.launcher import FailurePolicy, HorovodRunner
 
     def tiny(context):
         import os
@@ -171,20 +171,20 @@ def _():
         rows = int(shard_tensors(context.partition()).x_train.shape[0])
         return {"rank": context.rank, "size": context.size, "rows": rows, "pid": os.getpid()}
 
-    records = HorovodRunner(np=NP, spark=spark, data=data["sharded"].frame, log_sink=None).run_all(tiny)
+    records = HorovodRunner(np=NP, spark=spark, data=data["sharded"].frame).run_all(tiny).records
     return [record.value for record in records]
 
 
 @probe("launcher_watchdog")
 def _():
-    from sparkml_mnist.launcher import HorovodRunner
+    from sparkml_mnist.launcher import FailurePolicy, HorovodRunner
 
     def stall(context):
         import time
-        context.report_progress()  # the ranks report progress, then none moves
+        context.report()  # the ranks report progress, then none moves
         time.sleep(120)
 
-    HorovodRunner(np=NP, spark=spark, progress_timeout_s=5, log_sink=None, max_retries=0).run(stall)
+    HorovodRunner(np=NP, spark=spark, policy=FailurePolicy(progress_timeout_s=5, max_retries=0)).run(stall)
 
 
 @probe("job_cli")

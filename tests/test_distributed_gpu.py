@@ -31,7 +31,7 @@ spark = create_spark("gpu-pinning", master="local-cluster[1,2,1024]", conf={
     "spark.executor.resource.gpu.amount": "2", "spark.executor.resource.gpu.discoveryScript": discovery,
     "spark.task.resource.gpu.amount": "1",
 })
-records = HorovodRunner(np=2, spark=spark, log_sink=None).run_all(main)
+records = HorovodRunner(np=2, spark=spark).run_all(main).records
 print("RESULT " + json.dumps([[r.rank, r.value] for r in records]))
 spark.stop()
 '''

@@ -21,6 +21,7 @@ from sparkml_mnist.launcher import keras_flavour
 from sparkml_mnist.data.libsvm import load_libsvm
 from sparkml_mnist.data.shards import shard_frame
 from sparkml_mnist.launcher import HorovodRunner, get_context
+from sparkml_mnist.launcher.policy import FailurePolicy
 from sparkml_mnist.launcher.failures import CRASH, PreflightError, RankFailedError, RankStalledError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -108,12 +109,12 @@ def crashing_main(pid_dir: str) -> None:
 def stalling_main(pid_dir: str, how: str) -> None:
     context = get_context()
     write_pid(pid_dir)
-    context.report_progress()
+    context.report()
     if context.rank == 1:
         if how == "stopped":
             os.kill(os.getpid(), signal.SIGSTOP)
         time.sleep(SLEEP_FOREVER_S)  # hangs before its next step
-    context.report_progress()  # rank 0 takes its step, then waits for rank 1 "in a collective"
+    context.report()  # rank 0 takes its step, then waits for rank 1 "in a collective"
     time.sleep(SLEEP_FOREVER_S)
 
 
@@ -193,8 +194,8 @@ def refused_inputs_main(context) -> list[str]:
 
     said = []
     for attempt in (lambda: context.distributed_optimizer(keras_flavour.keras().optimizers.SGD(), "bfloat16"),
-                    lambda: context.report_result("no spaces allowed", {}),
-                    lambda: context.report_result("ok", ["not", "a", "dict"])):
+                    lambda: context.report("no spaces allowed", {}),
+                    lambda: context.report("ok", ["not", "a", "dict"])):
         try:
             attempt()
             said.append("accepted")
@@ -212,7 +213,7 @@ def test_three_runs_in_a_row_all_reduce_in_fresh_processes(spark) -> None:
     runner = HorovodRunner(np=2, spark=spark)
     seen_pids: set[int] = set()
     for offset, main in ((0.0, all_reduce_main), (10.0, horovod_style_main), (100.0, all_reduce_main)):
-        records = runner.run_all(main, offset=offset)
+        records = runner.run_all(main, offset=offset).records
         values = [record.value for record in records]
         assert [value["rank"] for value in values] == [0, 1]
         assert all(value["sum"] == 3.0 + 2 * offset for value in values), values
@@ -227,7 +228,7 @@ def test_three_runs_in_a_row_all_reduce_in_fresh_processes(spark) -> None:
 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
 def test_training_gives_identical_weights_and_each_rank_only_its_shard(sharded, np_: int) -> None:
-    records = HorovodRunner(np=np_, data=sharded).run_all(train_main, global_batch=GLOBAL_BATCH)
+    records = HorovodRunner(np=np_, data=sharded).run_all(train_main, global_batch=GLOBAL_BATCH).records
     first, second = (record.value for record in records)
     expected_steps = TRAIN_ROWS // GLOBAL_BATCH  # what np=1 takes with the same global batch
     for rank, value in enumerate((first, second)):
@@ -243,7 +244,7 @@ def test_training_gives_identical_weights_and_each_rank_only_its_shard(sharded, 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
 def test_a_raising_rank_ends_the_run_naming_it(spark, tmp_path: Path, np_: int) -> None:
     with pytest.raises(RankFailedError) as caught:
-        HorovodRunner(np=np_, spark=spark, log_sink=None, max_retries=0).run(failing_main, pid_dir=str(tmp_path))
+        HorovodRunner(np=np_, spark=spark, policy=FailurePolicy(max_retries=0)).run(failing_main, pid_dir=str(tmp_path))
     failure = caught.value
     assert failure.rank == 1 and failure.host
     message = str(failure)
@@ -254,7 +255,7 @@ def test_a_raising_rank_ends_the_run_naming_it(spark, tmp_path: Path, np_: int) 
 
 def test_a_crashing_rank_reports_exit_code_and_stderr(spark, tmp_path: Path) -> None:
     with pytest.raises(RankFailedError) as caught:
-        HorovodRunner(np=2, spark=spark, log_sink=None, max_retries=0).run(crashing_main, pid_dir=str(tmp_path))
+        HorovodRunner(np=2, spark=spark, policy=FailurePolicy(max_retries=0)).run(crashing_main, pid_dir=str(tmp_path))
     assert caught.value.rank == 1 and caught.value.error.kind == CRASH and caught.value.error.exit_code == 7
     assert "rank one about to crash" in str(caught.value)
     assert wait_until_gone(read_pids(tmp_path)) == []
@@ -262,7 +263,7 @@ def test_a_crashing_rank_reports_exit_code_and_stderr(spark, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("how", "reason"), [("sleeps", "no progress"), ("stopped", "heartbeat")])
 def test_a_stalled_rank_ends_the_run_with_a_timeout_naming_it(spark, tmp_path: Path, how: str, reason: str) -> None:
-    runner = HorovodRunner(np=2, spark=spark, log_sink=None, progress_timeout_s=STALL_TIMEOUT_S, max_retries=0)
+    runner = HorovodRunner(np=2, spark=spark, policy=FailurePolicy(progress_timeout_s=STALL_TIMEOUT_S, max_retries=0))
     with pytest.raises(RankStalledError) as caught:
         runner.run(stalling_main, pid_dir=str(tmp_path), how=how)
     assert caught.value.ranks == [1] and reason in caught.value.reason
@@ -277,13 +278,13 @@ def test_np_above_the_slots_fails_before_any_task_starts(spark) -> None:
 
 def test_the_per_device_prefetch_does_not_autotune(spark) -> None:
     """An autotuned iterator's destructor waits for its model thread: seconds at the end of every fit."""
-    values = [r.value for r in HorovodRunner(np=-1, spark=spark, log_sink=None).run_all(device_datasets_main)]
+    values = [r.value for r in HorovodRunner(np=-1, spark=spark).run_all(device_datasets_main).records]
     assert values[0]["autotuned"] == [False]
 
 
 def test_a_finite_input_ends_after_its_last_epoch_and_resumes_where_it_was() -> None:
     """``fit`` must not wait on batches nobody takes; a resumed run sees the batches it would have seen."""
-    value = HorovodRunner(np=-1, log_sink=None).run(epoch_batches_main)
+    value = HorovodRunner(np=-1).run(epoch_batches_main)
     whole, resumed = value["whole"], value["resumed"]
     assert len(whole) == 3 * 4 and resumed == whole[4:]
     assert whole[:4] != whole[4:8]  # each epoch has its own order
@@ -291,7 +292,7 @@ def test_a_finite_input_ends_after_its_last_epoch_and_resumes_where_it_was() -> 
 
 
 def test_a_bad_precision_or_result_report_is_refused_at_once_naming_it() -> None:
-    said = HorovodRunner(np=-1, log_sink=None).run(refused_inputs_main)
+    said = HorovodRunner(np=-1).run(refused_inputs_main)
     assert said[0] == "allreduce='bfloat16': use 'float32' or 'float16'"
-    assert said[1].startswith("report_result('no spaces allowed', ...): the key takes")
+    assert said[1].startswith("report('no spaces allowed', ...): the key takes")
     assert said[2].endswith("(got list)")

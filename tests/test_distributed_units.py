@@ -10,13 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from sparkml_mnist.launcher.driver.watchdog import ProgressMonitor
+from sparkml_mnist.launcher.driver.watchdog import Watchdog
+from sparkml_mnist.launcher.protocol import Heartbeat
 from sparkml_mnist.launcher.failures import (
     CRASH,
     EXCEPTION,
     PreflightError,
     RankError,
+    RankFailedError,
     RankRecord,
+    RankStalledError,
     failure_marker,
     find_failure,
 )
@@ -37,14 +40,14 @@ class FakeClock:
 
 def test_monitor_names_the_rank_behind_when_nobody_progresses() -> None:
     clock = FakeClock()
-    monitor = ProgressMonitor(size=2, timeout_s=TIMEOUT_S, clock=clock)
+    monitor = Watchdog(size=2, timeout_s=TIMEOUT_S, clock=clock)
     assert monitor.check() is None  # nothing judged before any rank reports
-    monitor.heartbeat(0, progress=0, host="a")
-    monitor.heartbeat(1, progress=0, host="b")
+    monitor.heartbeat(0, Heartbeat(progress=0, host="a"))
+    monitor.heartbeat(1, Heartbeat(progress=0, host="b"))
     for second in range(1, 30):  # both alive; rank 0 moved on at 2 s, rank 1 stuck at 1
         clock.now = float(second)
-        monitor.heartbeat(0, progress=min(second, 2), host="a")
-        monitor.heartbeat(1, progress=min(second, 1), host="b")
+        monitor.heartbeat(0, Heartbeat(progress=min(second, 2), host="a"))
+        monitor.heartbeat(1, Heartbeat(progress=min(second, 1), host="b"))
         if clock.now - 2 <= TIMEOUT_S:
             assert monitor.check() is None, f"judged too early at {second} s"
     verdict = monitor.check()
@@ -54,13 +57,13 @@ def test_monitor_names_the_rank_behind_when_nobody_progresses() -> None:
 
 def test_monitor_names_a_rank_that_stopped_sending_heartbeats() -> None:
     clock = FakeClock()
-    monitor = ProgressMonitor(size=3, timeout_s=TIMEOUT_S, clock=clock)
+    monitor = Watchdog(size=3, timeout_s=TIMEOUT_S, clock=clock)
     for rank in range(3):
-        monitor.heartbeat(rank, progress=0)
+        monitor.heartbeat(rank, Heartbeat(progress=0))
     for second in range(1, 15):  # ranks 0 and 2 keep progressing; rank 2 then finishes
         clock.now = float(second)
-        monitor.heartbeat(0, progress=second)
-        monitor.heartbeat(2, progress=second, done=second > 5)
+        monitor.heartbeat(0, Heartbeat(progress=second))
+        monitor.heartbeat(2, Heartbeat(progress=second, done=second > 5))
     verdict = monitor.check()
     assert verdict is not None and verdict.ranks == [1]
     assert "heartbeat" in verdict.reason
@@ -68,12 +71,12 @@ def test_monitor_names_a_rank_that_stopped_sending_heartbeats() -> None:
 
 def test_monitor_keeps_a_progressing_run_and_ignores_finished_ranks() -> None:
     clock = FakeClock()
-    monitor = ProgressMonitor(size=2, timeout_s=TIMEOUT_S, clock=clock)
-    monitor.heartbeat(0, progress=0)
-    monitor.heartbeat(1, progress=0, done=True)  # finished early, stays quiet: not stalled
+    monitor = Watchdog(size=2, timeout_s=TIMEOUT_S, clock=clock)
+    monitor.heartbeat(0, Heartbeat(progress=0))
+    monitor.heartbeat(1, Heartbeat(progress=0, done=True))  # finished early, stays quiet: not stalled
     for second in range(1, 60):
         clock.now = float(second)
-        monitor.heartbeat(0, progress=second)
+        monitor.heartbeat(0, Heartbeat(progress=second))
         assert monitor.check() is None
 
 
@@ -145,7 +148,7 @@ REAL_ERROR = "E0000 00:00:1795619535.238840   19118 collective_ops.cc:12] Collec
 
 
 def test_console_sink_hides_tensorflow_start_up_notices_but_not_errors(caplog, monkeypatch):
-    from sparkml_mnist.launcher.channel import print_log_line
+    from sparkml_mnist.launcher.driver.events import rank_line as print_log_line
     from sparkml_mnist.launcher.tf_notices import SHOW_NOTICES_ENV
 
     caplog.set_level(logging.INFO, logger="sparkml_mnist.ranks")
@@ -176,7 +179,7 @@ def test_the_drivers_own_tensorflow_notices_are_filtered_at_the_file_descriptor(
 
     script = (
         "import sys\n"
-        "from sparkml_mnist import keras_flavour\n"
+        "from sparkml_mnist.launcher import keras_flavour\n"
         "keras_flavour.tensorflow()\n"
         "print('after import', file=sys.stderr)\n"
     )
@@ -191,7 +194,7 @@ def test_the_drivers_own_tensorflow_notices_are_filtered_at_the_file_descriptor(
 
 def test_the_watchdog_arms_at_launch() -> None:
     clock = FakeClock()
-    silent = ProgressMonitor(size=2, timeout_s=TIMEOUT_S, clock=clock, startup_timeout_s=30.0)
+    silent = Watchdog(size=2, timeout_s=TIMEOUT_S, clock=clock, startup_timeout_s=30.0)
     clock.now = 29.0
     assert silent.check() is None
     clock.now = 31.0  # no task, no rank ever reached the driver
@@ -200,13 +203,13 @@ def test_the_watchdog_arms_at_launch() -> None:
     assert "never reached the driver" in verdict.reason
 
     clock.now = 0.0
-    one_late = ProgressMonitor(size=2, timeout_s=TIMEOUT_S, clock=clock, startup_timeout_s=30.0)
+    one_late = Watchdog(size=2, timeout_s=TIMEOUT_S, clock=clock, startup_timeout_s=30.0)
     one_late.task_started(1, "host-b")
     clock.now = 5.0
-    one_late.heartbeat(0, progress=0, host="host-a")  # rank 0 started; rank 1's process never does
+    one_late.heartbeat(0, Heartbeat(progress=0, host="host-a"))  # rank 0 started; rank 1's process never does
     for second in range(6, 40):
         clock.now = float(second)
-        one_late.heartbeat(0, progress=second, host="host-a")
+        one_late.heartbeat(0, Heartbeat(progress=second, host="host-a"))
     verdict = one_late.check()
     assert verdict is not None and verdict.ranks == [1] and verdict.hosts == ["host-b"]
     assert "never started" in verdict.reason
@@ -214,11 +217,12 @@ def test_the_watchdog_arms_at_launch() -> None:
 
 def test_the_first_rank_to_report_its_exception_is_named_not_the_one_spark_reported() -> None:
     """Rank 1 raises; rank 0 fails in a collective because rank 1 left, and Spark reports rank 0's task."""
-    from sparkml_mnist.launcher.driver.attempt import AttemptEvents, _translate
+    from sparkml_mnist.launcher.driver.attempt import _translate
+    from sparkml_mnist.launcher.driver.events import AttemptEvents
     from sparkml_mnist.launcher.failures import RankError, failure_event, failure_marker
 
-    monitor = ProgressMonitor(2, 60.0)
-    events = AttemptEvents(monitor, None, None, None)  # type: ignore[arg-type] - only failures are sent
+    monitor = Watchdog(2, 60.0)
+    events = AttemptEvents(monitor, None, None)  # type: ignore[arg-type] - only failures are sent
     events.on_event(1, failure_event("h1", RankError("exception", "ValueError", "rank 1 is broken", "x" * 200_000)))
     events.on_event(0, failure_event("h0", RankError("exception", "UnknownError", "HorovodAllreduce failed")))
     events.on_event(0, {"type": "rank_failed", "host": "h0", "error": {"kind": 1}})  # malformed: ignored
@@ -243,3 +247,46 @@ def test_an_interrupt_replaced_by_a_clean_up_error_is_found() -> None:
     except RuntimeError as error:
         assert _interrupt_behind(error) is interrupt
     assert _interrupt_behind(RuntimeError("a rank failed")) is None
+
+
+def test_failure_signatures_tell_a_repeat_from_a_new_failure() -> None:
+    from sparkml_mnist.launcher.runner import failure_signature
+
+    error = RankError("exception", "ValueError", "boom", steps=3)
+    same = failure_signature(RankFailedError(1, "h", error), 1)
+    assert same == failure_signature(RankFailedError(1, "h", RankError("exception", "ValueError", "boom", steps=3)), 1)
+    assert same != failure_signature(RankFailedError(1, "h", RankError("exception", "ValueError", "boom", steps=4)), 1)
+    assert same != failure_signature(RankFailedError(1, "h", error), 2)  # resumed from another checkpoint
+    assert failure_signature(RankStalledError([1], ["h"], "r", 5.0), None)[0] == "stalled"
+
+
+def test_every_hang_is_bounded_by_default_and_the_policy_is_checked_once() -> None:
+    from sparkml_mnist.launcher.driver.attempt import Attempt
+    from sparkml_mnist.launcher.policy import NO_COLLECTIVE_TIMEOUT, FailurePolicy
+
+    policy = FailurePolicy(progress_timeout_s=42.0)
+    assert policy.collective_limit_s == 42.0 and policy.startup_limit_s == 42.0 and policy.max_retries == 2
+    assert FailurePolicy(collective_timeout_s=NO_COLLECTIVE_TIMEOUT).collective_limit_s is None
+    with pytest.raises(ConfigError, match="collective_timeout_s must be >= 0"):
+        FailurePolicy(collective_timeout_s=-1.0)
+    with pytest.raises(ConfigError, match=r"startup_timeout_s \(0.5\) must exceed heartbeat_interval_s"):
+        FailurePolicy(startup_timeout_s=0.5)
+    with pytest.raises(ConfigError, match="max_retries must be a whole number"):
+        FailurePolicy(max_retries=-1)
+    assert HorovodRunner(np=-1).policy == FailurePolicy()
+    assert Attempt(number=1, started_at=0.0).outcome == "running"
+
+
+def test_the_spec_a_rank_reads_is_the_launch_without_its_secret(tmp_path) -> None:
+    from sparkml_mnist.launcher.channel import rank_token
+    from sparkml_mnist.launcher.policy import FailurePolicy
+    from sparkml_mnist.launcher.spec import LaunchSpec, RankSpec
+
+    launch = LaunchSpec(size=3, backend="tf", policy=FailurePolicy(progress_timeout_s=9.0), driver_host="d",
+                        driver_port=7, secret="s" * 64, backend_options={"port": 1})
+    spec = launch.for_rank(2, ["a", "b", "a"], [10, 11, 12], ["0"])
+    spec.write(tmp_path)
+    read = RankSpec.read(tmp_path)
+    assert read == spec and read.launch.secret == "" and "s" * 64 not in (tmp_path / "spec.json").read_text()
+    assert read.channel_token == rank_token("s" * 64, 2) and read.policy.progress_timeout_s == 9.0
+    assert (read.local_rank, read.local_size, read.addresses[2]) == (1, 2, "a:12") and not read.keep_value

@@ -20,8 +20,9 @@ import pytest
 from conftest import HOROVOD_SUITE_DIR, HOROVOD_SUITE_ENV
 from sparkml_mnist.cli import commands as cli
 from sparkml_mnist.launcher import HorovodRunner
-from sparkml_mnist.launcher.backends.horovod import RENDEZVOUS_PORT, HorovodDriverBackend, placement
-from sparkml_mnist.launcher.spec import RankSpec
+from sparkml_mnist.launcher.backends.horovod import RENDEZVOUS_PORT, HorovodDriverBackend, horovod_slot
+from sparkml_mnist.launcher.policy import FailurePolicy
+from sparkml_mnist.launcher.spec import LaunchSpec, RankSpec
 from sparkml_mnist.errors import ConfigError, LaunchError
 
 pytestmark = pytest.mark.horovod
@@ -37,12 +38,10 @@ OUTPUT_TAIL = 6000
 
 
 def spec_for(rank: int, hosts: list[str], **changes) -> RankSpec:
-    settings = dict(
-        rank=rank, size=len(hosts), local_rank=0, local_size=1, host=hosts[rank],
-        addresses=[f"{host}:{5000 + i}" for i, host in enumerate(hosts)], backend="horovod",
-        driver_host="127.0.0.1", driver_port=4000, backend_options={RENDEZVOUS_PORT: 4321},
-    )
-    return RankSpec(**{**settings, **changes})
+    settings = dict(size=len(hosts), backend="horovod", policy=FailurePolicy(), driver_host="127.0.0.1",
+                    driver_port=4000, backend_options={RENDEZVOUS_PORT: 4321})
+    launch = LaunchSpec(**{**settings, **changes})
+    return launch.for_rank(rank, hosts, [5000 + i for i in range(len(hosts))], [])
 
 
 def test_asking_for_horovod_without_it_says_how_to_install(spark) -> None:
@@ -65,18 +64,18 @@ def test_the_cli_refuses_horovod_here_before_any_spark_work(capsys, monkeypatch)
 def test_ranks_are_placed_as_horovod_places_them() -> None:
     # Two hosts, two ranks each, interleaved as Spark may schedule barrier tasks.
     hosts = ["a", "b", "a", "b"]
-    assert [(p.local_rank, p.local_size, p.cross_rank, p.cross_size) for p in (placement(hosts, r) for r in range(4))] == [
+    assert [(p.local_rank, p.local_size, p.cross_rank, p.cross_size) for p in (horovod_slot(hosts, r) for r in range(4))] == [
         (0, 2, 0, 2), (0, 2, 1, 2), (1, 2, 0, 2), (1, 2, 1, 2),
     ]
     # Uneven hosts: local rank 1 exists only on host a.
     hosts = ["a", "a", "b"]
-    assert [(p.local_rank, p.cross_rank, p.cross_size) for p in (placement(hosts, r) for r in range(3))] == [
+    assert [(p.local_rank, p.cross_rank, p.cross_size) for p in (horovod_slot(hosts, r) for r in range(3))] == [
         (0, 0, 2), (1, 0, 1), (0, 1, 2),
     ]
 
 
 def test_each_rank_gets_horovods_gloo_environment() -> None:
-    env = HorovodDriverBackend().environment(spec_for(1, ["127.0.0.1", "127.0.0.1"], collective_timeout_s=42.5))
+    env = HorovodDriverBackend().environment(spec_for(1, ["127.0.0.1", "127.0.0.1"], policy=FailurePolicy(collective_timeout_s=42.5)))
     assert env["HOROVOD_RANK"] == "1" and env["HOROVOD_SIZE"] == "2"
     assert (env["HOROVOD_LOCAL_RANK"], env["HOROVOD_LOCAL_SIZE"]) == ("1", "2")
     assert (env["HOROVOD_CROSS_RANK"], env["HOROVOD_CROSS_SIZE"]) == ("0", "1")

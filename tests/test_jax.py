@@ -21,7 +21,8 @@ from sparkml_mnist import HorovodRunner
 from sparkml_mnist.cli import commands as cli
 from sparkml_mnist.launcher.backends import jax as jax_backend
 from sparkml_mnist.launcher.failures import RankFailedError
-from sparkml_mnist.launcher.spec import RankSpec
+from sparkml_mnist.launcher.policy import FailurePolicy
+from sparkml_mnist.launcher.spec import LaunchSpec, RankSpec
 from sparkml_mnist.errors import ConfigError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -108,13 +109,10 @@ def seed_per_rank_main() -> str:
 # -- tests ------------------------------------------------------------------------------------------
 
 
-def spec_for(rank: int, size: int = 2, **changes: Any) -> RankSpec:
-    settings = dict(
-        rank=rank, size=size, local_rank=rank, local_size=size, host="127.0.0.1",
-        addresses=[f"127.0.0.1:{5000 + i}" for i in range(size)], backend="jax",
-        driver_host="127.0.0.1", driver_port=4000,
-    )
-    return RankSpec(**{**settings, **changes})
+def spec_for(rank: int, size: int = 2, gpus: tuple[str, ...] = (), **changes: Any) -> RankSpec:
+    launch = LaunchSpec(**{**dict(size=size, backend="jax", policy=FailurePolicy(), driver_host="127.0.0.1",
+                                  driver_port=4000), **changes})
+    return launch.for_rank(rank, ["127.0.0.1"] * size, [5000 + i for i in range(size)], list(gpus))
 
 
 def test_each_rank_is_told_keras3_on_jax_and_rank_zeros_address() -> None:
@@ -135,7 +133,7 @@ def test_asking_for_jax_without_it_is_one_line_saying_how_to_install(monkeypatch
     message = str(caught.value)
     assert message.startswith("backend 'jax' was asked for, but on the driver jax is not installed")
     assert '".[local,jax]"' in message and len(message.splitlines()) == 1
-    assert cli.main(["train", "--backend", "jax", "--variant", "variant1", "--epochs", "1"]) == cli.EXIT_BAD_INPUT
+    assert cli.main(["train", "--backend", "jax", "--variant", "variant1", "--epochs", "1"]) == cli.EXIT_USAGE
     assert "backend 'jax' was asked for" in capsys.readouterr().err
 
 
@@ -154,7 +152,7 @@ def test_jit_compile_is_not_refused_under_jax_which_always_compiles() -> None:
 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
 def test_a_plain_keras3_function_trains_data_parallel(spark, np_: int) -> None:
-    records = HorovodRunner(np=np_, spark=spark, backend="jax").run_all(global_batch_main, epochs=EPOCHS)
+    records = HorovodRunner(np=np_, spark=spark, backend="jax").run_all(global_batch_main, epochs=EPOCHS).records
     first, second = (record.value for record in records)
     assert first["backend"] == "jax" and first["legacy"] == "0" and first["tf_keras"].startswith("keras")
     assert first["steps"] == second["steps"] == ROWS // GLOBAL_BATCH  # global-batch semantics: B rows a step in all
@@ -164,7 +162,7 @@ def test_a_plain_keras3_function_trains_data_parallel(spark, np_: int) -> None:
 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
 def test_own_shards_with_auto_sharding_off_train_together(spark, np_: int) -> None:
-    records = HorovodRunner(np=np_, spark=spark, backend="jax").run_all(own_shard_main, epochs=EPOCHS)
+    records = HorovodRunner(np=np_, spark=spark, backend="jax").run_all(own_shard_main, epochs=EPOCHS).records
     first, second = (record.value for record in records)
     assert first["first_row"] != second["first_row"]  # different rows on each rank...
     assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))  # ...one model
@@ -173,13 +171,13 @@ def test_own_shards_with_auto_sharding_off_train_together(spark, np_: int) -> No
 
 
 def test_unequal_steps_are_refused_before_training(spark) -> None:
-    runner = HorovodRunner(np=-2, spark=spark, backend="jax", progress_timeout_s=SAFETY_TIMEOUT_S, log_sink=None)
+    runner = HorovodRunner(np=-2, spark=spark, backend="jax", policy=FailurePolicy(progress_timeout_s=SAFETY_TIMEOUT_S))
     with pytest.raises(RankFailedError, match=r"different numbers of steps \(rank 0: 4, rank 1: 3\)"):
         runner.run(unequal_steps_main)
 
 
 def test_a_seed_per_rank_is_a_clear_error(spark) -> None:
-    runner = HorovodRunner(np=-2, spark=spark, backend="jax", progress_timeout_s=SAFETY_TIMEOUT_S, log_sink=None)
+    runner = HorovodRunner(np=-2, spark=spark, backend="jax", policy=FailurePolicy(progress_timeout_s=SAFETY_TIMEOUT_S))
     with pytest.raises(RankFailedError, match=r"initial value differs between the ranks.*same seed on every rank"):
         runner.run(seed_per_rank_main)
 
@@ -257,8 +255,8 @@ def checkpoint_round_trip_main(context: Any) -> dict[str, Any]:
 
 def test_a_checkpoint_restores_a_keras3_model_and_its_optimizer(spark) -> None:
     """What a retried jax attempt resumes from: weights and the optimizer's step and moments."""
-    runner = HorovodRunner(np=-2, spark=spark, backend="jax", progress_timeout_s=SAFETY_TIMEOUT_S, log_sink=None)
-    first, second = runner.run_all(checkpoint_round_trip_main)
+    runner = HorovodRunner(np=-2, spark=spark, backend="jax", policy=FailurePolicy(progress_timeout_s=SAFETY_TIMEOUT_S))
+    first, second = runner.run_all(checkpoint_round_trip_main).records
     for value in (first.value, second.value):
         assert value["keras"].startswith("3.") and value["weights"] and value["optimizer"]
         assert value["iterations"] == 2 and value["optimizer_variables"] > 2  # 32 rows, 16 a step; rate, moments

@@ -14,7 +14,10 @@ import pytest
 from pyspark import cloudpickle
 
 from sparkml_mnist import HorovodRunner, log_to_driver
-from sparkml_mnist.launcher.driver.watchdog import ProgressMonitor
+from rank_logs import rank_lines
+from sparkml_mnist.launcher.driver.watchdog import Watchdog
+from sparkml_mnist.launcher.policy import FailurePolicy
+from sparkml_mnist.launcher.protocol import Heartbeat
 from sparkml_mnist.errors import ConfigError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -78,7 +81,7 @@ def words(spark):
 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
 def test_a_users_own_dataframe_reaches_each_rank_as_its_partition(words, np_: int) -> None:
-    records = HorovodRunner(np=np_, data=words).run_all(partition_main)
+    records = HorovodRunner(np=np_, data=words).run_all(partition_main).records
     values = [record.value for record in records]
     assert [value["ids"] for value in values] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert values[1]["words"] == ["word5", "word6", "word7", "word8", "word9"]
@@ -97,19 +100,15 @@ def test_a_dataframe_without_one_partition_per_rank_is_refused_before_anything_r
     [("log_callback_only", ["logged by the rank"]), ("all", ["logged by the rank", "printed by the rank"])],
 )
 def test_driver_log_verbosity_decides_what_reaches_the_driver(spark, np_: int, verbosity: str, expected) -> None:
-    lines: list[tuple[int, str]] = []
-    runner = HorovodRunner(np=np_, spark=spark, driver_log_verbosity=verbosity,
-                           log_sink=lambda rank, stream, line: lines.append((rank, line)))
-    runner.run(chatty_main)
+    with rank_lines() as lines:
+        HorovodRunner(np=np_, spark=spark, driver_log_verbosity=verbosity).run(chatty_main)
     for rank in (0, 1):
         assert sorted(line for r, line in lines if r == rank and "by the rank" in line) == expected
 
 
 def test_log_callback_streams_rank_zeros_epochs_and_counts_every_batch(spark) -> None:
-    lines: list[tuple[int, str]] = []
-    records = HorovodRunner(np=2, spark=spark, log_sink=lambda rank, stream, line: lines.append((rank, line))).run_all(
-        keras_main, per_batch_log=True
-    )
+    with rank_lines() as lines:
+        records = HorovodRunner(np=2, spark=spark).run_all(keras_main, per_batch_log=True).records
     epoch_lines = [line for rank, line in lines if line.startswith("epoch ") and "batch" not in line]
     assert {rank for rank, _ in lines} == {0} and len(epoch_lines) == EPOCHS
     assert epoch_lines[0].startswith("epoch 1: loss ") and epoch_lines[1].startswith("epoch 2: loss ")
@@ -122,23 +121,23 @@ def test_log_callback_streams_rank_zeros_epochs_and_counts_every_batch(spark) ->
 
 
 def test_a_function_that_never_reports_progress_is_judged_by_heartbeats_only(spark) -> None:
-    runner = HorovodRunner(np=-2, spark=spark, progress_timeout_s=2.0, heartbeat_interval_s=0.5, log_sink=None)
+    runner = HorovodRunner(np=-2, spark=spark, policy=FailurePolicy(progress_timeout_s=2.0, heartbeat_interval_s=0.5))
     assert runner.run(quiet_main, seconds=5.0) == "done"
 
 
 def test_the_progress_rule_arms_once_a_rank_reports() -> None:
     clock = [0.0]
-    monitor = ProgressMonitor(size=2, timeout_s=10.0, clock=lambda: clock[0])
+    monitor = Watchdog(size=2, timeout_s=10.0, clock=lambda: clock[0])
     for second in range(40):  # heartbeats, no progress reported: never judged on progress
         clock[0] = float(second)
-        monitor.heartbeat(0, progress=0)
-        monitor.heartbeat(1, progress=0)
+        monitor.heartbeat(0, Heartbeat(progress=0))
+        monitor.heartbeat(1, Heartbeat(progress=0))
         assert monitor.check() is None
-    monitor.heartbeat(0, progress=1)  # rank 0 reports once, then nobody moves
+    monitor.heartbeat(0, Heartbeat(progress=1))  # rank 0 reports once, then nobody moves
     for second in range(40, 60):
         clock[0] = float(second)
-        monitor.heartbeat(0, progress=1)
-        monitor.heartbeat(1, progress=0)
+        monitor.heartbeat(0, Heartbeat(progress=1))
+        monitor.heartbeat(1, Heartbeat(progress=0))
     verdict = monitor.check()
     assert verdict is not None and verdict.ranks == [1] and "no progress" in verdict.reason
 

@@ -20,7 +20,8 @@ from spark_processes import LOCALHOST, free_port
 
 from sparkml_mnist.config import load_run
 from sparkml_mnist.launcher import HorovodRunner
-from sparkml_mnist.launcher.driver.board import ProgressBoard, straggler_summary
+from sparkml_mnist.launcher.driver.board import LiveBoard, straggler_summary
+from sparkml_mnist.launcher.protocol import Heartbeat
 from sparkml_mnist.job.run import run_job
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -161,27 +162,29 @@ def test_an_unreachable_tracking_server_is_a_warning_and_the_report_is_written(s
 # -- live progress ----------------------------------------------------------------------------------
 
 
-def test_the_driver_sees_every_ranks_steps_and_logs_them_now_and_then(spark, caplog) -> None:
+def test_the_driver_sees_every_ranks_steps_and_logs_them_now_and_then(spark, caplog, monkeypatch) -> None:
+    from sparkml_mnist.launcher.driver import board
+
     caplog.set_level(logging.INFO, logger="sparkml_mnist.progress")
-    runner = HorovodRunner(np=2, spark=spark, log_sink=None)
-    runner.options = runner.options.__class__(**{**runner.options.__dict__, "progress_interval_s": 1.0})
-    records = runner.run_all(keras_main)
+    monkeypatch.setattr(board, "DEFAULT_INTERVAL_S", 1.0)
+    outcome = HorovodRunner(np=2, spark=spark).run_all(keras_main)
+    records = outcome.records
     lines = [r.getMessage() for r in caplog.records if r.name == "sparkml_mnist.progress"]
     for rank in (0, 1):
         steps = [int(line.split("step ")[1].split()[0]) for line in lines if f"rank {rank} (" in line and "step " in line]
         assert len(steps) >= 2 and steps == sorted(steps), lines  # periodic, in order
         assert records[rank].steps == EPOCHS * STEPS  # the totals match the training
-    summary = runner.attempts[-1].progress
+    summary = outcome.ranks
     assert summary is not None and all(rate and rate > 0 for rate in summary["steps_per_s"].values())
     assert any("loss" in line and f"/{EPOCHS}  step " in line for line in lines)  # img/s: when the input is ours
 
 
 def test_the_board_names_a_straggler_and_renders_one_line_per_rank() -> None:
     clock = [100.0]
-    board = ProgressBoard(2, title="v", clock=lambda: clock[0])
-    board.update(0, {"steps": 40, "first_step_at": 90.0, "epoch": 2, "epochs": 3, "loss": 0.5, "examples": 640,
-                     "host": "a"})
-    board.update(1, {"steps": 20, "first_step_at": 90.0, "host": "b"})
+    board = LiveBoard(2, title="v", clock=lambda: clock[0])
+    board.update(0, Heartbeat(steps=40, first_step_at=90.0, epoch=2, epochs=3, loss=0.5, fit_examples=640,
+                              host="a"))
+    board.update(1, Heartbeat(steps=20, first_step_at=90.0, host="b"))
     assert board.lines()[0] == "v rank 0 (a):  epoch 2/3  step 40  loss 0.5000  64 img/s"
     summary = board.summary()
     assert summary["straggler"] == "rank 1 on b ran at 0.50x the fastest rank's step rate"
@@ -269,7 +272,7 @@ def test_the_cli_called_in_process_leaves_logging_as_it_found_it(capsys) -> None
 
     package, warnings_logger = logging.getLogger("sparkml_mnist"), logging.getLogger("py.warnings")
     before = [(list(lg.handlers), lg.propagate, lg.level) for lg in (package, warnings_logger)]
-    assert cli.main(["-q", "train", "--variant", "no-such-variant", "--epochs", "1"]) == cli.EXIT_BAD_INPUT
+    assert cli.main(["-q", "train", "--variant", "no-such-variant", "--epochs", "1"]) == cli.EXIT_USAGE
     assert "no-such-variant" in capsys.readouterr().err
     assert [(list(lg.handlers), lg.propagate, lg.level) for lg in (package, warnings_logger)] == before
     assert "MLFLOW_LOGGING_LEVEL" not in os.environ
@@ -280,7 +283,7 @@ def test_mlflow_says_info_only_at_verbose(monkeypatch, verbosity: int, mlflow_le
     """MLflow's own INFO lines (database set-up, signature checks) would land among the epoch lines."""
     import io
 
-    from sparkml_mnist.cli.commands import console
+    from sparkml_mnist.cli import console
 
     monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
     with console.configured(verbosity, io.StringIO()):

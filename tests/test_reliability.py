@@ -23,6 +23,7 @@ from rank_processes import CliRun, rank_pids
 
 from sparkml_mnist.config import load_run
 from sparkml_mnist.launcher import HorovodRunner, get_context
+from sparkml_mnist.launcher.policy import FailurePolicy
 from sparkml_mnist.launcher.failures import RankFailedError
 from sparkml_mnist.job.run import run_job
 
@@ -122,18 +123,18 @@ def test_sigterm_then_resume_keeps_the_first_variant_and_resumes_the_second(tmp_
 def failing_at_step_three(pid_dir: str) -> None:
     context = get_context()
     for step in range(1, 10):
-        context.report_progress()
+        context.report()
         if context.rank == 1 and step == 3:
             raise ValueError("rank one breaks at step 3, every time")
         time.sleep(0.05)
 
 
 def test_the_same_error_at_the_same_step_is_not_retried_again(spark, tmp_path: Path) -> None:
-    runner = HorovodRunner(np=2, spark=spark, max_retries=3, log_sink=None)
+    runner = HorovodRunner(np=2, spark=spark, policy=FailurePolicy(max_retries=3))
     with pytest.raises(RankFailedError) as caught:
         runner.run(failing_at_step_three, pid_dir=str(tmp_path))
     assert caught.value.rank == 1 and "rank one breaks at step 3" in str(caught.value)
-    assert [a.outcome for a in runner.attempts] == ["failed", "failed"]  # not 4: the second one repeated the first
+    assert [a.outcome for a in caught.value.attempts] == ["failed", "failed"]  # not 4: the second one repeated the first
     assert caught.value.error.steps == 3
 
 
@@ -146,9 +147,9 @@ def flaky_once(marker: str) -> int:
 
 
 def test_a_crash_that_does_not_repeat_is_retried(spark, tmp_path: Path) -> None:
-    runner = HorovodRunner(np=2, spark=spark, log_sink=None)
-    assert runner.run(flaky_once, marker=str(tmp_path / "marker")) == 2
-    assert [a.outcome for a in runner.attempts] == ["failed", "succeeded"]
+    outcome = HorovodRunner(np=2, spark=spark).run_all(flaky_once, marker=str(tmp_path / "marker"))
+    assert outcome.value == 2
+    assert [a.outcome for a in outcome.attempts] == ["failed", "succeeded"]
 
 
 # -- determinism on demand --------------------------------------------------------------------------

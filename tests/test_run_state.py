@@ -8,9 +8,6 @@ from pathlib import Path
 import pytest
 
 from sparkml_mnist.config import load_run
-from sparkml_mnist.launcher.driver.attempt import AttemptRecord
-from sparkml_mnist.launcher.failures import RankError, RankFailedError, RankStalledError
-from sparkml_mnist.launcher.runner import NO_COLLECTIVE_TIMEOUT, HorovodRunner, failure_signature
 from sparkml_mnist.errors import ConfigError
 from sparkml_mnist.job.metrics import evaluate
 from sparkml_mnist.report import VariantResult
@@ -98,26 +95,3 @@ def test_a_finished_variant_round_trips_with_its_model(tmp_path: Path) -> None:
     assert again is not None and again.to_dict() == kept.to_dict()
     assert again.model_files[0].read_bytes() == b"model" and again.model_files[0].parent == state_folder(output) / "variants" / "variant1"
     assert again.attempts == [{"number": 1, "outcome": "succeeded"}] and again.seed == 7 and again.deterministic
-
-
-def test_failure_signatures_tell_a_repeat_from_a_new_failure() -> None:
-    error = RankError("exception", "ValueError", "boom", steps=3)
-    same = failure_signature(RankFailedError(1, "h", error), 1)
-    assert same == failure_signature(RankFailedError(1, "h", RankError("exception", "ValueError", "boom", steps=3)), 1)
-    assert same != failure_signature(RankFailedError(1, "h", RankError("exception", "ValueError", "boom", steps=4)), 1)
-    assert same != failure_signature(RankFailedError(1, "h", error), 2)  # resumed from another checkpoint
-    assert failure_signature(RankStalledError([1], ["h"], "r", 5.0), None)[0] == "stalled"
-
-
-def test_every_hang_is_bounded_by_default() -> None:
-    runner = HorovodRunner(np=-1, progress_timeout_s=42.0)
-    assert runner.options.collective_timeout_s == 42.0 and runner.options.startup_timeout_s == 42.0
-    assert HorovodRunner(np=-1, collective_timeout_s=NO_COLLECTIVE_TIMEOUT).options.collective_timeout_s == 0.0
-    with pytest.raises(ConfigError, match="collective_timeout_s must be >= 0"):
-        HorovodRunner(np=-1, collective_timeout_s=-1.0)
-    with pytest.raises(ConfigError, match=r"startup_timeout_s \(0.5\) must exceed heartbeat_interval_s"):
-        HorovodRunner(np=-1, startup_timeout_s=0.5)
-    assert runner.max_retries == 2
-    with pytest.raises(ConfigError, match="max_retries must be a whole number"):
-        HorovodRunner(np=-1, max_retries=-1)
-    assert AttemptRecord(number=1, started_at=0.0, resumed_from_epoch=None).outcome == "running"

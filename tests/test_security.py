@@ -23,7 +23,9 @@ from typing import Any
 import pytest
 from pyspark import cloudpickle
 
+from rank_logs import rank_lines
 from sparkml_mnist.launcher import HorovodRunner, get_context
+from sparkml_mnist.launcher.policy import FailurePolicy
 from sparkml_mnist.launcher.channel import HELLO_TIMEOUT_S, MAX_FRAME_BYTES, rank_token
 from sparkml_mnist.launcher.task.process import rank_workdir
 from sparkml_mnist.launcher.failures import PreflightError
@@ -46,9 +48,9 @@ def keep_ranks_alive(folder: str) -> dict[str, Any]:
     if context.rank == 0:
         spec = context.spec
         Path(folder, "address.json").write_text(json.dumps(
-            {"host": spec.driver_host, "port": spec.driver_port, "addresses": spec.addresses}))
+            {"host": spec.launch.driver_host, "port": spec.launch.driver_port, "addresses": spec.addresses}))
     while not Path(folder, "stop").exists():
-        context.report_progress()
+        context.report()
         time.sleep(0.2)
     return {"rank": context.rank, "ok": True}
 
@@ -93,11 +95,12 @@ def listeners(port: int) -> set[str]:
 @pytest.fixture(scope="module")
 def attacked_run(spark, tmp_path_factory):
     folder = tmp_path_factory.mktemp("attack")
-    lines: list[tuple[int, str]] = []
-    runner = HorovodRunner(np=2, spark=spark, driver_log_verbosity="all", max_retries=0, progress_timeout_s=60.0,
-                           log_sink=lambda rank, stream, line: lines.append((rank, line)))
+    runner = HorovodRunner(np=2, spark=spark, driver_log_verbosity="all",
+                           policy=FailurePolicy(max_retries=0, progress_timeout_s=60.0))
+    collecting = rank_lines()
+    lines = collecting.__enter__()
     outcome: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: outcome.update(records=runner.run_all(keep_ranks_alive, folder=str(folder))))
+    thread = threading.Thread(target=lambda: outcome.update(records=runner.run_all(keep_ranks_alive, folder=str(folder)).records))
     thread.start()
     deadline = time.monotonic() + WAIT_S
     while not (folder / "address.json").exists() and thread.is_alive() and time.monotonic() < deadline:
@@ -148,6 +151,7 @@ def attacked_run(spark, tmp_path_factory):
 
     (folder / "stop").write_text("done")
     thread.join(WAIT_S)
+    collecting.__exit__(None, None, None)
     found["records"] = outcome.get("records")
     found["lines"] = lines
     return found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparkml_mnist.cli.versions import VersionError, check_versions, enforce_versions
+from sparkml_mnist.job.versions import VersionError, check_versions, enforce_versions
 
 TESTED = {"pyspark": "4.3.0", "tensorflow": "2.21.0", "tf-keras": "2.21.0"}
 

@@ -18,7 +18,7 @@ from sparkml_mnist.launcher.failures import PreflightError
 from sparkml_mnist.data.paths import DatasetPaths
 from sparkml_mnist.errors import ConfigError, SparkMnistError
 from sparkml_mnist.redact import redact
-from sparkml_mnist.cli.versions import VersionError
+from sparkml_mnist.job.versions import VersionError
 
 if TYPE_CHECKING:  # Spark is imported only by the commands that need it
     from pyspark.sql import SparkSession
@@ -34,28 +34,8 @@ EXIT_RUN_FAILED = 1
 # (argparse exits with 2 as well). The same command fails the same way until something is changed.
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
-EXIT_BAD_INPUT = EXIT_USAGE  # the former name of EXIT_USAGE, kept for callers that import it
 # Errors that are found before any work and that only a change to the command, config or cluster fixes.
 USAGE_ERRORS = (ConfigError, VersionError, PreflightError)
-RUN_CONFIG_OPTION, DEPRECATED_RUN_CONFIG_OPTION = "--run-config", "--conf"
-
-
-class DeprecatedAlias(argparse.Action):
-    """An old option name that still works; using it prints one line naming the new one."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str, **kwargs: Any) -> None:
-        self.replacement = replacement
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        print(f"{PROGRAM}: warning: {option_string} is deprecated, use {self.replacement}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def optional_int(text: str) -> int | None:
@@ -95,13 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_loudness(train, argparse.SUPPRESS)
     train.add_argument(
-        RUN_CONFIG_OPTION, dest="run_config", metavar="FILE",
+        "--run-config", dest="run_config", metavar="FILE",
         help="run config: a name in conf/runs or a YAML path (default: sample)",
-    )
-    # The old name; spark-submit's own --conf made `spark-submit ... --conf k=v jobs/train_mnist.py --conf lab` confusing.
-    train.add_argument(
-        DEPRECATED_RUN_CONFIG_OPTION, dest="run_config", action=DeprecatedAlias, replacement=RUN_CONFIG_OPTION,
-        help=argparse.SUPPRESS,
     )
     train.add_argument("--variant", action="append", metavar="NAME", help="variant(s): a name, a comma list, a YAML path, or 'all'; repeatable")
     train.add_argument("--np", type=optional_int, help="workers: > 0 barrier tasks on executors, < 0 processes on the driver")
@@ -302,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a usage error exits here with EXIT_USAGE (argparse's 2)
     if getattr(args, "verbose", False) and getattr(args, "quiet", False):  # -q before the command, -v after
         parser.error("-v/--verbose: not allowed with -q/--quiet")
-    from sparkml_mnist.cli.commands import console
+    from sparkml_mnist.cli import console
 
     verbosity = console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.NORMAL
     with console.configured(verbosity):

@@ -1,7 +1,7 @@
 """A variant's last checkpoint -> its result, on the driver, while the ranks already train the next one.
 
-All of a job's variants train in one barrier stage; rank 0 hands the driver a checkpoint after every
-epoch. When a variant's last epoch's checkpoint arrives, this evaluates its weights on the test set,
+All of a job's variants train in one barrier stage; rank 0 reports a checkpoint after every epoch.
+When a variant's last epoch's checkpoint arrives, this evaluates its weights on the test set,
 saves the model and keeps the result in the run's state (so a later failure or stop cannot lose it),
 on a thread of its own: the driver's evaluation overlaps the next variant's training.
 """
@@ -18,8 +18,8 @@ import numpy as np
 
 from sparkml_mnist.training import state as training_state
 from sparkml_mnist.config import VariantConfig
-from sparkml_mnist.launcher.driver.store import Checkpoint
-from sparkml_mnist.job.metrics import evaluate
+from sparkml_mnist.launcher.protocol import Checkpoint
+from sparkml_mnist.job.metrics import evaluate as score_predictions
 from sparkml_mnist.report import VariantResult
 from sparkml_mnist.job.state import RunState, StateError
 
@@ -29,7 +29,7 @@ MODEL_FILE_SUFFIX = ".keras"
 PREDICT_BATCH = 1024  # driver-side inference batch: large batches are faster, memory is small
 
 
-class VariantFinisher:
+class Evaluator:
     """Evaluates and keeps each variant whose training ended; ``close()`` waits for the last one."""
 
     def __init__(self, variants: list[VariantConfig], np_: int, seed: int, deterministic: bool, state: RunState,
@@ -46,10 +46,12 @@ class VariantFinisher:
         self._thread = threading.Thread(target=self._work, name="sparkml-mnist-evaluation", daemon=True)
         self._thread.start()
 
-    def on_checkpoint(self, key: str, checkpoint: Checkpoint) -> None:
-        """The checkpoint store's listener (the channel's thread): queue a variant that finished training."""
+    def on_report(self, key: str, rank: int, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+        """The runner's report listener (a channel thread): queue a variant whose last epoch's checkpoint came."""
         variant = self._variants.get(key)
-        if variant is not None and checkpoint.epoch >= variant.epochs and key not in self.results:
+        if variant is None or checkpoint is None:
+            return
+        if checkpoint.epoch >= variant.epochs and key not in self.results:
             self._queue.put((variant, checkpoint))
 
     def close(self) -> None:
@@ -65,11 +67,11 @@ class VariantFinisher:
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self.finish(*item)
+                    self.evaluate(*item)
                 except BaseException as error:  # noqa: BLE001 - re-raised by close() on the job's thread
                     self._error = error
 
-    def finish(self, variant: VariantConfig, checkpoint: Checkpoint) -> VariantResult:
+    def evaluate(self, variant: VariantConfig, checkpoint: Checkpoint) -> VariantResult:
         """Evaluate rank 0's final weights on the test set, save the model, keep the result in the state."""
         from sparkml_mnist.training.models import build_model
 
@@ -79,7 +81,7 @@ class VariantFinisher:
         model = build_model(variant)
         model.set_weights(state.weights)
         probabilities = model.predict(self._x_test, batch_size=PREDICT_BATCH, verbose=0)
-        evaluation = evaluate(self._y_test, probabilities)
+        evaluation = score_predictions(self._y_test, probabilities)
         folder = self._state.variant_folder(variant.name)
         model_file = folder / f"{variant.name}{MODEL_FILE_SUFFIX}"
         try:
@@ -101,21 +103,3 @@ class VariantFinisher:
         )
         self.results[variant.name] = self._state.save_finished(result)
         return self.results[variant.name]
-
-
-def rank_rows(reports: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """What each rank reported finishing a variant, as report.json's rank records (rank order)."""
-    rows = []
-    for rank in sorted(reports):
-        report = reports[rank]
-        rows.append({
-            "rank": rank, "host": report.get("host"), "pid": report.get("pid"),
-            "started_at": report.get("started_at"), "ended_at": report.get("ended_at"),
-            "steps": report.get("steps"), "examples_seen": report.get("examples_seen"),
-            "steps_per_epoch": report.get("steps_per_epoch"), "train_rows": report.get("train_rows"),
-            "resumed_from_epoch": report.get("resumed_from_epoch"), "determinism": report.get("determinism"),
-            "epoch_seconds": report.get("epoch_seconds"), "history": report.get("history"),
-            "timings": {"first_step_at": report.get("first_step_at")},
-        })
-    return rows
-

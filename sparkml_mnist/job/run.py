@@ -20,22 +20,23 @@ import numpy as np
 from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
-from sparkml_mnist.launcher.driver import events as log_module
 from sparkml_mnist.config import RunConfig, VariantConfig
 from sparkml_mnist.data.libsvm import LibsvmData, load_libsvm
 from sparkml_mnist.data.shards import shard_layouts
 from sparkml_mnist.data.tensors import collect_tensors
-from sparkml_mnist.launcher.driver.store import CheckpointStore
-from sparkml_mnist.launcher.backends.tf import NAME as TF_BACKEND
-from sparkml_mnist.launcher.runner import NO_COLLECTIVE_TIMEOUT, HorovodRunner
 from sparkml_mnist.errors import SparkMnistError
-from sparkml_mnist.job.evaluate import VariantFinisher, rank_rows
+from sparkml_mnist.job.evaluate import Evaluator
 from sparkml_mnist.job.plan import JobPlan, check_devices, plan_job
+from sparkml_mnist.launcher.backends.tf import NAME as TF_BACKEND
+from sparkml_mnist.launcher.driver import events as log_module
+from sparkml_mnist.launcher.driver.attempt import Attempt
+from sparkml_mnist.launcher.policy import NO_COLLECTIVE_TIMEOUT, FailurePolicy
+from sparkml_mnist.launcher.runner import HorovodRunner
 from sparkml_mnist.redact import redact, redact_all
 from sparkml_mnist.report import ReportError, VariantResult, collect_versions, format_summary_table, write_report
 from sparkml_mnist.job.state import RunState
 from sparkml_mnist.job.tracking import TRACKING_URI_ENV, Tracking, log_variants, run_params, variant_params
-from sparkml_mnist.cli.versions import enforce_versions
+from sparkml_mnist.job.versions import enforce_versions
 
 logger = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -66,19 +67,19 @@ def run_job(
         if tracking is not None:
             tracking.start(plan.run.name, run_params(plan.run, plan.placement, versions))
         try:
-            results, timings, x_sample = _train_all(spark, plan, state, say)
+            results, timings, x_sample = JobRun(spark, plan, state, say).train_all()
             timings["total_s"] = time.perf_counter() - started
             folder = _write(plan, results, timings, versions, state, say)
         except BaseException:
             if tracking is not None:
-                tracking.finish(None, failed=True)
+                tracking.end(None, failed=True)
             raise
         if tracking is not None:
             params = {v.name: variant_params(v, plan.placement, plan.run.seed, plan.run.deterministic)
                       for v in plan.variants}
             log_variants(tracking, results, params, folder, x_sample)
-            tracking.finish(folder)
-        state.finish()
+            tracking.end(folder)
+        state.complete()
     say(format_summary_table(results))
     say(f"report: {folder / 'report.md'} (plots and models beside it)")
     return folder
@@ -115,112 +116,109 @@ def _tracking_from_environment() -> Tracking | None:
         return None
 
 
-def _train_all(
-    spark: SparkSession, plan: JobPlan, state: RunState, log: Say
-) -> tuple[list[VariantResult], dict[str, float], np.ndarray]:
-    paths, timings = plan.inputs, {}
-    log(f"reading and checking {redact(paths.train)} and {redact(paths.test)}")
-    clock = time.perf_counter()
-    train = load_libsvm(spark, paths.train)
-    try:
-        test = load_libsvm(spark, paths.test)
+class JobRun:
+    """One run of the job: read the data once, keep what earlier attempts finished, train the rest in
+    one barrier stage, evaluate each variant on the driver as its training ends."""
+
+    def __init__(self, spark: SparkSession, plan: JobPlan, state: RunState, say: Say) -> None:
+        self.spark, self.plan, self.state, self.say = spark, plan, state, say
+
+    def train_all(self) -> tuple[list[VariantResult], dict[str, float], np.ndarray]:
+        """Every variant's result (in the plan's order), the data stage's timings, a few test images."""
+        paths, timings = self.plan.inputs, {}
+        self.say(f"reading and checking {redact(paths.train)} and {redact(paths.test)}")
+        clock = time.perf_counter()
+        train = load_libsvm(self.spark, paths.train)
         try:
-            x_test, y_test = collect_tensors(test)
+            test = load_libsvm(self.spark, paths.test)
+            try:
+                x_test, y_test = collect_tensors(test)
+            finally:
+                test.release()
+            timings["read_and_validate_s"] = time.perf_counter() - clock
+            self.say(f"  {train.num_rows:,} training rows, {test.num_rows:,} test rows "
+                     f"({timings['read_and_validate_s']:.1f} s)")
+            run = self.plan.run
+            evaluator = Evaluator(list(self.plan.variants), self.plan.placement.np, run.seed, run.deterministic,
+                                  self.state, x_test, y_test, self.say)
+            results = self._kept(evaluator)
+            remaining = [variant for variant in self.plan.variants if variant.name not in results]
+            if remaining:
+                results.update(self._train(remaining, train, evaluator))
+            return [results[v.name] for v in self.plan.variants], timings, x_test[:SIGNATURE_EXAMPLES]
         finally:
-            test.release()
-        timings["read_and_validate_s"] = time.perf_counter() - clock
-        log(f"  {train.num_rows:,} training rows, {test.num_rows:,} test rows "
-            f"({timings['read_and_validate_s']:.1f} s)")
-        return _train_remaining(spark, plan, state, train, x_test, y_test, log), timings, x_test[:SIGNATURE_EXAMPLES]
-    finally:
-        train.release()  # cached by the validating read; on a notebook's session it would stay
+            train.release()  # cached by the validating read; on a notebook's session it would stay
 
+    def _kept(self, evaluator: Evaluator) -> dict[str, VariantResult]:
+        """The variants an earlier attempt of the run finished (evaluated now if the driver stopped before)."""
+        checkpoints = self.state.checkpoints()
+        kept: dict[str, VariantResult] = {}
+        for variant in self.plan.variants:
+            finished = self.state.finished(variant.name)
+            last = checkpoints.latest(variant.name)
+            if finished is not None:
+                self.say(f"{variant.name}: finished by an earlier attempt of this run, kept "
+                         f"(test accuracy {finished.evaluation.accuracy:.4f})")
+                kept[variant.name] = finished
+            elif last is not None and last.epoch >= variant.epochs:  # trained; the driver stopped before keeping it
+                kept[variant.name] = evaluator.evaluate(variant, last)
+        return kept
 
-def _train_remaining(
-    spark: SparkSession, plan: JobPlan, state: RunState, train: LibsvmData, x_test: np.ndarray, y_test: np.ndarray,
-    log: Say,
-) -> list[VariantResult]:
-    """Each variant's result: kept from an earlier attempt of the run, or trained now."""
-    run, placement = plan.run, plan.placement
-    finisher = VariantFinisher(list(plan.variants), placement.np, run.seed, run.deterministic, state, x_test, y_test,
-                               log)
-    checkpoints = state.checkpoints()
-    results: dict[str, VariantResult] = {}
-    remaining = []
-    for variant in plan.variants:
-        finished = state.finished(variant.name)
-        last = checkpoints.latest(variant.name)
-        if finished is not None:
-            log(f"{variant.name}: finished by an earlier attempt of this run, kept "
-                f"(test accuracy {finished.evaluation.accuracy:.4f})")
-            results[variant.name] = finished
-        elif last is not None and last.epoch >= variant.epochs:  # trained, but the driver stopped before keeping it
-            results[variant.name] = finisher.finish(variant, last)
-        else:
-            remaining.append(variant)
-    if remaining:
-        results.update(_train_in_one_stage(spark, plan, remaining, train, finisher, state, checkpoints, log))
-    return [results[variant.name] for variant in plan.variants]
+    def _train(self, variants: list[VariantConfig], train: LibsvmData,
+               evaluator: Evaluator) -> dict[str, VariantResult]:
+        """Every remaining variant in one barrier stage: one TensorFlow import and one strategy for all.
 
+        Each variant is evaluated on the driver as soon as its last epoch's checkpoint arrives, while
+        the ranks go on with the next; a retried attempt skips the variants that finished.
+        """
+        from sparkml_mnist.training.loop import VariantPlan, train_variants
 
-def _train_in_one_stage(
-    spark: SparkSession, plan: JobPlan, variants: list[VariantConfig], train: LibsvmData, finisher: VariantFinisher,
-    state: RunState, checkpoints: CheckpointStore, log: Say,
-) -> dict[str, VariantResult]:
-    """Every remaining variant in one barrier stage: one TensorFlow import and one strategy for all.
-
-    Each variant is evaluated on the driver as soon as its last epoch's checkpoint arrives, while the
-    ranks go on with the next; a retried attempt skips the variants that finished.
-    """
-    from sparkml_mnist.training.loop import VariantJob, train_variants
-
-    run, placement = plan.run, plan.placement
-    splits = sorted({variant.validation_split for variant in variants})
-    layouts = shard_layouts(train, placement.size, splits)
-    frame = layouts.frame.persist(StorageLevel.MEMORY_AND_DISK)  # a retry skips the shuffle
-    jobs = [VariantJob(v, layouts.plans[splits.index(v.validation_split)], splits.index(v.validation_split))
-            for v in variants]
-    for job in jobs:
-        log(f"{job.variant.name}: {job.variant.description}; np={placement.np} ({placement.backend}), "
-            f"{job.variant.epochs} epochs, global batch {job.variant.batch_size}, {job.plan.train_per_shard:,} "
-            f"training + {job.plan.validation_per_shard:,} validation rows per rank")
-    checkpoints.subscribe(finisher.on_checkpoint)
-    # Training reports progress every step, so the watchdog ends a hung collective within
-    # progress_timeout_s. TensorFlow's own per-collective timeout would keep a sleeping thread per
-    # collective for that long (1,610 threads in one rank at 300 s, against ~120 without); Horovod's
-    # Gloo timeout costs nothing and also bounds its rendezvous, so it stays.
-    collective_timeout_s = NO_COLLECTIVE_TIMEOUT if placement.backend == TF_BACKEND else None
-    runner = HorovodRunner(np=placement, spark=spark, data=frame, progress_timeout_s=run.progress_timeout_s,
-                           collective_timeout_s=collective_timeout_s, max_retries=run.max_retries,
-                           checkpoints=checkpoints)
-    finisher.start()
-    try:
-        runner.run_all(train_variants, jobs=jobs, seed=run.seed, deterministic=run.deterministic,
-                       allreduce=run.allreduce)
-    finally:
+        run, placement = self.plan.run, self.plan.placement
+        splits = sorted({variant.validation_split for variant in variants})
+        layouts = shard_layouts(train, placement.size, splits)
+        frame = layouts.frame.persist(StorageLevel.MEMORY_AND_DISK)  # a retry skips the shuffle
+        plans = [VariantPlan(v, layouts.plans[splits.index(v.validation_split)], splits.index(v.validation_split))
+                 for v in variants]
+        for plan in plans:
+            variant = plan.variant
+            self.say(f"{variant.name}: {variant.description}; np={placement.np} ({placement.backend}), "
+                     f"{variant.epochs} epochs, global batch {variant.batch_size}, {plan.shards.train_per_shard:,} "
+                     f"training + {plan.shards.validation_per_shard:,} validation rows per rank")
+        # Training reports progress every step, so the watchdog ends a hung collective within
+        # progress_timeout_s. TensorFlow's own per-collective timeout would keep a sleeping thread per
+        # collective for that long (1,610 threads in one rank at 300 s, against ~120 without); Horovod's
+        # Gloo timeout costs nothing and also bounds its rendezvous, so it stays.
+        policy = FailurePolicy(
+            progress_timeout_s=run.progress_timeout_s, max_retries=run.max_retries,
+            collective_timeout_s=NO_COLLECTIVE_TIMEOUT if placement.backend == TF_BACKEND else None,
+        )
+        runner = HorovodRunner(np=placement, data=frame, policy=policy, checkpoint_dir=self.state.checkpoints().folder,
+                               on_report=evaluator.on_report, spark=self.spark)
+        evaluator.start()
         try:
-            finisher.close()  # the last variant's evaluation, and any that failed
+            outcome = runner.run_all(train_variants, plans=plans, seed=run.seed, deterministic=run.deterministic,
+                                     allreduce=run.allreduce)
         finally:
-            frame.unpersist()
-    ranks = runner.attempts[-1].progress or {}
-    if ranks.get("straggler"):
-        logger.warning("%s", ranks["straggler"])
-    finished = {}
-    for variant in variants:
-        result = finisher.results[variant.name]
-        result.rank_records = rank_rows(runner.results.get(variant.name, {}))
-        result.attempts = [_attempt_summary(a, runner.attempts, variant.name) for a in runner.attempts]
-        result.ranks = ranks
-        finished[variant.name] = state.save_finished(result)  # again, now with what the ranks reported
-    return finished
+            try:
+                evaluator.close()  # the last variant's evaluation, and any that failed
+            finally:
+                frame.unpersist()
+        if outcome.ranks.get("straggler"):
+            logger.warning("%s", outcome.ranks["straggler"])
+        finished = {}
+        for variant in variants:
+            result = evaluator.results[variant.name]
+            reports = outcome.reports.get(variant.name, {})
+            result.rank_records = [reports[rank] for rank in sorted(reports)]
+            result.attempts = [_attempt_row(attempt, variant.name) for attempt in outcome.attempts]
+            result.ranks = outcome.ranks
+            finished[variant.name] = self.state.save_finished(result)  # again, now with what the ranks reported
+        return finished
 
 
-def _attempt_summary(attempt: Any, attempts: list[Any], name: str) -> dict[str, Any]:
-    """An attempt for a variant's report: where it resumed that variant, and what a retry cost (the
-    failure to the next attempt's first training step)."""
-    summary = asdict(attempt)
-    summary["resumed_from_epoch"] = summary.pop("resumed_from", {}).get(name)
-    previous = attempts[attempt.number - 2] if attempt.number > 1 else None
-    if previous is not None and previous.ended_at is not None and attempt.first_step_at is not None:
-        summary["seconds_from_failure_to_first_step"] = attempt.first_step_at - previous.ended_at
-    return summary
+def _attempt_row(attempt: Attempt, key: str) -> dict[str, Any]:
+    """An attempt as one variant's report shows it: where it resumed that variant."""
+    row = asdict(attempt)
+    row["resumed_from_epoch"] = row.pop("resumed_from").get(key)
+    row.pop("ranks")
+    return row

@@ -170,7 +170,7 @@ class RunState:
         shutil.rmtree(self.folder / CHECKPOINTS_DIR / result.name, ignore_errors=True)
         return result
 
-    def finish(self) -> None:
+    def complete(self) -> None:
         """The report is in place: the state has served its purpose (removed while still claimed)."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self.release()

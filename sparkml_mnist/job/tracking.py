@@ -132,7 +132,7 @@ class Tracking:
             )
         self._client.set_tag(run_id, "model_uri", info.model_uri)
 
-    def finish(self, report: Path | None, failed: bool = False) -> None:
+    def end(self, report: Path | None, failed: bool = False) -> None:
         """The parent run's artifacts and status; the process's environment as it was before."""
         try:
             self._guard("finish the job's MLflow run", self._finish, report, failed)
@@ -189,15 +189,10 @@ def _unreachable(uri: str) -> str | None:
 
 
 def _requirements() -> list[str]:
-    from importlib import metadata
+    from sparkml_mnist.launcher.packages import installed_version
 
-    wanted = []
-    for name in ("tensorflow-cpu", "tensorflow", "tf-keras", "numpy", "PyYAML"):
-        try:
-            wanted.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return wanted
+    found = {name: installed_version(name) for name in ("tensorflow-cpu", "tensorflow", "tf-keras", "numpy", "PyYAML")}
+    return [f"{name}=={version}" for name, version in found.items() if version is not None]
 
 
 def run_params(run: Any, placement: Any, versions: dict[str, str]) -> dict[str, Any]:

@@ -29,9 +29,6 @@ import threading
 import time
 from typing import Any, Callable
 
-from sparkml_mnist.launcher.driver.events import rank_line
-from sparkml_mnist.launcher.tf_notices import is_native_notice, notices_wanted
-
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
@@ -49,7 +46,6 @@ HELLO = "hello"
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 Event = dict[str, Any]
-LogSink = Callable[[int, str, str], None]
 # on_event(rank, event) -> reply frames (a frame, a list of them, or None); on the connection's own thread.
 EventHandler = Callable[[int, Event], "Event | list[Event] | None"]
 
@@ -66,17 +62,6 @@ def rank_token(secret: str, rank: int) -> str:
 def clean_line(line: str) -> str:
     """A rank's log line as it may reach a terminal: no control characters, bounded length."""
     return _CONTROL.sub("", line)[:MAX_LOG_LINE_CHARS]
-
-
-def print_log_line(rank: int, stream: str, line: str) -> None:
-    """Default sink: the rank's line as a record of the ``sparkml_mnist.ranks`` logger, with its rank
-    (``[rank r] line`` on stderr while logging is not configured).
-
-    TensorFlow's native start-up notices are left out unless asked for (``sparkml_mnist.launcher.tf_notices``).
-    """
-    if is_native_notice(line) and not notices_wanted():
-        return
-    rank_line(rank, stream, line)
 
 
 def _read_exactly(sock: socket.socket, count: int) -> bytes | None:

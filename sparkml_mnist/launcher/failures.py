@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sparkml_mnist.errors import LaunchError
+from sparkml_mnist.launcher.protocol import RANK_FAILED
 
 _MARKER_PREFIX = "[sparkml-mnist-rank-failure:"
 _MARKER_SUFFIX = "]"
@@ -117,7 +118,6 @@ def failure_marker(rank: int, host: str, error: RankError) -> str:
     return _MARKER_PREFIX + base64.b64encode(payload.encode("utf-8")).decode("ascii") + _MARKER_SUFFIX
 
 
-RANK_FAILED = "rank_failed"  # a rank's own report of its exception, sent the moment it happens
 _REPORTED_TEXT_CHARS = 16_384  # each text field of that report: inside the 1 MiB frame cap even as \uXXXX
 
 

@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from functools import lru_cache
-from importlib import metadata
 from types import ModuleType
 
 LEGACY_KERAS_ENV = "TF_USE_LEGACY_KERAS"
@@ -51,12 +50,9 @@ def installed_tensorflow() -> str | None:
 
     Read once per process: every ``tensorflow()`` call consults it, and scanning metadata costs ms.
     """
-    for name in TENSORFLOW_DISTRIBUTIONS:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
+    from sparkml_mnist.launcher.packages import installed_version
+
+    return next(filter(None, (installed_version(name) for name in TENSORFLOW_DISTRIBUTIONS)), None)
 
 
 def needs_legacy_keras() -> bool:

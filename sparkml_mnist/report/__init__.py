@@ -1,4 +1,4 @@
-"""The run's report: result model, atomic output folder, Markdown, figures.
+"""The run's report: result model (``Evaluation``, ``VariantResult``), atomic output folder, Markdown, figures.
 
 ``write_report(folder, results, ...)`` writes report.json, report.md, the plots and the models.
 """
@@ -20,10 +20,11 @@ from sparkml_mnist.report.markdown import (
     render_markdown,
     summary_rows,
 )
-from sparkml_mnist.report.results import ReportError, VariantResult
+from sparkml_mnist.report.results import Evaluation, ReportError, VariantResult
 
 __all__ = [
-    "COMPARISON_PNG", "MODELS_DIR", "REPORT_JSON", "REPORT_MD", "ReportError", "VariantResult", "check_output_folder",
-    "collect_versions", "comparison_figure", "confusion_figure", "format_seconds", "format_summary_table",
-    "loss_figure", "render_markdown", "save_figure", "summary_rows", "to_json_safe", "write_report",
+    "COMPARISON_PNG", "Evaluation", "MODELS_DIR", "REPORT_JSON", "REPORT_MD", "ReportError", "VariantResult",
+    "check_output_folder", "collect_versions", "comparison_figure", "confusion_figure", "format_seconds",
+    "format_summary_table", "loss_figure", "render_markdown", "save_figure", "summary_rows", "to_json_safe",
+    "write_report",
 ]

@@ -2,13 +2,13 @@
 
 Everything is written into a hidden sibling (``.<name>.partial-<random>``) that is renamed into
 place at the end, so a crash leaves no half-written report under the name a person or a pipeline
-looks for. An existing report is replaced only by ``overwrite``, in one step, after the new one is
-complete (the old one survives a failure).
+looks for. A rename never replaces a non-empty folder, so a report that appeared meanwhile is
+kept; an existing report is replaced only by ``overwrite``, after the new one is complete (the old
+one survives a failure).
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import json
@@ -18,12 +18,12 @@ import secrets
 import shutil
 import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sparkml_mnist.launcher.packages import installed_version
 from sparkml_mnist.report.figures import comparison_figure, confusion_figure, loss_figure, save_figure
 from sparkml_mnist.report.markdown import COMPARISON_PNG, REPORT_MD, render_markdown
 from sparkml_mnist.report.results import ReportError, VariantResult
@@ -68,7 +68,6 @@ def write_report(
     step after the new report is complete (the old one survives a failure).
     """
     results = list(results)
-    _check_results(results)
     target = Path(output_dir).absolute()
     check_output_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,27 +75,11 @@ def write_report(
     partial = _make_sibling_dir(target, PARTIAL_MARKER)
     try:
         _write_contents(partial, results, config, versions, timings)
-        _move_into_place(partial, target, overwrite)
+        _publish(partial, target, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
-
-
-def _check_results(results: list[VariantResult]) -> None:
-    if not results:
-        raise ReportError("no variant results to report")
-    for result in results:
-        if not isinstance(result, VariantResult):
-            raise ReportError(f"results must be VariantResult objects, got {type(result).__name__}")
-    names = [r.name for r in results]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ReportError(f"variant name(s) appear more than once: {', '.join(duplicates)}")
-    for result in results:
-        for path in result.model_files:
-            if not path.exists():
-                raise ReportError(f"variant {result.name!r}: model file {path} does not exist")
 
 
 def check_output_folder(target: Path, overwrite: bool) -> None:
@@ -117,62 +100,31 @@ def _make_sibling_dir(target: Path, marker: str) -> Path:
             continue
 
 
-def _move_into_place(partial: Path, target: Path, overwrite: bool) -> None:
-    """Rename ``partial`` to ``target``; never onto another run's report unless ``overwrite``.
+def _publish(partial: Path, target: Path, overwrite: bool) -> None:
+    """Rename the complete ``partial`` to ``target``; an absent or empty ``target`` is taken in one step.
 
-    Without ``overwrite`` the rename refuses an existing target atomically (Linux ``renameat2`` with
-    ``RENAME_NOREPLACE``), so a report that appeared meanwhile is never replaced. With it, the old
-    report is set aside first and removed only after the new one is in place.
+    With ``overwrite`` an old report is set aside first and removed once the new one is in place.
+    Without it, the rename fails rather than replace a non-empty folder (rename(2) never does), so a
+    report another run wrote meanwhile is kept.
     """
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()  # an empty folder someone made for the report: take its place
-    if not target.exists():
-        try:
-            rename_no_replace(partial, target)
-        except FileExistsError:
+    old = None
+    if overwrite and target.is_dir() and any(target.iterdir()):
+        old = target.with_name(f".{target.name}{OLD_MARKER}{secrets.token_hex(_RANDOM_HEX_BYTES)}")
+        os.rename(target, old)
+    try:
+        os.rename(partial, target)
+    except BaseException as error:
+        if old is not None:
+            os.rename(old, target)
+        if isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise ReportError(
                 f"{target}: another report appeared there while this run was writing; this run's report was "
                 f"not written: move that report away, then `sparkml-mnist train --resume {target}` writes this "
                 "run's (its state is kept)"
             ) from None
-        return
-    if not overwrite:
-        raise ReportError(f"{target}: exists; choose another --output, or allow replacing it (--overwrite)")
-    old = _make_sibling_dir(target, OLD_MARKER)
-    old.rmdir()
-    os.rename(target, old)
-    try:
-        os.rename(partial, target)
-    except BaseException:
-        os.rename(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_RENAME_NOREPLACE = 1  # <linux/fs.h>
-_AT_FDCWD = -100
-_NO_RENAME_FLAGS = (errno.EINVAL, errno.ENOSYS)  # the kernel or the filesystem does not support the flag
-
-
-def rename_no_replace(source: Path, target: Path) -> None:
-    """``os.rename`` that fails with FileExistsError instead of replacing ``target``."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # not Linux/glibc
-        renameat2 = None
-    if renameat2 is not None:
-        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
-            return
-        code = ctypes.get_errno()
-        if code == errno.EEXIST:
-            raise FileExistsError(code, os.strerror(code), str(target))
-        if code not in _NO_RENAME_FLAGS:
-            raise OSError(code, os.strerror(code), str(target))
-    # No atomic no-replace here (another OS, or a filesystem without the flag: NFS, FUSE mounts such as
-    # /dbfs and /Volumes): the check before the rename is all there is.
-    if target.exists():
-        raise FileExistsError(errno.EEXIST, "exists", str(target))
-    os.rename(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_contents(
@@ -221,10 +173,9 @@ def collect_versions() -> dict[str, str]:
     """Python and the installed versions of the packages that shape a run (without importing them)."""
     versions = {"python": sys.version.split()[0]}
     for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
+        version = installed_version(package)
+        if version is not None:
+            versions[package] = version
     return versions
 
 

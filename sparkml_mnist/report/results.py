@@ -1,14 +1,14 @@
-"""The report's result model: what one trained variant shows, plain data filled in by the caller."""
+"""The report's result model: one model's test metrics and what one trained variant shows, plain data."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from sparkml_mnist.config.variants import safe_name
+import numpy as np
+
 from sparkml_mnist.errors import SparkMnistError
-from sparkml_mnist.job.metrics import Evaluation
 
 LOSS_PNG_SUFFIX = "-loss.png"
 CONFUSION_PNG_SUFFIX = "-confusion.png"
@@ -17,7 +17,61 @@ WALL_TIME_KEY = "total"
 
 
 class ReportError(SparkMnistError):
-    """The report cannot be written (folder exists, bad result data, a file to copy is missing)."""
+    """The report cannot be written (the output folder exists and is not empty, or is a file)."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test-set metrics of one model: loss and accuracy as Keras reports them, per-class scores as sklearn does."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    class_names: tuple[str, ...]
+    precision: tuple[float, ...]
+    recall: tuple[float, ...]
+    f1: tuple[float, ...]
+    support: tuple[int, ...]
+    confusion: tuple[tuple[int, ...], ...]  # confusion[true][predicted], sklearn's orientation
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def confusion_matrix(self) -> np.ndarray:
+        """The confusion matrix as an int array (rows: true class, columns: predicted class)."""
+        return np.array(self.confusion, dtype=np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only, ready for ``json.dumps``."""
+        return {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "num_examples": self.num_examples,
+            "class_names": list(self.class_names),
+            "per_class": [
+                {"class": name, "precision": p, "recall": r, "f1": f, "support": s}
+                for name, p, r, f, s in zip(self.class_names, self.precision, self.recall, self.f1, self.support)
+            ],
+            "confusion_matrix": [list(row) for row in self.confusion],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
+        """The inverse of :meth:`to_dict` (for reading a ``report.json`` back)."""
+        per_class = data["per_class"]
+        return cls(
+            loss=float(data["loss"]),
+            accuracy=float(data["accuracy"]),
+            num_examples=int(data["num_examples"]),
+            class_names=tuple(str(name) for name in data["class_names"]),
+            precision=tuple(float(row["precision"]) for row in per_class),
+            recall=tuple(float(row["recall"]) for row in per_class),
+            f1=tuple(float(row["f1"]) for row in per_class),
+            support=tuple(int(row["support"]) for row in per_class),
+            confusion=tuple(tuple(int(v) for v in row) for row in data["confusion_matrix"]),
+        )
 
 
 @dataclass
@@ -45,27 +99,6 @@ class VariantResult:
     seed: int | None = None
     deterministic: bool = False
     ranks: dict[str, Any] = field(default_factory=dict)  # per-rank step rates and the straggler line, if any
-
-    def __post_init__(self) -> None:
-        where = f"variant {self.name!r}"
-        problem = safe_name(self.name) if isinstance(self.name, str) else "is not a string"
-        if problem:
-            raise ReportError(f"{where}: name {problem}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ReportError(f"{where}: field 'epochs' must be a positive integer, got {self.epochs!r}")
-        if not isinstance(self.evaluation, Evaluation):
-            got = type(self.evaluation).__name__
-            raise ReportError(f"{where}: field 'evaluation' must be an Evaluation, got {got}")
-        self.history = {str(key): [float(v) for v in values] for key, values in self.history.items()}
-        lengths = {key: len(values) for key, values in self.history.items()}
-        if any(length > self.epochs for length in lengths.values()):
-            raise ReportError(f"{where}: field 'history' has more entries than its {self.epochs} epochs: {lengths}")
-        if len(set(lengths.values())) > 1:
-            raise ReportError(f"{where}: field 'history' series differ in length: {lengths}")
-        ref = self.lab_reference_accuracy
-        if ref is not None and not (0.0 <= ref <= 1.0):
-            raise ReportError(f"{where}: field 'lab_reference_accuracy' must be a fraction in [0, 1], got {ref!r}")
-        self.model_files = [Path(p) for p in self.model_files]
 
     @property
     def wall_seconds(self) -> float | None:

@@ -21,10 +21,11 @@ from pyspark import cloudpickle
 from sparkml_mnist.launcher import keras_flavour
 from sparkml_mnist.config import load_run
 from sparkml_mnist.launcher import HorovodRunner, get_context
-from sparkml_mnist.launcher.backends.horovod import placement
+from sparkml_mnist.launcher.policy import FailurePolicy
+from sparkml_mnist.launcher.backends.horovod import horovod_slot
 from sparkml_mnist.launcher.failures import RankFailedError, RankStalledError
 from sparkml_mnist.job.run import run_job
-from sparkml_mnist.cli.versions import check_versions
+from sparkml_mnist.job.versions import check_versions
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -100,10 +101,10 @@ def hanging_main() -> None:
 
     context = get_context()
     hvd.init()
-    context.report_progress()
+    context.report()
     if hvd.rank() == 1:
         time.sleep(SLEEP_FOREVER_S)  # hangs before its next collective
-    context.report_progress()
+    context.report()
     hvd.allreduce(tf.constant(1.0))  # rank 0 waits here for rank 1, for ever
     time.sleep(SLEEP_FOREVER_S)
 
@@ -126,7 +127,7 @@ def test_this_is_the_horovod_environment() -> None:
 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
 def test_allreduce_across_two_ranks(spark, np_: int) -> None:
-    records = HorovodRunner(np=np_, spark=spark, backend="horovod").run_all(allreduce_main)
+    records = HorovodRunner(np=np_, spark=spark, backend="horovod").run_all(allreduce_main).records
     values = [record.value for record in records]
     assert [v["rank"] for v in values] == [0, 1] and all(v["size"] == 2 for v in values)
     assert [v["sum"] for v in values] == [3.0, 3.0]
@@ -145,14 +146,14 @@ def test_placement_agrees_with_horovods_host_assignment() -> None:
         slots = get_host_assignments(parse_hosts(layout), sum(int(h.split(":")[1]) for h in layout.split(",")))
         hosts = [slot.hostname for slot in slots]
         for slot in slots:
-            mine = placement(hosts, slot.rank)
+            mine = horovod_slot(hosts, slot.rank)
             assert (mine.local_rank, mine.local_size, mine.cross_rank, mine.cross_size) == (
                 slot.local_rank, slot.local_size, slot.cross_rank, slot.cross_size,
             ), (layout, slot.rank)
 
 
 def test_a_horovodrunner_style_keras_function_ends_with_identical_weights(spark) -> None:
-    records = HorovodRunner(np=2, spark=spark, backend="horovod").run_all(keras_horovod_main, steps=8)
+    records = HorovodRunner(np=2, spark=spark, backend="horovod").run_all(keras_horovod_main, steps=8).records
     first, second = (record.value for record in records)
     assert first["keras"].startswith("2.15")
     assert not all(np.allclose(a, b) for a, b in zip(first["initial"], second["initial"]))  # different starts
@@ -185,14 +186,13 @@ def test_the_jobs_variant1_runs_end_to_end_with_horovod(spark, tmp_path: Path) -
 
 def test_a_raising_rank_ends_the_run_naming_it(spark) -> None:
     with pytest.raises(RankFailedError) as caught:
-        HorovodRunner(np=2, spark=spark, backend="horovod", log_sink=None, max_retries=0).run(failing_main)
+        HorovodRunner(np=2, spark=spark, backend="horovod", policy=FailurePolicy(max_retries=0)).run(failing_main)
     assert caught.value.rank == 1
     assert str(caught.value).startswith(f"rank 1 on {caught.value.host} failed: ValueError: rank one broke on purpose")
 
 
 def test_a_hanging_rank_ends_the_run_naming_it(spark) -> None:
-    runner = HorovodRunner(np=2, spark=spark, backend="horovod", log_sink=None, progress_timeout_s=STALL_TIMEOUT_S,
-                           max_retries=0)
+    runner = HorovodRunner(np=2, spark=spark, backend="horovod", policy=FailurePolicy(progress_timeout_s=STALL_TIMEOUT_S, max_retries=0))
     with pytest.raises(RankStalledError) as caught:
         runner.run(hanging_main)
     assert caught.value.ranks == [1] and "no progress" in caught.value.reason

@@ -82,5 +82,5 @@ class RankBackend(ABC):
     def check_steps(self, steps: int) -> None:
         """Refuse, before training, steps that differ between ranks where that would deadlock (jax)."""
 
-    def finish(self) -> None:
+    def shutdown(self) -> None:
         """Once every rank finished: let the framework leave in step (or nothing)."""

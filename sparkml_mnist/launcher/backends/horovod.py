@@ -53,7 +53,7 @@ IFNAMSIZ = 15  # <net/if.h>: longest interface name (16 with its NUL)
 
 
 @dataclass(frozen=True)
-class Placement:
+class HorovodSlot:
     """Where a rank sits, in Horovod's terms (``horovod.runner.common.util.hosts.SlotInfo``)."""
 
     rank: int
@@ -64,7 +64,7 @@ class Placement:
     cross_size: int
 
 
-def placement(hosts: list[str], rank: int) -> Placement:
+def horovod_slot(hosts: list[str], rank: int) -> HorovodSlot:
     """Rank, local and cross ranks for ``rank`` given every rank's host, in rank order.
 
     Local rank: position among the ranks on the same host. Cross rank: position of this host
@@ -76,7 +76,7 @@ def placement(hosts: list[str], rank: int) -> Placement:
     with_local_rank = [
         h for h in hosts_in_order if sum(1 for other_host in hosts if other_host == h) > local_rank
     ]
-    return Placement(
+    return HorovodSlot(
         rank=rank, size=len(hosts), local_rank=local_rank, local_size=local_size,
         cross_rank=with_local_rank.index(host), cross_size=len(with_local_rank),
     )
@@ -159,7 +159,7 @@ class HorovodDriverBackend(DriverBackend):
         if port is None:
             raise LaunchError("the Horovod backend needs the driver's rendezvous server; none was started")
         hosts = [address.rsplit(":", 1)[0] for address in spec.addresses]
-        place = placement(hosts, spec.rank)
+        place = horovod_slot(hosts, spec.rank)
         iface = os.environ.get(IFACE_ENV) or interface_for(spec.host)
         if not iface:
             raise LaunchError(
@@ -182,8 +182,8 @@ class HorovodDriverBackend(DriverBackend):
             "HOROVOD_CROSS_RANK": str(place.cross_rank),
             "HOROVOD_CROSS_SIZE": str(place.cross_size),
         }
-        if spec.collective_timeout_s:  # Gloo's rendezvous and every collective then time out
-            env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(max(1, int(spec.collective_timeout_s)))
+        if spec.policy.collective_limit_s:  # Gloo's rendezvous and every collective then time out
+            env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(max(1, int(spec.policy.collective_limit_s)))
         return env
 
 
@@ -234,7 +234,7 @@ class HorovodRankBackend(RankBackend):
         self.hvd  # noqa: B018
         return make_dataset(global_batch_size // self.spec.size, 1)
 
-    def finish(self) -> None:
+    def shutdown(self) -> None:
         """Shut Horovod down on every rank together, so no rank's Gloo loop sees its peer vanish.
 
         Also when the user's function called ``hvd.init()`` itself (HorovodRunner style).

@@ -22,12 +22,12 @@ import contextlib
 import os
 import sys
 import threading
-from importlib import metadata
 from importlib.util import find_spec
 from typing import Any, Callable, ContextManager
 
 from sparkml_mnist.launcher import keras_flavour
 from sparkml_mnist.launcher.backends.base import FULL_PRECISION, DatasetMaker, DriverBackend, RankBackend
+from sparkml_mnist.launcher.packages import installed_version
 from sparkml_mnist.launcher.spec import RankSpec
 from sparkml_mnist.errors import ConfigError, LaunchError
 
@@ -59,9 +59,8 @@ def jax_problem() -> str | None:
     for module in REQUIRED_MODULES:
         if find_spec(module) is None:
             return f"{module} is not installed"
-    try:
-        version = metadata.version(KERAS_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
+    version = installed_version(KERAS_DISTRIBUTION)
+    if version is None:
         return "Keras 3 is not installed"
     if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < KERAS_3_MAJOR:
         return f"keras is {version}, and the jax backend needs Keras 3"
@@ -164,7 +163,7 @@ class JaxRankBackend(RankBackend):
                 "(shard_frame does), or the same steps_per_epoch"
             )
 
-    def finish(self) -> None:
+    def shutdown(self) -> None:
         """Leave JAX's coordination service on every rank together (its coordinator lives in rank 0)."""
         jax = sys.modules.get("jax")
         if jax is None:

@@ -88,9 +88,9 @@ class TfRankBackend(RankBackend):
     def make_strategy(self) -> Any:
         tf = keras_flavour.tensorflow()
         options = None
-        if self.spec.collective_timeout_s:
+        if self.spec.policy.collective_limit_s:
             # Each collective then fails after this many seconds instead of waiting forever.
-            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=self.spec.collective_timeout_s)
+            options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=self.spec.policy.collective_limit_s)
         stop_device_prefetch_autotuning()
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 

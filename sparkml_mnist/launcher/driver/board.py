@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from sparkml_mnist.launcher.protocol import Heartbeat
+
 logger = logging.getLogger("sparkml_mnist.progress")
 
 DEFAULT_INTERVAL_S = 30.0  # plain lines, when nothing redraws in place
@@ -31,88 +33,71 @@ def set_live_display(display: LiveDisplay | None) -> None:
 
 
 @dataclass
-class RankProgress:
-    host: str = "?"
-    steps: int = 0
-    fit_steps: int | None = None  # steps of the current fit (what the live line shows), when the rank says
-    epoch: int | None = None
-    epochs: int | None = None
-    loss: float | None = None
-    examples: int = 0
-    first_step_at: float | None = None
-    since: float | None = None  # the current fit's first step: images/s are counted from there
-    last_seen: float | None = None
-    done: bool = False
-    label: str | None = None
+class _Seen:
+    """A rank's last heartbeat, and when it arrived."""
+
+    beat: Heartbeat
+    at: float | None = None
 
     def rate(self, now: float) -> float | None:
         """Steps a second since the rank's first step."""
-        if self.first_step_at is None or self.steps == 0:
+        beat = self.beat
+        if beat.first_step_at is None or beat.steps == 0:
             return None
-        seconds = (self.last_seen or now) - self.first_step_at
-        return self.steps / seconds if seconds > 0 else None
+        seconds = (self.at or now) - beat.first_step_at
+        return beat.steps / seconds if seconds > 0 else None
 
     def images_per_s(self, now: float) -> float | None:
-        start = self.since or self.first_step_at
-        if start is None or not self.examples:
+        """Images a second in the rank's current fit."""
+        beat = self.beat
+        start = beat.fit_started_at or beat.first_step_at
+        if start is None or not beat.fit_examples:
             return None
-        seconds = (self.last_seen or now) - start
-        return self.examples / seconds if seconds > 0 else None
+        seconds = (self.at or now) - start
+        return beat.fit_examples / seconds if seconds > 0 else None
 
 
-class ProgressBoard:
+class LiveBoard:
     """What every rank reported last; rendered as one line per rank."""
 
-    def __init__(self, size: int, title: str = "", interval_s: float = DEFAULT_INTERVAL_S,
+    def __init__(self, size: int, title: str = "", interval_s: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.size = size
         self.title = title
-        self.interval_s = interval_s
+        self.interval_s = interval_s if interval_s is not None else DEFAULT_INTERVAL_S
         self._clock = clock
-        self.ranks = [RankProgress() for _ in range(size)]
+        self.ranks = [_Seen(Heartbeat()) for _ in range(size)]
         self._lock = threading.Lock()
 
-    def update(self, rank: int, event: dict) -> None:
+    def update(self, rank: int, beat: Heartbeat) -> None:
         with self._lock:
-            state = self.ranks[rank]
-            state.last_seen = self._clock()
-            for name, kind in (("steps", int), ("fit_steps", int), ("examples", int), ("epoch", int), ("epochs", int)):
-                value = event.get(name)
-                if isinstance(value, kind) and not isinstance(value, bool):
-                    setattr(state, name, value)
-            loss = event.get("loss")
-            if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-                state.loss = float(loss)
-            for name in ("first_step_at", "since"):
-                value = event.get(name)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    setattr(state, name, float(value))
-            host = event.get("host")
-            if isinstance(host, str):
-                state.host = host
-            label = event.get("label")
-            if isinstance(label, str):
-                state.label = label[:100]
-            state.done = state.done or event.get("done") is True
+            done = self.ranks[rank].beat.done
+            self.ranks[rank] = _Seen(beat, self._clock())
+            beat.done = beat.done or done
+
+    def task_started(self, rank: int, host: str) -> None:
+        with self._lock:
+            self.ranks[rank].beat.host = host
 
     def lines(self) -> list[str]:
         now = self._clock()
         with self._lock:
             return [self._line(rank, state, now) for rank, state in enumerate(self.ranks)]
 
-    def _line(self, rank: int, state: RankProgress, now: float) -> str:
-        parts = [f"{state.label or self.title} rank {rank} ({state.host}):".strip()]
-        if state.steps == 0 and not state.done:
+    def _line(self, rank: int, seen: _Seen, now: float) -> str:
+        beat = seen.beat
+        parts = [f"{beat.label or self.title} rank {rank} ({beat.host}):".strip()]
+        if beat.steps == 0 and not beat.done:
             return parts[0] + " starting"
-        if state.epoch is not None:
-            parts.append(f"epoch {state.epoch}" + (f"/{state.epochs}" if state.epochs else ""))
-        parts.append(f"step {state.fit_steps if state.fit_steps is not None else state.steps}")
-        if state.loss is not None:
-            parts.append(f"loss {state.loss:.4f}")
-        images = state.images_per_s(now)
+        if beat.epoch is not None:
+            parts.append(f"epoch {beat.epoch}" + (f"/{beat.epochs}" if beat.epochs else ""))
+        parts.append(f"step {beat.fit_steps or beat.steps}")
+        if beat.loss is not None:
+            parts.append(f"loss {beat.loss:.4f}")
+        images = seen.images_per_s(now)
         if images is not None:
             parts.append(f"{images:,.0f} img/s")
-        if state.done:
+        if beat.done:
             parts.append("done")
         return "  ".join(parts)
 
@@ -120,8 +105,8 @@ class ProgressBoard:
         """Per-rank step rates and the straggler, if any, for report.json."""
         now = self._clock()
         with self._lock:
-            rates = {rank: state.rate(now) for rank, state in enumerate(self.ranks)}
-            hosts = {rank: state.host for rank, state in enumerate(self.ranks)}
+            rates = {rank: seen.rate(now) for rank, seen in enumerate(self.ranks)}
+            hosts = {rank: seen.beat.host for rank, seen in enumerate(self.ranks)}
         return straggler_summary(rates, hosts)
 
     def run(self, stop: threading.Event) -> None:

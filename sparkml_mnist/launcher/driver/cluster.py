@@ -15,12 +15,13 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from sparkml_mnist.launcher.failures import PreflightError
+from sparkml_mnist.launcher.policy import FailurePolicy
 
 TASK_CPUS_CONF = "spark.task.cpus"
 MASTER_CONF = "spark.master"
 DYNAMIC_ALLOCATION_CONF = "spark.dynamicAllocation.enabled"
 DEFAULT_TASK_CPUS = 1
-EXECUTOR_WAIT_S = 60.0  # on a cluster, executors may still be registering when run() is called
+
 EXECUTOR_POLL_S = 1.0
 TASK_GPU_CONF = "spark.task.resource.gpu.amount"
 _LOCAL_MASTER = re.compile(r"^local(?:\[(\*|\d+)(?:,\s*\d+)?\])?$")
@@ -58,7 +59,7 @@ def barrier_slots(spark: SparkSession) -> int | None:
         return None if slots is None else slots // task_cpus(spark)
 
 
-def check_barrier_run(spark: SparkSession, num_tasks: int, executor_wait_s: float = EXECUTOR_WAIT_S) -> None:
+def check_barrier_run(spark: SparkSession, num_tasks: int, executor_wait_s: float = FailurePolicy.executor_wait_s) -> None:
     """Fail fast when ``num_tasks`` barrier tasks cannot all run at once on this cluster."""
     master = spark_conf(spark, MASTER_CONF) or ""
     is_local = local_master_slots(master) is not None

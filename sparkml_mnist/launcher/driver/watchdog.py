@@ -2,7 +2,7 @@
 
 It is armed when an attempt is launched. Each rank's training process sends a heartbeat every
 second with a progress counter that moves on every training batch (``ProgressCallback``,
-``LogCallback``, ``context.report_progress()``). Three ways an attempt stalls:
+``LogCallback``, ``context.report()``). Three ways an attempt stalls:
 
 * a rank never sends a heartbeat within ``startup_timeout_s`` (of the launch, or of the first rank
   that did): the rank is named; when no rank at all reached the driver, the message says so;
@@ -21,6 +21,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from sparkml_mnist.launcher.protocol import Heartbeat
 
 WATCHDOG_POLL_S = 0.5
 
@@ -42,7 +44,7 @@ class StallVerdict:
     limit_s: float = 0.0
 
 
-class ProgressMonitor:
+class Watchdog:
     """Tracks every rank's heartbeats; ``check`` returns a verdict once the attempt stalled."""
 
     def __init__(self, size: int, timeout_s: float, clock: Callable[[], float] = time.monotonic,
@@ -67,7 +69,8 @@ class ProgressMonitor:
             if host:
                 self._ranks[rank].host = host
 
-    def heartbeat(self, rank: int, progress: int, done: bool = False, host: str | None = None) -> None:
+    def heartbeat(self, rank: int, beat: Heartbeat) -> None:
+        progress, done, host = beat.progress, beat.done, beat.host
         now = self._clock()
         with self._lock:
             state = self._ranks[rank]
@@ -78,7 +81,7 @@ class ProgressMonitor:
             state.last_heartbeat = now
             state.progress = max(state.progress, progress)
             state.done = state.done or done
-            state.host = host or state.host
+            state.host = host if host != "?" else state.host
 
     def check(self) -> StallVerdict | None:
         """Judge the attempt now; the first verdict sticks."""

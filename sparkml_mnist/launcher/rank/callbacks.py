@@ -43,8 +43,8 @@ class ProgressCallback(_keras.callbacks.Callback):
         self.context = context or get_context()
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        progress = self.context.progress
-        progress.fit_first_step_at, progress.fit_examples, progress.fit_steps = None, 0, 0
+        beat = self.context.heartbeat
+        beat.fit_started_at, beat.fit_examples, beat.fit_steps = None, 0, 0
         self._summed = summed_replicas(self.model)
 
     def batch_logs(self, logs: dict | None) -> dict[str, Any]:
@@ -53,25 +53,25 @@ class ProgressCallback(_keras.callbacks.Callback):
         return {name: float(value) / summed for name, value in (logs or {}).items()}
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        progress = self.context.progress
-        progress.epoch, progress.epochs = epoch + 1, (self.params or {}).get("epochs")
+        beat = self.context.heartbeat
+        beat.epoch, beat.epochs = epoch + 1, (self.params or {}).get("epochs")
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        progress = self.context.progress
+        beat = self.context.heartbeat
         now = time.time()
-        if progress.first_step_at is None:
-            progress.first_step_at = now
-        if progress.fit_first_step_at is None:
-            progress.fit_first_step_at = now
+        if beat.first_step_at is None:
+            beat.first_step_at = now
+        if beat.fit_started_at is None:
+            beat.fit_started_at = now
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = self.batch_logs(logs).get("loss")
         if loss is not None:
-            self.context.progress.loss = loss
-        self.context.report_progress(steps=1, examples=self.context.progress.examples_per_step)
+            self.context.heartbeat.loss = loss
+        self.context.count_steps(steps=1, examples=self.context.examples_per_step)
 
     def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.context.report_progress(steps=0)
+        self.context.count_steps(steps=0)
 
 
 class LogCallback(ProgressCallback):

@@ -1,4 +1,4 @@
-"""What a rank's function sees: who it is, its partition, its backend's pieces, and ways to report.
+"""What a rank's function sees: who it is, its partition, its backend's pieces, and one way to report.
 
 The context is handed to the user function when it has a ``context`` parameter, and is always
 available through ``get_context()`` (functions written for HorovodRunner take only their own
@@ -13,16 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager
 
-from sparkml_mnist.launcher.backends import rank_backend
-from sparkml_mnist.launcher.spec import RankSpec
 from sparkml_mnist.errors import ConfigError, LaunchError
+from sparkml_mnist.launcher.backends import rank_backend
+from sparkml_mnist.launcher.protocol import (
+    CHIEF_RANK, FETCH, REPORTED, Checkpoint, Heartbeat, checkpoint_from_frames, last_checkpoint_frame,
+    report_frames, valid_key,
+)
+from sparkml_mnist.launcher.spec import RankSpec
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from sparkml_mnist.launcher.backends.base import DatasetMaker, RankBackend
     from sparkml_mnist.launcher.channel import ChannelClient
-    from sparkml_mnist.launcher.driver.store import Checkpoint
 
 CONTEXT_PARAMETER = "context"
 DRIVER_LOG_STREAM = "log"  # log_to_driver's lines: shown at every driver_log_verbosity
@@ -51,41 +54,15 @@ def log_to_driver(message: str) -> None:
 
 
 @dataclass
-class Progress:
-    """Counters the heartbeat thread sends to the driver: every change is progress."""
-
-    events: int = 0
-    steps: int = 0
-    examples: int | None = None
-    examples_per_step: int | None = None  # this rank's rows per step, once a dataset was distributed
-    first_step_at: float | None = None
-    label: str | None = None  # what the rank is training now (the job: a variant), for the driver's live lines
-    fit_first_step_at: float | None = None  # the current ``fit``'s first step and examples: its images/s
-    fit_examples: int = 0
-    fit_steps: int = 0
-    epoch: int | None = None  # what the rank's progress callback last reported, for the driver's live lines
-    epochs: int | None = None
-    loss: float | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def advance(self, steps: int = 0, examples: int | None = None) -> None:
-        with self.lock:
-            self.events += 1
-            self.steps += steps
-            self.fit_steps += steps
-            if examples is not None:
-                self.examples = (self.examples or 0) + examples
-                self.fit_examples += examples
-
-
-@dataclass
 class RankContext:
     """One rank of a run: its spec, its partition (when the run was given a DataFrame), its backend."""
 
     spec: RankSpec
     partition_file: Path | None = None
     channel: ChannelClient | None = None
-    progress: Progress = field(default_factory=Progress)
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)  # what the next heartbeat sends
+    examples_per_step: int | None = None  # this rank's rows a step, once a dataset was distributed
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     _backend: RankBackend | None = None
     _partition: pa.Table | None = None
 
@@ -130,43 +107,58 @@ class RankContext:
             self.partition_file.unlink(missing_ok=True)
         return self._partition
 
-    # -- checkpoints, kept by the driver ----------------------------------------------------------
-
     @property
     def attempt(self) -> int:
         """Which attempt of the run this is (1 for the first; retries count up)."""
         return self.spec.attempt
 
-    def save_checkpoint(self, data: bytes, epoch: int, key: str = "") -> None:
-        """Rank 0: hand the driver a checkpoint (after ``epoch`` epochs) and wait until it is kept.
+    # -- reporting ------------------------------------------------------------------------------
 
-        The next attempt's ranks get it from ``latest_checkpoint()``; no shared filesystem is needed.
-        ``key`` separates the checkpoints of several things one run trains (letters, digits, ``_.-``).
+    def report(self, key: str = "", metrics: dict[str, Any] | None = None, checkpoint: Checkpoint | None = None) -> None:
+        """Tell the driver what this rank reached, and wait until it is kept; counts as progress.
+
+        ``metrics`` (small, JSON) land in ``RunResult.reports[key][rank]`` (the last one under each key),
+        kept even when a later part of the run fails. Rank 0 may attach a ``Checkpoint``: a retried
+        attempt's ranks get it back from ``latest_checkpoint(key)``; no shared filesystem is needed.
+        ``key`` separates the things one run trains (up to 100 letters, digits, ``_.-``). Called with
+        nothing, it only tells the watchdog this rank moved (no message is sent).
         """
-        from sparkml_mnist.launcher.driver.store import CHIEF_RANK, send_checkpoint, valid_key
-
-        if self.rank != CHIEF_RANK:
-            raise LaunchError(f"save_checkpoint is for rank {CHIEF_RANK}; rank {self.rank} called it")
-        if not valid_key(key):
-            raise LaunchError(f"checkpoint key {key!r}: use up to 100 letters, digits, '_', '.' or '-'")
-        send_checkpoint(self._channel(), epoch, data, key)
+        with self._lock:
+            self.heartbeat.progress += 1
+        if metrics is None and checkpoint is None:
+            return
+        metrics = {} if metrics is None else metrics
+        if not valid_key(key) or not isinstance(metrics, dict):
+            raise LaunchError(f"report({key!r}, ...): the key takes up to 100 letters, digits, '_', '.' or '-', "
+                              f"and the metrics are a dict (got {type(metrics).__name__})")
+        if checkpoint is not None and self.rank != CHIEF_RANK:
+            raise LaunchError(f"only rank {CHIEF_RANK} reports checkpoints; rank {self.rank} attached one")
+        channel = self._channel()
+        frames = list(report_frames(key, metrics, checkpoint))
+        for frame in frames[:-1]:
+            channel.send(frame)
+        channel.request(frames[-1], lambda reply: reply.get("type") == REPORTED)
 
     def latest_checkpoint(self, key: str = "") -> Checkpoint | None:
-        """The last checkpoint rank 0 handed the driver for ``key`` in this run (an earlier attempt's), or None."""
-        from sparkml_mnist.launcher.driver.store import fetch_checkpoint
+        """The last checkpoint rank 0 reported under ``key`` in this run (an earlier attempt's), or None."""
+        return checkpoint_from_frames(self._channel().request({"type": FETCH, "key": key}, last_checkpoint_frame))
 
-        return fetch_checkpoint(self._channel(), key)
+    def count_steps(self, steps: int = 1, examples: int | None = None) -> None:
+        """Training steps taken (the launcher's Keras callbacks call this every batch): progress and rates."""
+        with self._lock:
+            beat = self.heartbeat
+            beat.progress += 1
+            beat.steps += steps
+            beat.fit_steps += steps
+            if examples is not None:
+                beat.examples += examples
+                beat.fit_examples += examples
 
-    def report_result(self, key: str, data: dict[str, Any]) -> None:
-        """Tell the driver what this rank finished (small, JSON): ``HorovodRunner.results[key][rank]``,
-        kept even when a later part of the run fails."""
-        from sparkml_mnist.launcher.driver.store import RESULT, RESULT_STORED, valid_key
-
-        if not valid_key(key) or not isinstance(data, dict):  # the driver would refuse it without a reply
-            raise LaunchError(f"report_result({key!r}, ...): the key takes up to 100 letters, digits, '_', '.' or "
-                              f"'-', and the data is a dict (got {type(data).__name__})")
-        self._channel().request({"type": RESULT, "key": key, "data": data},
-                                lambda reply: reply.get("type") == RESULT_STORED)
+    def heartbeat_message(self, done: bool = False) -> dict[str, Any]:
+        """The heartbeat as it leaves now (the heartbeat thread; a consistent copy of the counters)."""
+        with self._lock:
+            self.heartbeat.done = done
+            return self.heartbeat.to_message()
 
     def _channel(self) -> ChannelClient:
         if self.channel is None or self.channel.disabled:
@@ -216,19 +208,5 @@ class RankContext:
         """
         if steps is not None:
             self.backend.check_steps(steps)
-        self.progress.examples_per_step = global_batch_size // self.size
+        self.examples_per_step = global_batch_size // self.size
         return self.backend.distribute(make_dataset, global_batch_size)
-
-    # -- reporting ------------------------------------------------------------------------------
-
-    def report_progress(self, steps: int = 1, examples: int | None = None) -> None:
-        """Tell the driver's watchdog this rank is moving.
-
-        A rank that never reports progress is judged by its heartbeats alone; once it reports, a run
-        in which no rank moves for ``progress_timeout_s`` is ended. Keras functions pass
-        ``callbacks.ProgressCallback`` (or sparkdl's ``LogCallback``) to ``fit`` instead.
-        """
-        self.progress.advance(steps=steps, examples=examples)
-
-    def log(self, message: str) -> None:
-        log_to_driver(message)

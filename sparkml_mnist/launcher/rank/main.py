@@ -43,17 +43,10 @@ def die_with_parent(expected_parent: int | None) -> None:
 
 
 def _heartbeats(client: Any, context: Any, interval_s: float, finished: threading.Event) -> None:
-    """Beat every ``interval_s`` with the progress counters; a last beat says done."""
-    spec = context.spec
+    """Beat every ``interval_s`` with the rank's counters; a last beat says done."""
     while True:
         done = finished.is_set()
-        progress = context.progress
-        client.send({
-            "type": "heartbeat", "host": spec.host, "pid": os.getpid(), "progress": progress.events,
-            "steps": progress.steps, "first_step_at": progress.first_step_at, "done": done,
-            "label": progress.label, "epoch": progress.epoch, "epochs": progress.epochs, "loss": progress.loss,
-            "examples": progress.fit_examples, "since": progress.fit_first_step_at, "fit_steps": progress.fit_steps,
-        })
+        client.send(context.heartbeat_message(done))
         if done:
             return
         finished.wait(interval_s)
@@ -83,22 +76,24 @@ def main(workdir: Path) -> None:
     from sparkml_mnist.launcher.rank import context as context_module
     from sparkml_mnist.launcher.channel import ChannelClient
     from sparkml_mnist.launcher.failures import EXCEPTION, RankError, RankRecord, failure_event
+    from sparkml_mnist.launcher.protocol import Heartbeat
     from sparkml_mnist.launcher.spec import PARTITION_FILE, PAYLOAD_FILE, RECORD_FILE, VALUE_FILE, RankSpec
 
     spec = RankSpec.read(workdir)
     record = RankRecord(rank=spec.rank, host=spec.host, pid=os.getpid(), started_at=started_at)
     client = ChannelClient(
-        spec.driver_host, spec.driver_port, spec.rank, spec.channel_token,
-        give_up_after_s=spec.driver_loss_timeout_s, on_lost=lambda reason: _abort(workdir, record, reason),
+        spec.launch.driver_host, spec.launch.driver_port, spec.rank, spec.channel_token,
+        give_up_after_s=spec.policy.driver_loss_timeout_s, on_lost=lambda reason: _abort(workdir, record, reason),
     )
     partition = workdir / PARTITION_FILE
     context = context_module.RankContext(
-        spec=spec, partition_file=partition if partition.exists() else None, channel=client
+        spec=spec, partition_file=partition if partition.exists() else None, channel=client,
+        heartbeat=Heartbeat(host=spec.host, pid=os.getpid()),
     )
     context_module.set_context(context)
     finished = threading.Event()
     threading.Thread(
-        target=_heartbeats, args=(client, context, spec.heartbeat_interval_s, finished), daemon=True
+        target=_heartbeats, args=(client, context, spec.policy.heartbeat_interval_s, finished), daemon=True
     ).start()
 
     value_bytes = b""
@@ -114,17 +109,17 @@ def main(workdir: Path) -> None:
     except BaseException as error:  # noqa: BLE001 - every failure must reach the driver with its traceback
         record.error = RankError(
             kind=EXCEPTION, error_type=type(error).__name__, message=str(error), traceback=traceback.format_exc(),
-            steps=context.progress.steps,
+            steps=context.heartbeat.steps,
         )
         client.send(failure_event(spec.host, record.error))  # before the other ranks see this one go
     record.ended_at = time.time()
-    record.steps = context.progress.steps
-    record.examples_seen = context.progress.examples
+    record.steps = context.heartbeat.steps
+    record.examples_seen = context.heartbeat.examples
     record.timings = {"process_started_at": started_at}
     if keras_flavour.import_seconds() is not None:
         record.timings["tf_import_s"] = keras_flavour.import_seconds()
-    if context.progress.first_step_at is not None:
-        record.timings["first_step_at"] = context.progress.first_step_at
+    if context.heartbeat.first_step_at is not None:
+        record.timings["first_step_at"] = context.heartbeat.first_step_at
 
     (workdir / VALUE_FILE).write_bytes(value_bytes)
     (workdir / RECORD_FILE).write_text(record.to_json())
@@ -136,7 +131,7 @@ def main(workdir: Path) -> None:
     os.close(status_fd)
     sys.stdin.buffer.read()  # released by the parent (EOF) once every rank has finished
     if record.error is None:
-        context.backend.finish()
+        context.backend.shutdown()
     client.close()
     # Skip interpreter teardown: TensorFlow's runtime threads can make a normal exit slow or hang.
     os._exit(0)

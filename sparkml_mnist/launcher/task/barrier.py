@@ -14,11 +14,13 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-from sparkml_mnist.launcher.backends import driver_backend
-from sparkml_mnist.launcher.task.process import RankOutcome, RankProcess, free_port, rank_workdir
-from sparkml_mnist.launcher.task.prepare import RankSettings, channel_client, prepare_rank
-from sparkml_mnist.launcher.failures import EXCEPTION, RankError, RankFailedError, RankRecord, failure_marker
 from sparkml_mnist.errors import LaunchError
+from sparkml_mnist.launcher.backends import driver_backend
+from sparkml_mnist.launcher.failures import EXCEPTION, RankError, RankFailedError, RankRecord, failure_marker
+from sparkml_mnist.launcher.protocol import TASK_STARTED
+from sparkml_mnist.launcher.spec import LaunchSpec
+from sparkml_mnist.launcher.task.prepare import channel_client, prepare_rank
+from sparkml_mnist.launcher.task.process import RankOutcome, RankProcess, free_port, rank_workdir
 
 RESULT_SCHEMA = "rank int, kind string, seq int, chunk binary"
 RECORD_ROW = "record"
@@ -59,7 +61,7 @@ def _rank_failure(rank: int, host: str, error: Exception) -> LaunchError:
     return LaunchError(f"{error}\n{failure_marker(rank, host, problem)}")
 
 
-def make_task(settings: RankSettings) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def make_task(launch: LaunchSpec, payload: bytes) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The function each barrier task runs: set up the rank, run its process, send its record back."""
 
     def run_rank(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -70,38 +72,38 @@ def make_task(settings: RankSettings) -> Callable[[Iterator[pa.RecordBatch]], It
         infos = task.getTaskInfos()
         # Spark gives each task's executor address; in local mode that is the machine's external one.
         hosts = [info.address.rsplit(":", 1)[0] for info in infos]
-        if len(infos) != settings.size:
+        if len(infos) != launch.size:
             raise _rank_failure(rank, hosts[rank], LaunchError(
-                f"the run's DataFrame has {len(infos)} partitions but np={settings.size}: give it exactly one "
-                f"partition per rank (df.repartition({settings.size}))"
+                f"the run's DataFrame has {len(infos)} partitions but np={launch.size}: give it exactly one "
+                f"partition per rank (df.repartition({launch.size}))"
             ))
         with rank_workdir(rank) as workdir:
-            client = channel_client(settings, rank)
-            client.send({"type": "task_started", "host": hosts[rank]})  # the watchdog: this task is alive
+            client = channel_client(launch, rank)
+            client.send({"type": TASK_STARTED, "host": hosts[rank]})  # the watchdog: this task is alive
             try:
-                partition = batches if settings.has_data else None
+                partition = batches if launch.has_data else None
                 if partition is None:
                     for _ in batches:  # the placeholder row of spark.range
                         pass
                 ports = [int(port) for port in task.allGather(str(free_port()))]
                 try:
-                    driver_backend(settings.backend).check_available(f"executor host {hosts[rank]}")
+                    driver_backend(launch.backend).check_available(f"executor host {hosts[rank]}")
                 except LaunchError as error:  # reaches the driver as this rank's failure
                     raise _rank_failure(rank, hosts[rank], error) from None
                 gpu = task.resources().get(GPU_RESOURCE)
                 gpus = list(gpu.addresses) if gpu is not None else []
-                spec, env = prepare_rank(settings, rank, hosts, ports, gpus, workdir, partition)
+                spec, env = prepare_rank(launch, rank, hosts, ports, gpus, workdir, partition)
 
                 local_to_driver = client.local_to_driver()  # the executor's stderr is the driver's console
 
                 def on_line(stream: str, line: str) -> None:
-                    forwarded = settings.forward_output and not client.failed
+                    forwarded = launch.forward_output and not client.failed
                     if forwarded:
                         client.log(stream, line)
-                    if not local_to_driver or (settings.forward_output and not forwarded):
+                    if not local_to_driver or (launch.forward_output and not forwarded):
                         sys.stderr.write(f"[rank {rank}] {line}\n")  # the executor's log keeps every line
 
-                with RankProcess(spec, settings.payload, env, on_line, workdir) as process:
+                with RankProcess(spec, payload, env, on_line, workdir) as process:
                     process.start()
                     outcome = process.finished()
                     error = outcome.record.error

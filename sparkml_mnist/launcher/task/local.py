@@ -16,12 +16,14 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from sparkml_mnist.launcher.channel import LogSink, clean_line
-from sparkml_mnist.launcher.driver.watchdog import ProgressMonitor
-from sparkml_mnist.launcher.placement import RankDevices
-from sparkml_mnist.launcher.task.process import RankOutcome, RankProcess, free_port, rank_workdir
-from sparkml_mnist.launcher.task.prepare import RankSettings, prepare_rank
+from sparkml_mnist.launcher.channel import clean_line
+from sparkml_mnist.launcher.driver.events import rank_line
+from sparkml_mnist.launcher.driver.watchdog import Watchdog
 from sparkml_mnist.launcher.failures import RankFailedError, RankRecord, RankStalledError
+from sparkml_mnist.launcher.placement import RankDevices
+from sparkml_mnist.launcher.spec import LaunchSpec
+from sparkml_mnist.launcher.task.prepare import prepare_rank
+from sparkml_mnist.launcher.task.process import RankOutcome, RankProcess, free_port, rank_workdir
 
 LOOPBACK = "127.0.0.1"
 POLL_S = 0.2
@@ -37,14 +39,14 @@ def collect_partitions(frame: DataFrame, size: int) -> list[pa.Table]:
 
 
 def run_local(
-    settings: RankSettings,
+    launch: LaunchSpec,
+    payload: bytes,
     partitions: list[pa.Table] | None,
     devices: RankDevices,
-    monitor: ProgressMonitor,
-    log_sink: LogSink,
+    monitor: Watchdog,
 ) -> list[tuple[RankRecord, bytes]]:
     """Run every rank on this machine; raises RankFailedError or RankStalledError like the barrier path."""
-    size = settings.size
+    size = launch.size
     with contextlib.ExitStack() as stack:
         hosts = [LOOPBACK] * size
         ports = [free_port() for _ in range(size)]
@@ -53,9 +55,9 @@ def run_local(
             workdir = stack.enter_context(rank_workdir(rank))
             partition = partitions[rank].to_batches() if partitions is not None else None
             gpus = list(devices.driver_gpus[rank]) if devices.driver_gpus else []
-            spec, env = prepare_rank(settings, rank, hosts, ports, gpus, workdir, partition)
-            sink = _sink_for(log_sink, rank) if settings.forward_output else _keep_nothing
-            processes.append(stack.enter_context(RankProcess(spec, settings.payload, env, sink, workdir)))
+            spec, env = prepare_rank(launch, rank, hosts, ports, gpus, workdir, partition)
+            sink = _forward(rank) if launch.forward_output else _keep_nothing
+            processes.append(stack.enter_context(RankProcess(spec, payload, env, sink, workdir)))
         for process in processes:
             process.start()
 
@@ -81,8 +83,8 @@ def run_local(
         return [(outcomes[rank].record, outcomes[rank].value_bytes) for rank in range(size)]
 
 
-def _sink_for(log_sink: LogSink, rank: int) -> Callable[[str, str], None]:
-    return lambda stream, line: log_sink(rank, stream, clean_line(line))
+def _forward(rank: int) -> Callable[[str, str], None]:
+    return lambda stream, line: rank_line(rank, stream, clean_line(line))
 
 
 def _keep_nothing(stream: str, line: str) -> None:

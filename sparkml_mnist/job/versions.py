@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Callable
 
 from packaging.specifiers import SpecifierSet
@@ -18,6 +17,7 @@ from packaging.version import InvalidVersion, Version
 from sparkml_mnist.config import default_conf_file, load_yaml
 from sparkml_mnist.errors import SparkMnistError
 from sparkml_mnist.launcher.keras_flavour import TENSORFLOW_DISTRIBUTIONS, builtin_keras_2
+from sparkml_mnist.launcher.packages import installed_version
 
 VERSIONS_CONF_FILE = "versions.yaml"
 # Each checked package: the distributions that provide it (first found wins) and its import name.
@@ -42,13 +42,13 @@ class VersionCheck:
     fatal: bool = False
 
 
-def installed_version(package: str) -> str | None:
+def _found_version(package: str) -> str | None:
+    """The version of a checked package from whichever of its distributions is installed (None: none is)."""
     distributions, module = DISTRIBUTIONS[package]
     for name in distributions:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+        version = installed_version(name)
+        if version is not None:
+            return version
     if module is not None:  # e.g. Databricks puts pyspark on the path without pip metadata
         try:
             return str(importlib.import_module(module).__version__)
@@ -61,7 +61,7 @@ def check_versions(found: dict[str, str | None] | None = None) -> list[VersionCh
     """Compare installed versions (or ``found``, for tests) with conf/versions.yaml."""
     conf_file = default_conf_file(VERSIONS_CONF_FILE)
     ranges = load_yaml(conf_file)
-    found = found if found is not None else {package: installed_version(package) for package in DISTRIBUTIONS}
+    found = found if found is not None else {package: _found_version(package) for package in DISTRIBUTIONS}
     checks = [_check(package, found.get(package), ranges[package], str(conf_file)) for package in DISTRIBUTIONS]
     if found.get("tf-keras") is None and _builtin_keras_2(found.get("tensorflow")):
         checks = [c for c in checks if c.package != "tf-keras"]  # TF <= 2.15: tf.keras is Keras 2 already

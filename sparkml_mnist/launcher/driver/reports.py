@@ -1,0 +1,78 @@
+"""What the ranks report over a whole run (every attempt): metrics by key and rank, rank 0's checkpoints.
+
+Fed by the channel's threads. A report's checkpoint chunks are assembled per rank; when its last
+frame arrives the checkpoint is kept in the store (before the rank is answered, so an acknowledged
+checkpoint survives the driver's next failure), its metrics are kept, and the run's listener is told.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from typing import Any, Callable
+
+from sparkml_mnist.launcher.driver.store import CheckpointStore
+from sparkml_mnist.launcher.protocol import (
+    CHIEF_RANK, REPORTED, Checkpoint, Message, checkpoint_frames, valid_key,
+)
+
+logger = logging.getLogger(__name__)
+
+# on_report(key, rank, metrics, checkpoint or None), on a channel thread, once the report is kept
+ReportListener = Callable[[str, int, dict[str, Any], "Checkpoint | None"], None]
+
+
+class RunReports:
+    """``metrics[key][rank]``: the last metrics each rank reported under each key; checkpoints in ``store``."""
+
+    def __init__(self, store: CheckpointStore, on_report: ReportListener | None = None) -> None:
+        self.store = store
+        self.on_report = on_report
+        self.metrics: dict[str, dict[int, dict[str, Any]]] = {}
+        self._parts: dict[int, list[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def new_attempt(self) -> None:
+        """A new attempt's ranks start their reports afresh (half-sent chunks of the last one are dropped)."""
+        with self._lock:
+            self._parts = {}
+
+    def receive(self, rank: int, frame: Message) -> Message | None:
+        """One report frame of ``rank``; the answer once the report is whole and kept (None before)."""
+        key, seq, total = frame.get("key"), frame.get("seq"), frame.get("total")
+        if not valid_key(key) or not isinstance(seq, int) or not isinstance(total, int) or not 0 <= seq < total:
+            return None
+        has_checkpoint = "epoch" in frame
+        if has_checkpoint and rank != CHIEF_RANK:
+            return None  # refused (the rank side says so before sending)
+        with self._lock:
+            parts = self._parts.setdefault(rank, [])
+            if seq == 0:
+                parts.clear()
+            if seq != len(parts):  # a chunk went missing: this report is dropped, the rank gets no answer
+                parts.clear()
+                return None
+            if has_checkpoint:
+                parts.append(base64.b64decode(frame.get("data", "")))
+            if seq + 1 < total:
+                return None
+            data = b"".join(parts)
+            parts.clear()
+        metrics = frame.get("metrics")
+        if not isinstance(metrics, dict):
+            return None
+        checkpoint = None
+        if has_checkpoint and isinstance(frame.get("epoch"), int):
+            checkpoint = Checkpoint(epoch=frame["epoch"], data=data)
+            self.store.put(checkpoint.epoch, checkpoint.data, key)
+        with self._lock:
+            self.metrics.setdefault(key, {})[rank] = metrics
+        if self.on_report is not None:
+            self.on_report(key, rank, metrics, checkpoint)
+        return {"type": REPORTED}
+
+    def fetch(self, frame: Message) -> list[Message]:
+        """The answer to a rank asking for a key's latest checkpoint."""
+        key = frame.get("key", "")
+        return checkpoint_frames(self.store.latest(key) if valid_key(key) else None)
