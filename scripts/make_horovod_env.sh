@@ -3,10 +3,23 @@
 #   bash scripts/make_horovod_env.sh [VENV]      (default: .venv-horovod beside this repository's setup.py)
 # Horovod ships only as source; the build takes ~6 minutes on 2 cores the first time and needs cmake and
 # g++. pip's wheel cache keeps the built wheel, so a later environment installs it in seconds.
+# One build at a time per VENV (a lock beside it): a second call waits for the first, then finds the
+# environment ready (a stamp of what it was built from) and returns at once. CI starts it in the
+# background while the tests run; the Horovod test's own call then waits for it.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-$repo/.venv-horovod}"
 python="${PYTHON:-python3}"
+
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+stamp="$venv/.built-from"
+inputs="$(cat "$repo/requirements/horovod-tf215.txt" "$repo/setup.py" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ]; then
+  echo "Horovod environment ready: $venv/bin/python (built earlier from the same requirements)"
+  exit 0
+fi
 
 for tool in cmake g++; do
   command -v "$tool" >/dev/null || { echo "make_horovod_env: $tool is needed to build Horovod; install it first" >&2; exit 2; }
@@ -28,4 +41,5 @@ if problem:
     sys.exit(f"make_horovod_env: {problem}")
 import horovod.tensorflow.keras
 '
+echo "$inputs" > "$stamp"
 echo "Horovod environment ready: $venv/bin/python"

@@ -1,9 +1,17 @@
-"""One local[2] SparkSession for the whole test session, made the way the entry points make it."""
+"""One local[2] SparkSession for the whole test session, made the way the entry points make it; one
+trained run (and its deterministic rerun) for the tests that only read a finished run."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +31,12 @@ TEST_CONF = {
 HOROVOD_SUITE_ENV = "SPARKML_MNIST_HOROVOD_SUITE"
 HOROVOD_SUITE_DIR = "horovod_env"
 collect_ignore = [] if os.environ.get(HOROVOD_SUITE_ENV) == "1" else [HOROVOD_SUITE_DIR]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Horovod environment's test runs last: CI builds that environment in the background (.ci/run)
+    meanwhile, and the test waits for the build only if it is still going."""
+    items.sort(key=lambda item: item.get_closest_marker("horovod") is not None)
 
 
 # Functions defined in test modules run in Spark's Python workers, which import them by module
@@ -50,3 +64,118 @@ def full_data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"{DATA_DIR_ENV}={value} is not a folder")
     return path
+
+
+# -- one trained run for the whole session ---------------------------------------------------------
+#
+# Training is the slow part of the suite. The tests that only read a finished run (its report, plots,
+# models, rank records, console lines, secrets in what it wrote) share this one: the CLI in a fresh
+# process, as a user runs it. The determinism pair's second run (``quiet_rerun``) repeats it.
+
+TRAINED_VARIANTS = ("variant1", "variant3")  # two models in one barrier stage, two shard layouts (0.1 and 0.0 validation)
+TRAINED_EPOCHS = 2
+TRAINED_NP = 2
+CLI_TIMEOUT_S = 900
+CLAIM_WAIT_S = 300.0
+# Planted in the trained run's environment; none may reach its console or anything it writes (test_security).
+PLANTED_ENV_SECRETS = {"DATABRICKS_TOKEN": "dapiSECRETdatabricks0001", "AWS_SECRET_ACCESS_KEY": "SECRETawsKEY0002"}
+PLANTED_CONF_SECRET = "SECRETsparkCONF0003"
+PLANTED_TRACKING_SECRET = "SECRETtrackingURI0005"
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A CLI run that ended: its report folder, report.json, console streams and environment."""
+
+    output: Path
+    report: dict[str, Any]
+    stdout: str
+    stderr: str
+    env: dict[str, str]  # what the test added to the inherited environment
+    planted_secrets: tuple[str, ...] = ()  # secret values in ``env``, to be found nowhere in what the run printed or wrote
+
+    def variant(self, name: str) -> dict[str, Any]:
+        return next(v for v in self.report["variants"] if v["name"] == name)
+
+
+def train_args(output: Path, *loudness: str) -> list[str]:
+    return [sys.executable, "-m", "sparkml_mnist.cli", *loudness, "train", "--variant", ",".join(TRAINED_VARIANTS),
+            "--epochs", str(TRAINED_EPOCHS), "--np", str(TRAINED_NP), "--deterministic", "--output", str(output)]
+
+
+def finished(output: Path, stdout: str, stderr: str, code: int, env: dict[str, str],
+             planted: tuple[str, ...] = ()) -> FinishedRun:
+    assert code == 0, f"exit code {code}; stderr:\n{stderr[-5000:]}"
+    report = json.loads((output / "report.json").read_text(encoding="utf-8"))
+    return FinishedRun(output, report, stdout, stderr, env, planted)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> FinishedRun:
+    """``sparkml-mnist -v train --variant variant1,variant3 --epochs 2 --np 2 --deterministic`` on the sample.
+
+    Verbose, so that its stderr holds every line a run can print; with secrets planted in its environment
+    (a token, a Spark conf through PYSPARK_SUBMIT_ARGS, credentials in MLFLOW_TRACKING_URI); MLflow pointed
+    at a closed port, which must cost a warning and nothing else.
+    """
+    from spark_processes import LOCALHOST, free_port
+
+    root = tmp_path_factory.mktemp("trained-run")
+    output = root / "out"
+    env = {**PLANTED_ENV_SECRETS, "PYTHONUNBUFFERED": "1",
+           "PYSPARK_SUBMIT_ARGS": f"--conf spark.hadoop.fs.s3a.secret.key={PLANTED_CONF_SECRET} pyspark-shell"}
+    if importlib.util.find_spec("mlflow") is not None:  # MLFLOW_TRACKING_URI turns tracking on; it needs mlflow
+        env["MLFLOW_TRACKING_URI"] = f"http://user:{PLANTED_TRACKING_SECRET}@{LOCALHOST}:{free_port()}"
+    done = subprocess.run(train_args(output, "-v"), capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=CLI_TIMEOUT_S, cwd=root)
+    (root / "stdout.log").write_text(done.stdout)
+    (root / "stderr.log").write_text(done.stderr)
+    planted = (*PLANTED_ENV_SECRETS.values(), PLANTED_CONF_SECRET, PLANTED_TRACKING_SECRET)
+    return finished(output, done.stdout, done.stderr, done.returncode, env, planted)
+
+
+@dataclass(frozen=True)
+class Rerun:
+    run: FinishedRun
+    pid: int
+    intruder_code: int | None  # a third run into the same output, started while the rerun held it (None: never was)
+    intruder_err: str
+
+
+@pytest.fixture(scope="session")
+def quiet_rerun(spark, trained_run, tmp_path_factory) -> Rerun:
+    """The determinism pair's second run: the trained run again (same settings and seed), at ``-q``, in a
+    plain environment. While it holds its output, another run into that output is started (in this
+    process, so that it reaches the claim at once): it must be refused, naming the rerun's pid."""
+    import contextlib
+    import io
+
+    from sparkml_mnist.cli.commands import main
+    from sparkml_mnist.job.state import LOCK_FILE, state_folder
+
+    root = tmp_path_factory.mktemp("quiet-rerun")
+    output = root / "out"
+    with open(root / "stdout.log", "w+") as out, open(root / "stderr.log", "w+") as err:
+        process = subprocess.Popen(train_args(output, "-q"), stdout=out, stderr=err, cwd=root,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            lock = state_folder(output) / LOCK_FILE
+            deadline = time.monotonic() + CLAIM_WAIT_S
+            claimed = False
+            while not claimed and process.poll() is None and time.monotonic() < deadline:
+                claimed = lock.is_file() and lock.read_text().startswith("pid ")  # written once the claim is held
+                time.sleep(0.1)
+            intruder, code = io.StringIO(), None
+            if claimed and process.poll() is None:
+                with contextlib.redirect_stderr(intruder):
+                    code = main(["train", "--variant", "variant1", "--epochs", "1", "--np", "-1",
+                                 "--output", str(output)])
+            process.wait(CLI_TIMEOUT_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        out.seek(0)
+        err.seek(0)
+        run = finished(output, out.read(), err.read(), process.returncode, {})
+    return Rerun(run, process.pid, code, intruder.getvalue())

@@ -98,7 +98,7 @@ def tracked_run(spark, tmp_path: Path, tracking_uri: str) -> tuple[Path, Any]:
     return folder, tracking
 
 
-def read_back(tracking_uri: str, tracking: Any, folder: Path) -> None:
+def read_back(tracking_uri: str, tracking: Any, folder: Path, np_: int = -1) -> None:
     """Parent and child runs, parameters, per-epoch metrics with steps, test metrics, artifacts, the model."""
     import mlflow
     from mlflow import MlflowClient
@@ -114,7 +114,7 @@ def read_back(tracking_uri: str, tracking: Any, folder: Path) -> None:
     child = client.get_run(tracking.children["variant1"])
     assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert parent.data.params["np"] == "-1" and parent.data.params["seed"] == "42"
+    assert parent.data.params["np"] == str(np_) and parent.data.params["seed"] == "42"
     assert child.data.params["optimizer"] == "adam" and child.data.params["epochs"] == str(EPOCHS)
     for key in ("loss", "accuracy", "val_loss"):
         history = client.get_metric_history(child.info.run_id, key)
@@ -145,18 +145,44 @@ def test_a_run_logged_to_an_mlflow_server_reads_back_whole(spark, tmp_path: Path
 
 
 @pytest.mark.mlflow
-def test_a_run_logged_to_a_local_store_reads_back_whole(spark, tmp_path: Path) -> None:
+def test_a_finished_run_logged_to_a_local_store_reads_back_whole(spark, trained_run, tmp_path: Path) -> None:
+    """What run_job logs once its report is written (the job's own logging is read back from the server
+    above), logged here from the session's trained run: a local store, with no job of its own."""
+    from sparkml_mnist.data.libsvm import load_libsvm
+    from sparkml_mnist.data.paths import sample_paths
+    from sparkml_mnist.data.tensors import collect_tensors
+    from sparkml_mnist.job.plan import plan_job
+    from sparkml_mnist.job.tracking import Tracking, log_variants, run_params, variant_params
+    from sparkml_mnist.report import VariantResult, collect_versions
+
+    folder, settings = trained_run.output, trained_run.report["config"]["run"]
+    assert settings["epochs"] == EPOCHS  # read_back's expectation
+    names = [entry["name"] for entry in trained_run.report["variants"]]
+    plan = plan_job(load_run("sample").with_overrides(
+        variants=",".join(names), np=settings["np"], epochs=settings["epochs"],
+        deterministic=settings["deterministic"], output=str(tmp_path / "unused")))
+    results = [VariantResult.from_dict(entry, sorted((folder / "models" / entry["name"]).glob("*.keras")))
+               for entry in trained_run.report["variants"]]
+    x_sample = collect_tensors(load_libsvm(spark, sample_paths().test))[0][:5]
     uri = f"sqlite:///{tmp_path / 'local.db'}"
-    folder, tracking = tracked_run(spark, tmp_path, uri)
-    read_back(uri, tracking, folder)
+    tracking = Tracking(uri, experiment=f"test-{tmp_path.name}", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracking.start(plan.run.name, run_params(plan.run, plan.placement, collect_versions()))
+    params = {v.name: variant_params(v, plan.placement, plan.run.seed, plan.run.deterministic) for v in plan.variants}
+    log_variants(tracking, results, params, folder, x_sample)
+    tracking.end(folder)
+    assert tracking.enabled and set(tracking.children) == set(names)
+    read_back(uri, tracking, folder, np_=settings["np"])
 
 
 @pytest.mark.mlflow
-def test_an_unreachable_tracking_server_is_a_warning_and_the_report_is_written(spark, tmp_path, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="sparkml_mnist")
-    folder, tracking = tracked_run(spark, tmp_path, f"http://{LOCALHOST}:{free_port()}")
-    assert (folder / "report.json").is_file() and not tracking.enabled
-    assert any("cannot be reached" in r.getMessage() and "report is written" in r.getMessage() for r in caplog.records)
+def test_an_unreachable_tracking_server_is_a_warning_and_the_report_is_written(trained_run) -> None:
+    """The trained run had MLFLOW_TRACKING_URI pointing at a closed port (tests/conftest.py)."""
+    if "MLFLOW_TRACKING_URI" not in trained_run.env:
+        pytest.skip("mlflow is not installed: the trained run was not pointed at a tracking server")
+    warnings = [line for line in trained_run.stderr.splitlines() if "cannot be reached" in line]
+    assert len(warnings) == 1 and "MLflow tracking is off for this run, the report is written" in warnings[0]
+    assert [v["name"] for v in trained_run.report["variants"]] == ["variant1", "variant3"]
+    assert not (trained_run.output.parent / "mlruns").exists()  # nothing was logged anywhere else instead
 
 
 # -- live progress ----------------------------------------------------------------------------------
@@ -194,7 +220,7 @@ def test_the_board_names_a_straggler_and_renders_one_line_per_rank() -> None:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_a_terminal_shows_the_ranks_lines_updating_in_place(tmp_path: Path) -> None:
     session = f"sparkml-mnist-{os.getpid()}"
-    command = (f"{sys.executable} -m sparkml_mnist.cli.commands train --variant variant3 --epochs 3 --np 2 "
+    command = (f"{sys.executable} -m sparkml_mnist.cli train --variant variant3 --epochs 2 --np 2 "
                f"--output {tmp_path / 'out'}; echo EXIT=$?; sleep 600")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command], check=True)
     screens = []
@@ -222,29 +248,22 @@ def test_a_terminal_shows_the_ranks_lines_updating_in_place(tmp_path: Path) -> N
 # -- logging -----------------------------------------------------------------------------------------
 
 
-def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sparkml_mnist.cli", *args, "train", "--variant", "variant1", "--epochs", "1",
-         "--np", "-1", "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def test_quiet_prints_only_the_result_table_and_errors(tmp_path: Path) -> None:
-    done = cli("-q", tmp_path=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[0].startswith("variant ") and "variant1" in done.stdout.splitlines()[2]
-    ours = [line for line in done.stderr.splitlines()
+def test_quiet_prints_only_the_result_table_and_errors(quiet_rerun) -> None:
+    """The determinism pair's second run (tests/conftest.py) ran at -q."""
+    run = quiet_rerun.run
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("variant ") and set(lines[1]) == {"-", " "}
+    assert [line.split()[0] for line in lines[2:]] == ["variant1", "variant3"]  # the table, nothing else
+    ours = [line for line in run.stderr.splitlines()
             if not line.startswith(("WARNING: Using incubator modules", "Setting default log level",
                                     "To adjust logging level"))]
     assert ours == [], ours  # the JVM's own start-up lines are all that is left
 
 
-def test_verbose_shows_tensorflows_notices_and_times(tmp_path: Path) -> None:
-    done = cli("-v", tmp_path=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "oneDNN" in done.stderr or "cpu_feature_guard" in done.stderr
-    assert " sparkml_mnist.job.run: reading and checking " in done.stderr  # time and logger name at -v
+def test_verbose_shows_tensorflows_notices_and_times(trained_run) -> None:
+    """The session's trained run (tests/conftest.py) ran at -v."""
+    assert "oneDNN" in trained_run.stderr or "cpu_feature_guard" in trained_run.stderr
+    assert " sparkml_mnist.job.run: reading and checking " in trained_run.stderr  # time and logger name at -v
 
 
 def test_a_library_users_handler_gets_rank_lines_with_the_rank(spark) -> None:

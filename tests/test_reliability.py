@@ -25,7 +25,6 @@ from sparkml_mnist.config import load_run
 from sparkml_mnist.launcher import HorovodRunner, get_context
 from sparkml_mnist.launcher.policy import FailurePolicy
 from sparkml_mnist.launcher.failures import RankFailedError
-from sparkml_mnist.job.run import run_job
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -55,19 +54,15 @@ def kill_rank(rank: int, mark: str) -> int:
 # -- a rank SIGKILLed in the middle of epoch 2 ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def undisturbed(spark, tmp_path_factory) -> dict[str, Any]:
-    """variant3, 3 epochs at np=2 on the sample: the reference for the killed run (same seed)."""
-    run = load_run("sample").with_overrides(variants="variant3", np=2, epochs=3,
-                                            output=str(tmp_path_factory.mktemp("ref") / "out"))
-    return report(run_job(spark, run))["variants"][0]
-
-
-def test_a_rank_killed_mid_epoch_costs_one_retry_not_the_run(undisturbed, tmp_path: Path) -> None:
+def test_a_rank_killed_mid_epoch_costs_one_retry_not_the_run(trained_run, tmp_path: Path) -> None:
+    """variant3 for 2 epochs at np=2, rank 1 killed in epoch 2; the reference is the session's trained run
+    (tests/conftest.py), which trained variant3 undisturbed with the same settings and seed."""
+    undisturbed = trained_run.variant("variant3")
+    assert len(undisturbed["history"]["loss"]) == 2 and len(undisturbed["rank_records"]) == 2
     output = tmp_path / "out"
-    job = CliRun("train", "--variant", "variant3", "--epochs", "3", "--np", "2", "--output", str(output),
+    job = CliRun("train", "--variant", "variant3", "--epochs", "2", "--np", "2", "--output", str(output),
                  log=tmp_path / "cli.log", env={"SPARK_LOCAL_DIRS": str(tmp_path / "local")})
-    assert job.wait_for("variant3 epoch 1/3", START_TIMEOUT_S), job.text()[-3000:]
+    assert job.wait_for("variant3 epoch 1/2", START_TIMEOUT_S), job.text()[-3000:]
     time.sleep(MID_EPOCH_S)
     kill_rank(1, job.mark)
     assert job.finish(RUN_TIMEOUT_S) == 0, job.text()[-3000:]
@@ -77,8 +72,10 @@ def test_a_rank_killed_mid_epoch_costs_one_retry_not_the_run(undisturbed, tmp_pa
     assert "rank 1" in attempts[0]["cause"] and "exited with code -9" in attempts[0]["cause"]
     assert attempts[1]["resumed_from_epoch"] == 1  # epoch 2 was lost, epoch 1 was not
     assert attempts[1]["seconds_from_failure_to_first_step"] > 0
-    assert all(len(values) == 3 for values in variant["history"].values())  # every epoch once
+    assert all(len(values) == 2 for values in variant["history"].values())  # every epoch once
     assert {r["resumed_from_epoch"] for r in variant["rank_records"]} == {1}
+    assert variant["deterministic"] is False  # only with --deterministic:
+    assert all(r["determinism"]["op_determinism"] is False for r in variant["rank_records"])
     assert abs(variant["test"]["accuracy"] - undisturbed["test"]["accuracy"]) < ACCURACY_TOLERANCE
     assert "attempt 2 resumes after epoch 1" in job.text()
     assert work_folders(tmp_path / "local") == []
@@ -90,9 +87,9 @@ def test_a_rank_killed_mid_epoch_costs_one_retry_not_the_run(undisturbed, tmp_pa
 def test_sigterm_then_resume_keeps_the_first_variant_and_resumes_the_second(tmp_path: Path) -> None:
     output = tmp_path / "out"
     env = {"SPARK_LOCAL_DIRS": str(tmp_path / "local")}
-    job = CliRun("train", "--variant", "variant1,variant3", "--epochs", "3", "--np", "2", "--output", str(output),
+    job = CliRun("train", "--variant", "variant1,variant3", "--epochs", "2", "--np", "2", "--output", str(output),
                  log=tmp_path / "first.log", env=env)
-    assert job.wait_for("variant3 epoch 1/3", START_TIMEOUT_S), job.text()[-3000:]
+    assert job.wait_for("variant3 epoch 1/2", START_TIMEOUT_S), job.text()[-3000:]
     job.process.send_signal(signal.SIGTERM)
     assert job.finish(RUN_TIMEOUT_S) == 130, job.text()[-3000:]
     assert f"--resume {output}" in job.text()
@@ -110,7 +107,7 @@ def test_sigterm_then_resume_keeps_the_first_variant_and_resumes_the_second(tmp_
     assert "variant3: attempt 1 resumes after epoch " in text
     variants = {v["name"]: v for v in report(output)["variants"]}
     assert set(variants) == {"variant1", "variant3"}
-    assert all(len(values) == 3 for v in variants.values() for values in v["history"].values())
+    assert all(len(values) == 2 for v in variants.values() for values in v["history"].values())
     assert variants["variant3"]["rank_records"][0]["resumed_from_epoch"] >= 1
     assert (output / "models" / "variant1" / "variant1.keras").is_file()
     assert not (tmp_path / ".out.state").exists()
@@ -135,7 +132,7 @@ def test_the_same_error_at_the_same_step_is_not_retried_again(spark, tmp_path: P
         runner.run(failing_at_step_three, pid_dir=str(tmp_path))
     assert caught.value.rank == 1 and "rank one breaks at step 3" in str(caught.value)
     assert [a.outcome for a in caught.value.attempts] == ["failed", "failed"]  # not 4: the second one repeated the first
-    assert caught.value.error.steps == 3
+    assert caught.value.error.progress == 3
 
 
 def flaky_once(marker: str) -> int:
@@ -155,38 +152,39 @@ def test_a_crash_that_does_not_repeat_is_retried(spark, tmp_path: Path) -> None:
 # -- determinism on demand --------------------------------------------------------------------------
 
 
-def saved_weights(folder: Path) -> list[np.ndarray]:
+def saved_weights(folder: Path, name: str) -> list[np.ndarray]:
     from sparkml_mnist.launcher.keras_flavour import keras
 
-    return keras().models.load_model(next(folder.rglob("variant1.keras"))).get_weights()
+    return keras().models.load_model(folder / "models" / name / f"{name}.keras").get_weights()
 
 
-@pytest.mark.parametrize("np_", [1, 2])
-def test_deterministic_runs_give_bit_identical_weights(spark, tmp_path: Path, np_: int) -> None:
-    weights = []
-    for name in ("first", "second"):
-        run = load_run("sample").with_overrides(variants="variant1", np=np_, epochs=1, deterministic=True,
-                                                output=str(tmp_path / name))
-        folder = run_job(spark, run)
-        variant = report(folder)["variants"][0]
-        assert variant["deterministic"] is True and variant["seed"] == run.seed
-        assert all(r["determinism"]["op_determinism"] is True and r["determinism"]["inter_op_threads"] == 1
-                   for r in variant["rank_records"])
-        weights.append(saved_weights(folder))
-    for first, second in zip(*weights):
-        np.testing.assert_array_equal(first, second)
+def test_deterministic_runs_give_bit_identical_weights(trained_run, quiet_rerun) -> None:
+    """The pair: the session's trained run and its rerun (tests/conftest.py), both --deterministic with
+    the sample's seed, variant1 and variant3 (with dropout) at np=2."""
+    first, second = trained_run, quiet_rerun.run
+    settings = [{k: v for k, v in run.report["config"]["run"].items() if k != "output"} for run in (first, second)]
+    assert settings[0] == settings[1] and settings[0]["deterministic"] is True
+    for name in ("variant1", "variant3"):
+        for run in (first, second):
+            variant = run.variant(name)
+            assert variant["deterministic"] is True and variant["seed"] == load_run("sample").seed
+            assert len(variant["rank_records"]) == 2
+            assert all(r["determinism"]["op_determinism"] is True and r["determinism"]["inter_op_threads"] == 1
+                       for r in variant["rank_records"])
+        weights = saved_weights(first.output, name), saved_weights(second.output, name)
+        assert len(weights[0]) == len(weights[1]) > 0
+        for one, other in zip(*weights):
+            np.testing.assert_array_equal(one, other)
+        assert first.variant(name)["history"] == second.variant(name)["history"]
 
 
 # -- one output, two runs --------------------------------------------------------------------------
 
 
-def test_two_runs_into_one_output_at_once_one_wins_the_other_is_told(tmp_path: Path) -> None:
-    output = tmp_path / "out"
-    args = ("train", "--variant", "variant1", "--epochs", "2", "--np", "-1", "--output", str(output))
-    first = CliRun(*args, log=tmp_path / "first.log")
-    assert first.wait_for("variant1: Conv2D", START_TIMEOUT_S), first.text()[-3000:]  # it claimed the output
-    second = CliRun(*args, log=tmp_path / "second.log")
-    assert second.finish(RUN_TIMEOUT_S) == 2
-    assert f"{output}: another run (pid {first.process.pid} on" in second.text()
-    assert first.finish(RUN_TIMEOUT_S) == 0, first.text()[-3000:]
-    assert report(output)["variants"][0]["name"] == "variant1"
+def test_two_runs_into_one_output_at_once_one_wins_the_other_is_told(quiet_rerun) -> None:
+    """While the determinism pair's rerun held its output, another run into it was started (tests/conftest.py)."""
+    output = quiet_rerun.run.output
+    assert quiet_rerun.intruder_code == 2, quiet_rerun.intruder_err
+    assert f"{output}: another run (pid {quiet_rerun.pid} on" in quiet_rerun.intruder_err
+    assert len(quiet_rerun.intruder_err.strip().splitlines()) == 1
+    assert [v["name"] for v in quiet_rerun.run.report["variants"]] == ["variant1", "variant3"]  # the first one won

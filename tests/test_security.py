@@ -197,31 +197,25 @@ def test_a_secured_cluster_is_refused_unless_the_risk_is_accepted(setting: str) 
     assert check_secured_cluster(_session({})) is None
 
 
-SECRETS = {"DATABRICKS_TOKEN": "dapiSECRETdatabricks0001", "AWS_SECRET_ACCESS_KEY": "SECRETawsKEY0002"}
-CONF_SECRET = "SECRETsparkCONF0003"
 URI_SECRET = "SECRETinURI0004"
 
 
-def test_no_secret_reaches_an_output_file_or_the_console(tmp_path: Path) -> None:
-    output = tmp_path / "out"
-    env = {**os.environ, **SECRETS,
-           "PYSPARK_SUBMIT_ARGS": f"--conf spark.hadoop.fs.s3a.secret.key={CONF_SECRET} pyspark-shell"}
-    done = subprocess.run(
-        [sys.executable, "-m", "sparkml_mnist.cli", "train", "--variant", "variant1", "--epochs", "1", "--np", "-1",
-         "--output", str(output)], capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_no_secret_reaches_an_output_file_or_the_console(trained_run, tmp_path: Path) -> None:
+    """The session's trained run (tests/conftest.py) ran at -v with secrets planted in its environment: a
+    token, a Spark conf through PYSPARK_SUBMIT_ARGS, credentials in MLFLOW_TRACKING_URI."""
     failed = subprocess.run(  # a credential inside a data URI, named by the error
         [sys.executable, "-m", "sparkml_mnist.cli", "train", "--variant", "variant1", "--np", "-1",
          "--train", f"s3a://AKIAEXAMPLE:{URI_SECRET}@bucket/train.txt",
          "--test", f"https://bucket.example/test.txt?X-Amz-Signature={URI_SECRET}", "--output", str(tmp_path / "x")],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env={**os.environ, **trained_run.env}, timeout=600,
     )
     assert failed.returncode != 0
-    planted = [*SECRETS.values(), CONF_SECRET, URI_SECRET]
-    console = done.stdout + done.stderr + failed.stdout + failed.stderr
+    planted = [*trained_run.planted_secrets, URI_SECRET]
+    assert len(planted) >= 4 and all(secret in "".join(trained_run.env.values()) for secret in trained_run.planted_secrets)
+    assert "s3a://***@bucket/train.txt" in failed.stdout + failed.stderr  # named, masked
+    console = trained_run.stdout + trained_run.stderr + failed.stdout + failed.stderr
     assert [secret for secret in planted if secret in console] == []
-    written = [path for path in output.rglob("*") if path.is_file()]
+    written = [path for path in trained_run.output.rglob("*") if path.is_file()]
     assert written and [p for p in written if any(s.encode() in p.read_bytes() for s in planted)] == []
 
 

@@ -1,1 +1,1 @@
-"""The command line: argument parsing, the console, the Spark session and runtime guardrails; thin."""
+"""The command line: argument parsing, the console and the Spark session; thin."""

@@ -3,7 +3,7 @@ the ranks' live progress kept in place under the log on a terminal.
 
 Configured once, by the CLI (``-v``/``-q``); library code never touches handlers. On a terminal the
 progress lines are redrawn in place (ANSI: cursor up, clear to the end of the screen); elsewhere the
-progress board logs plain lines now and then (``distributed.progress``).
+progress board logs plain lines now and then (``launcher.driver.board``).
 """
 
 from __future__ import annotations

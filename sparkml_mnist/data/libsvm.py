@@ -254,7 +254,10 @@ _SCAN_SCHEMA = pa.schema(
 def _raise_first_bad_line(
     spark: SparkSession, path: str, num_features: int, spec: DataSpec, cause: Exception | None
 ) -> None:
-    bad = find_first_bad_line(spark, path, num_features, spec)
+    try:
+        bad = find_first_bad_line(spark, path, num_features, spec)
+    except Exception:  # the text scan cannot read it either (e.g. no filesystem for its scheme): Spark's cause
+        bad = None
     if bad is not None:
         raise DataError(_local_name(bad.path), bad.problem, bad.line_number, bad.text, _FIX_HINT) from None
     summary = _first_line_of(cause) if cause is not None else "Spark reported bad rows"

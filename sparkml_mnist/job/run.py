@@ -1,7 +1,7 @@
 """The training job: read and shard once, train every variant in one barrier stage, evaluate, report.
 
 The SparkSession comes from the entry point, the plan from ``sparkml_mnist.job.plan`` (every setting
-checked once, before any Spark work). The output is claimed at start (``run_state``); each variant's
+checked once, before any Spark work). The output is claimed at start (``job.state``); each variant's
 result is kept there as it finishes and rank 0 checkpoints every epoch there, so a failed or stopped
 run resumes (``--resume``) where it stopped. The report folder appears only once the run is complete.
 """
@@ -46,7 +46,7 @@ SIGNATURE_EXAMPLES = 5  # test images that show MLflow the model's input and out
 
 def run_job(
     spark: SparkSession,
-    job: RunConfig | JobPlan,
+    run: RunConfig | JobPlan,
     overwrite: bool = False,
     log: Say | None = None,
     tracking: Tracking | None = None,
@@ -59,7 +59,7 @@ def run_job(
     say: Say = log or (lambda message: log_module.info(logger, message))
     started = time.perf_counter()
     enforce_versions(lambda message: logger.warning(message.removeprefix("warning: ")))
-    plan = job if isinstance(job, JobPlan) else plan_job(job, overwrite)
+    plan = run if isinstance(run, JobPlan) else plan_job(run, overwrite)
     check_devices(plan, spark)
     tracking = tracking if tracking is not None else _tracking_from_environment()
     versions = {**collect_versions(), "python": platform.python_version()}
@@ -73,6 +73,8 @@ def run_job(
         except BaseException:
             if tracking is not None:
                 tracking.end(None, failed=True)
+            if not plan.resume and not state.holds_work():
+                state.complete()  # it failed before anything was kept (e.g. reading the data): nothing to resume
             raise
         if tracking is not None:
             params = {v.name: variant_params(v, plan.placement, plan.run.seed, plan.run.deterministic)

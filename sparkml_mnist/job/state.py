@@ -175,6 +175,11 @@ class RunState:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.release()
 
+    def holds_work(self) -> bool:
+        """Whether anything of the run was kept (a checkpoint, a finished variant) for ``--resume``."""
+        kept = (path for path in self.folder.rglob("*") if path.is_file())
+        return any(path.name not in (STATE_FILE, LOCK_FILE) for path in kept)
+
     # -- files ----------------------------------------------------------------------------------
 
     def _clear(self) -> None:

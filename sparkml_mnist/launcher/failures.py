@@ -37,6 +37,7 @@ class RankError:
     exit_code: int | None = None
     output_tail: str = ""
     steps: int | None = None  # training steps the rank had taken when it failed (None: unknown)
+    progress: int | None = None  # its progress counter then (steps and reports): where it failed
 
 
 @dataclass

@@ -188,7 +188,7 @@ def failure_signature(error: LaunchError, resumed_from_epoch: Any) -> tuple[Any,
     if isinstance(error, RankFailedError):
         failure = error.error
         return ("failed", resumed_from_epoch, error.rank, failure.kind, failure.error_type, failure.message,
-                failure.exit_code, failure.steps)
+                failure.exit_code, failure.steps, failure.progress)
     if isinstance(error, RankStalledError):
         return ("stalled", resumed_from_epoch, tuple(error.ranks), error.reason)
     return ("launch", resumed_from_epoch, str(error))

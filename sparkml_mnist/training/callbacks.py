@@ -42,8 +42,9 @@ class EpochCallback(_keras.callbacks.Callback):
             self.history.setdefault(name, []).append(float(value))
         if self.context.rank != CHIEF_RANK:
             return
-        metrics = "  ".join(f"{name} {float(value):.4f}" for name, value in (logs or {}).items())
-        log_to_driver(f"{self.key} epoch {epoch + 1}/{self.epochs}: {metrics}  ({self.steps} steps, {seconds:.1f} s)")
         state = training_state.pack(self.model, epoch + 1, self.history, self.epoch_seconds)
         self.context.report(self.key, {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}},
                             Checkpoint(epoch=epoch + 1, data=state))
+        # Logged once the driver kept the checkpoint: a run stopped after this line resumes after this epoch.
+        metrics = "  ".join(f"{name} {float(value):.4f}" for name, value in (logs or {}).items())
+        log_to_driver(f"{self.key} epoch {epoch + 1}/{self.epochs}: {metrics}  ({self.steps} steps, {seconds:.1f} s)")

@@ -109,7 +109,7 @@ def main(workdir: Path) -> None:
     except BaseException as error:  # noqa: BLE001 - every failure must reach the driver with its traceback
         record.error = RankError(
             kind=EXCEPTION, error_type=type(error).__name__, message=str(error), traceback=traceback.format_exc(),
-            steps=context.heartbeat.steps,
+            steps=context.heartbeat.steps, progress=context.heartbeat.progress,
         )
         client.send(failure_event(spec.host, record.error))  # before the other ranks see this one go
     record.ended_at = time.time()
