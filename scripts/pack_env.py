@@ -19,6 +19,7 @@ newer than every packaged source (its ``.stamp`` file records what it was built 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.util
 import shutil
@@ -36,6 +37,7 @@ WHEEL_SOURCES = ("setup.py", "pyproject.toml", "README.md", "sparkml_mnist", "co
 SKIPPED_IN_SOURCES = ("__pycache__", "*.pyc", "*.egg-info")
 REQUIREMENTS_FILE = "setup.py"  # the dependency pins: the build venv is reused while it is unchanged
 STAMP_SUFFIX = ".stamp"
+LOCK_SUFFIX = ".lock"
 VENV_STAMP = ".sparkml-mnist-requirements"
 # Left out of the archive: TensorFlow's C++ headers, for building custom ops; nothing imports them.
 EXCLUDED = ("*/site-packages/tensorflow/include/*",)
@@ -138,7 +140,19 @@ def pack_environment(
     output: Path, flavour: str = "cpu", venv: Path | None = None, python_prefix: str | None = None,
     force: bool = False, say: Callable[[str], None] = print,
 ) -> Path:
-    """Build (or reuse) the venv and pack it to ``output``; nothing is done while ``output`` is current."""
+    """Build (or reuse) the venv and pack it to ``output``; nothing is done while ``output`` is current.
+
+    One build per ``output`` at a time (a lock beside it): a second call waits, then finds it current.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.with_name(output.name + LOCK_SUFFIX), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _pack_environment(output, flavour, venv, python_prefix, force, say)
+
+
+def _pack_environment(
+    output: Path, flavour: str, venv: Path | None, python_prefix: str | None, force: bool, say: Callable[[str], None],
+) -> Path:
     stamp = output.with_name(output.name + STAMP_SUFFIX)
     key = archive_key(flavour, python_prefix)
     if not force and output.is_file() and stamp.is_file() and stamp.read_text().strip() == key:

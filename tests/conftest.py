@@ -33,10 +33,17 @@ HOROVOD_SUITE_DIR = "horovod_env"
 collect_ignore = [] if os.environ.get(HOROVOD_SUITE_ENV) == "1" else [HOROVOD_SUITE_DIR]
 
 
+LAST_MARKERS = ("cluster", "horovod")  # in this order, after every other test
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The Horovod environment's test runs last: CI builds that environment in the background (.ci/run)
-    meanwhile, and the test waits for the build only if it is still going."""
-    items.sort(key=lambda item: item.get_closest_marker("horovod") is not None)
+    """The tests that need an environment built first (the packed archive, the Horovod venv) run last:
+    CI builds both in the background meanwhile (.ci/run), and a test waits for its build only if it is
+    still going (each build is locked; the test's own call then finds it done)."""
+    def place(item: pytest.Item) -> int:
+        return next((i + 1 for i, name in enumerate(LAST_MARKERS) if item.get_closest_marker(name)), 0)
+
+    items.sort(key=place)
 
 
 # Functions defined in test modules run in Spark's Python workers, which import them by module

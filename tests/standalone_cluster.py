@@ -302,7 +302,8 @@ def executor_dirs(worker_dirs: list[Path], app: str) -> dict[str, tuple[int, Pat
     }
 
 
-def assert_ranks_ran_in_two_executor_jvms(cluster: Cluster, submission: Submission) -> dict[str, Path]:
+def assert_ranks_ran_in_two_executor_jvms(cluster: Cluster, submission: Submission,
+                                          test_rows: int = TEST_ROWS) -> dict[str, Path]:
     """The report's two ranks ran in two executors, two JVMs launched by two Workers; returns their work dirs.
 
     Evidence: the event log's barrier stage has its two successful tasks on two executor ids; each
@@ -314,7 +315,7 @@ def assert_ranks_ran_in_two_executor_jvms(cluster: Cluster, submission: Submissi
     assert [r["rank"] for r in ranks] == [0, 1]
     assert {r["host"] for r in ranks} == {LOCALHOST}
     assert len({r["pid"] for r in ranks}) == 2
-    assert report["variants"][0]["test"]["num_examples"] == TEST_ROWS
+    assert report["variants"][0]["test"]["num_examples"] == test_rows
 
     events = read_event_log(submission.events)
     placed = barrier_task_executors(events)

@@ -8,10 +8,11 @@ from pyspark's own ``spark-class`` launcher classes on 127.0.0.1), two ways of s
    ./environment/bin/python``, built by scripts/pack_env.py): the executors' Python, TensorFlow and
    the package come only from the archive; the Python the executors would get otherwise has none.
 
-Each run trains variant1 for one epoch at ``np=2`` on a slice of the bundled sample, and the two
-ranks must have run in two different executor JVMs (``standalone_cluster.assert_ranks_ran_in_two_
-executor_jvms``). A third run kills a rank's process mid-epoch and must resume without shared
-storage. Everything started is stopped, also on failure. Deselect with ``-m "not cluster"``.
+In both, the two ranks must have run in two different executor JVMs (``standalone_cluster.assert_
+ranks_ran_in_two_executor_jvms``). The wheel's run (variant3, 2 epochs, the bundled sample) also has a
+rank's process killed mid-epoch and must resume without shared storage; the archive's run trains
+variant1 for one epoch on a slice of the sample. Everything started is stopped, also on failure.
+Deselect with ``-m "not cluster"``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from spark_processes import LOCALHOST, LOG_TAIL_CHARS, POLL_S, spark_home, tail
+from spark_processes import LOG_TAIL_CHARS, POLL_S, spark_home, tail
 from standalone_cluster import (
     JOB_TIMEOUT_S,
+    SUBMIT_CONF,
+    Submission,
     MARKER_ENV,
     PACK_SCRIPT,
     REPO,
@@ -52,6 +55,7 @@ pytestmark = pytest.mark.cluster
 PACK_CACHE = REPO / ".venv-pack"
 ARCHIVE_ALIAS = "environment"  # the folder the archive is unpacked to in each executor's working dir
 PACK_TIMEOUT_S = 1800.0  # TensorFlow from an empty pip cache on a slow network, then the packing
+SAMPLE_TEST_ROWS = 1000  # the bundled sample's test file
 JOB_MODULES = ("sparkml_mnist", "pyarrow", "pandas", "tensorflow", "tf_keras", "yaml", "sklearn")
 
 
@@ -101,17 +105,6 @@ def shipped_wheel(root: Path) -> Path:
     return shipped
 
 
-def test_spark_submit_on_a_standalone_cluster_runs_the_ranks_in_two_executor_jvms(cluster, tmp_path):
-    shipped = shipped_wheel(tmp_path)
-    python = python_without_the_editable_install(tmp_path)
-    env = {**cluster.env, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python)}
-    submission = submit_job(cluster, tmp_path, "submit-wheel", env, {}, ["--py-files", str(shipped)])
-
-    properties = spark_properties(read_event_log(submission.events))
-    assert str(shipped) in properties.get("spark.submit.pyFiles", ""), "the wheel is shipped"
-    assert_ranks_ran_in_two_executor_jvms(cluster, submission)
-
-
 def test_a_packed_environment_is_the_executors_only_python(cluster, packed_env, tmp_path):
     # Without the archive the executors would run this Python: it has neither TensorFlow nor the package.
     elsewhere = bare_python(tmp_path, "no-tensorflow")
@@ -142,30 +135,31 @@ def check_the_archive_was_the_executors_python(cluster, submission, packed_env: 
         assert all(origin and Path(origin).is_relative_to(unpacked) for origin in origins), origins
 
 
-def test_a_rank_killed_on_the_cluster_resumes_without_shared_storage(cluster, tmp_path):
-    """Rank 1's process, in an executor JVM, SIGKILLed mid-epoch: the launcher's retry resumes from the
-    checkpoint rank 0 sent the driver over the channel; no folder is shared by the executors."""
+def test_spark_submit_runs_the_ranks_in_two_executor_jvms_and_a_killed_rank_resumes(cluster, tmp_path):
+    """spark-submit with the package's wheel (--py-files) on the standalone cluster: the ranks run in two
+    executor JVMs. Rank 1's process, in its executor, SIGKILLed mid-epoch: the launcher's retry resumes
+    from the checkpoint rank 0 sent the driver over the channel; no folder is shared by the executors."""
     from rank_processes import rank_pids
 
     from sparkml_mnist.data.paths import sample_paths
 
     wheel = shipped_wheel(tmp_path)
     python = python_without_the_editable_install(tmp_path)
-    output = tmp_path / "out"
+    output, events = tmp_path / "out", tmp_path / "events"
+    events.mkdir()
     env = {**cluster.env, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python)}
-    command = [
-        str(spark_home() / "bin" / "spark-submit"), "--master", cluster.master_url,
-        "--conf", "spark.executor.cores=1", "--conf", "spark.cores.max=2", "--conf", "spark.executor.memory=1g",
-        "--conf", f"spark.driver.host={LOCALHOST}", "--conf", "spark.ui.enabled=false",
-        "--conf", "spark.sql.shuffle.partitions=4", "--py-files", str(wheel), str(REPO / "jobs" / "train_mnist.py"),
-        "--variant", "variant3", "--epochs", "3", "--np", "2",
-        "--train", sample_paths().train, "--test", sample_paths().test, "--output", str(output),
+    command = [str(spark_home() / "bin" / "spark-submit"), "--master", cluster.master_url]
+    for key, value in {**SUBMIT_CONF, "spark.eventLog.dir": f"file://{events}"}.items():
+        command += ["--conf", f"{key}={value}"]
+    command += [
+        "--py-files", str(wheel), str(REPO / "jobs" / "train_mnist.py"), "--variant", "variant3", "--epochs", "2",
+        "--np", "2", "--train", sample_paths().train, "--test", sample_paths().test, "--output", str(output),
     ]
     submit = cluster.launch("submit-kill", command, env=env)
     # spark-submit merges its Python driver's stdout and stderr (rank lines included) into its own stdout.
     driver_log = cluster.root / "logs" / "submit-kill.out"
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while "variant3 epoch 1/3" not in tail(driver_log, 200_000):
+    while "variant3 epoch 1/2" not in tail(driver_log, 200_000):
         assert submit.poll() is None and time.monotonic() < deadline, f"epoch 1 never ended:\n{tail(driver_log)}"
         time.sleep(POLL_S)
     time.sleep(0.5)  # into epoch 2
@@ -178,4 +172,7 @@ def test_a_rank_killed_on_the_cluster_resumes_without_shared_storage(cluster, tm
     variant = json.loads((output / "report.json").read_text())["variants"][0]
     assert [a["outcome"] for a in variant["attempts"]] == ["failed", "succeeded"]
     assert variant["attempts"][1]["resumed_from_epoch"] == 1
-    assert all(len(values) == 3 for values in variant["history"].values())
+    assert all(len(values) == 2 for values in variant["history"].values())
+    submission = Submission(output=output, events=events)
+    assert str(wheel) in spark_properties(read_event_log(events)).get("spark.submit.pyFiles", ""), "the wheel is shipped"
+    assert_ranks_ran_in_two_executor_jvms(cluster, submission, test_rows=SAMPLE_TEST_ROWS)

@@ -33,7 +33,7 @@ def test_the_archive_key_follows_what_it_is_built_from():
     assert len(keys) == 4
     assert pack_env.archive_key("cpu", None) == pack_env.archive_key("cpu", None)
     sources = {path.relative_to(pack_env.REPO).as_posix() for path in pack_env.source_files()}
-    assert {"setup.py", "sparkml_mnist/cli.py", "conf/runs/lab.yaml"} <= sources
+    assert {"setup.py", "sparkml_mnist/cli/commands.py", "conf/runs/lab.yaml"} <= sources
     assert not any("__pycache__" in path or path.endswith(".pyc") for path in sources)
 
 

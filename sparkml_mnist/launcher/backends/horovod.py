@@ -169,7 +169,7 @@ class HorovodDriverBackend(DriverBackend):
             )
         env = {
             **keras_flavour.legacy_keras_environment(),
-            "HOROVOD_GLOO_RENDEZVOUS_ADDR": spec.driver_host,
+            "HOROVOD_GLOO_RENDEZVOUS_ADDR": spec.launch.driver_host,
             "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
             "HOROVOD_CONTROLLER": "gloo",
             "HOROVOD_CPU_OPERATIONS": "gloo",
