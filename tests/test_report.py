@@ -252,3 +252,14 @@ def test_the_final_rename_never_replaces_a_report_that_appeared(tmp_path, monkey
         write_report(target, results)
     assert [p.name for p in target.iterdir()] == ["report.json"] and (target / "report.json").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
+
+
+def test_the_loss_plot_title_names_only_the_losses_it_draws(tmp_path):
+    from dataclasses import replace
+
+    from sparkml_mnist.report.figures import loss_figure
+
+    with_validation = make_result("variant1", 1, tmp_path)
+    without = replace(with_validation, history={"loss": [0.5, 0.2, 0.1]})  # a variant without a validation split
+    assert loss_figure(with_validation).axes[0].get_title() == "variant1: training and validation loss per epoch"
+    assert loss_figure(without).axes[0].get_title() == "variant1: training loss per epoch"

@@ -87,10 +87,14 @@ class Heartbeat:
         return beat
 
 
+def _chunks(data: bytes) -> list[bytes]:
+    """``data`` in frame-sized pieces; at least one (empty data is one empty chunk)."""
+    return [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+
+
 def report_frames(key: str, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> Iterator[Message]:
     """A report as frames: the checkpoint's chunks, the metrics on the last one (which is answered)."""
-    data = checkpoint.data if checkpoint is not None else b""
-    chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+    chunks = _chunks(checkpoint.data if checkpoint is not None else b"")
     for seq, chunk in enumerate(chunks):
         frame: Message = {"type": REPORT, "key": key, "seq": seq, "total": len(chunks)}
         if checkpoint is not None:
@@ -105,8 +109,7 @@ def checkpoint_frames(checkpoint: Checkpoint | None) -> list[Message]:
     """The driver's answer to a fetch: the checkpoint in chunks, or one frame saying there is none."""
     if checkpoint is None:
         return [{"type": CHECKPOINT, "epoch": None, "seq": 0, "total": 1}]
-    data = checkpoint.data
-    chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+    chunks = _chunks(checkpoint.data)
     return [{"type": CHECKPOINT, "epoch": checkpoint.epoch, "seq": seq, "total": len(chunks),
              "data": base64.b64encode(chunk).decode("ascii")} for seq, chunk in enumerate(chunks)]
 

@@ -70,7 +70,8 @@ def loss_figure(result: VariantResult) -> Figure:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no loss history recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"{result.name}: training and validation loss per epoch")
+    what = "training and validation loss" if result.history.get("val_loss") else "training loss"  # no split: none
+    ax.set_title(f"{result.name}: {what} per epoch")
     ax.set_xlabel("epoch")
     ax.set_ylabel("categorical cross-entropy")
     longest = max((len(result.history.get(k) or []) for k, _, _ in series), default=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from sparkml_mnist.launcher.protocol import Heartbeat
@@ -71,9 +71,8 @@ class LiveBoard:
 
     def update(self, rank: int, beat: Heartbeat) -> None:
         with self._lock:
-            done = self.ranks[rank].beat.done
-            self.ranks[rank] = _Seen(beat, self._clock())
-            beat.done = beat.done or done
+            done = beat.done or self.ranks[rank].beat.done  # a rank that said done stays done
+            self.ranks[rank] = _Seen(replace(beat, done=done), self._clock())
 
     def task_started(self, rank: int, host: str) -> None:
         with self._lock:

@@ -8,7 +8,6 @@ checkpoint survives the driver's next failure), its metrics are kept, and the ru
 from __future__ import annotations
 
 import base64
-import logging
 import threading
 from typing import Any, Callable
 
@@ -16,8 +15,6 @@ from sparkml_mnist.launcher.driver.store import CheckpointStore
 from sparkml_mnist.launcher.protocol import (
     CHIEF_RANK, REPORTED, Checkpoint, Message, checkpoint_frames, valid_key,
 )
-
-logger = logging.getLogger(__name__)
 
 # on_report(key, rank, metrics, checkpoint or None), on a channel thread, once the report is kept
 ReportListener = Callable[[str, int, dict[str, Any], "Checkpoint | None"], None]
