@@ -70,16 +70,19 @@ def measure_sklearn(folder: Path, suffix: str) -> dict:
 def _task_summary(batches: Iterator) -> Iterator:
     import pyarrow as pa
 
-    from sparkml_mnist.training.inputs import shard_tensors
+    import numpy as np
 
-    tensors = shard_tensors(pa.Table.from_batches(list(batches)))
+    from sparkml_mnist.training.inputs import shard_rows
+
+    shard = shard_rows(pa.Table.from_batches(list(batches)))
+    parts = [part.take(np.arange(len(part)))[0] for part in (shard.train, shard.validation)]
     yield pa.RecordBatch.from_pylist(
         [
             {
-                "shard": tensors.shard,
-                "train": len(tensors.x_train),
-                "validation": len(tensors.x_validation),
-                "pixel_sum": float(tensors.x_train.sum()) + float(tensors.x_validation.sum()),
+                "shard": shard.shard,
+                "train": len(shard.train),
+                "validation": len(shard.validation),
+                "pixel_sum": float(sum(part.sum(dtype=np.int64) for part in parts)),
             }
         ]
     )

@@ -35,7 +35,8 @@ def epochs_seconds(report: dict) -> float:
     return total
 
 
-def measure(source: Path | None) -> dict:
+def run_sample(source: Path | None) -> tuple[float, dict]:
+    """README's first command in a fresh process (``source``: another checkout): its wall time and report.json."""
     with tempfile.TemporaryDirectory(prefix="job-overhead-") as folder:
         output = Path(folder) / "out"
         env = dict(os.environ)
@@ -47,7 +48,11 @@ def measure(source: Path | None) -> dict:
         wall = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
-        report = json.loads((output / "report.json").read_text())
+        return wall, json.loads((output / "report.json").read_text())
+
+
+def measure(source: Path | None) -> dict:
+    wall, report = run_sample(source)
     epochs = epochs_seconds(report)
     return {"wall_s": wall, "epochs_s": epochs, "overhead_s": wall - epochs,
             "test_accuracy": {v["name"]: v["test"]["accuracy"] for v in report["variants"]}}

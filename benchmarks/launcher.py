@@ -38,7 +38,7 @@ def first_steps(context: Any) -> dict[str, float]:
     import numpy as np
 
     from sparkml_mnist.launcher.rank.callbacks import ProgressCallback
-    from sparkml_mnist.training.inputs import distributed_dataset
+    from sparkml_mnist.training.inputs import ArrayRows, distributed_dataset
 
     keras = keras_flavour.keras()
     strategy = context.strategy
@@ -49,7 +49,7 @@ def first_steps(context: Any) -> dict[str, float]:
     rows = GLOBAL_BATCH // context.size * STEPS
     x = np.random.default_rng(context.rank).random((rows, 28, 28, 1), dtype=np.float32)
     y = np.eye(10, dtype=np.float32)[np.arange(rows) % 10]
-    model.fit(distributed_dataset(context, (x, y), GLOBAL_BATCH, STEPS), epochs=1, steps_per_epoch=STEPS, verbose=0,
+    model.fit(distributed_dataset(context, ArrayRows((x, y)), GLOBAL_BATCH, STEPS), epochs=1, steps_per_epoch=STEPS, verbose=0,
               callbacks=[ProgressCallback(context)])  # its first batch marks the first step
     return {"strategy_ready_at": strategy_ready_at}
 

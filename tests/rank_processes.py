@@ -46,15 +46,16 @@ def rank_pids(mark: str | None = None, mark_env: str = MARK_ENV) -> dict[int, in
 
 
 class CliRun:
-    """``sparkml-mnist ARGS`` in its own process; its combined output is read line by line."""
+    """``sparkml-mnist ARGS`` in its own process (``new_session``: and its own process group, which a test can
+    kill whole: the driver, its JVM, the ranks); its combined output is read line by line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path, new_session: bool = False) -> None:
         self.log = log
         self.mark = uuid.uuid4().hex  # its rank processes inherit it: rank_pids(run.mark) finds only them
         self._out = open(log, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sparkml_mnist.cli", *args], stdout=self._out, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {}), MARK_ENV: self.mark},
+            env={**os.environ, **(env or {}), MARK_ENV: self.mark}, start_new_session=new_session,
         )
 
     def text(self) -> str:

@@ -115,7 +115,7 @@ def test_a_report_carries_metrics_and_rank_zeros_checkpoint_in_chunks_kept_on_di
         other.channel.close()  # type: ignore[union-attr]
     assert reports.metrics == {"": {0: {"epoch": 2}, 1: {"done": True}}}
     assert heard == [("", 0, {"epoch": 1}, 1), ("", 0, {"epoch": 2}, 2), ("", 1, {"done": True}, None)]
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-000002.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-000002.ckpt", "epoch-000002.json"]
     again = CheckpointStore(tmp_path / "checkpoints").latest()  # a new driver (--resume) finds it
     assert again is not None and again.epoch == 2 and again.data == data
 
@@ -138,5 +138,5 @@ def test_the_store_keeps_only_the_latest_file(tmp_path: Path, epochs: list[int])
     store = CheckpointStore(tmp_path)
     for epoch in epochs:
         store.put(epoch, f"after {epoch}".encode())
-    assert [p.name for p in tmp_path.iterdir()] == ["epoch-000003.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-000003.ckpt", "epoch-000003.json"]
     assert store.latest().data == b"after 3"  # type: ignore[union-attr]

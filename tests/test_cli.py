@@ -176,3 +176,19 @@ def test_an_output_uri_is_refused_before_spark_starts(monkeypatch, capsys):
 def test_resume_with_a_run_config_is_a_usage_error_naming_the_new_option(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--run-config", "lab"]) == EXIT_USAGE
     assert "--resume continues a run with the settings it was started with; drop --run-config" in capsys.readouterr().err
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_one_line_before_spark_starts(monkeypatch, tmp_path, capsys):
+    def no_spark(*args, **kwargs):
+        raise AssertionError("Spark was started")
+
+    monkeypatch.setattr("sparkml_mnist.cli.session.create_spark", no_spark)
+    (tmp_path / "a-file").write_text("")
+    bad = tmp_path / "a-file" / "checkpoints"
+    assert main(["train", "--variant", "variant1", "--output", str(tmp_path / "out"),
+                 "--checkpoint-dir", str(bad)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"field 'checkpoint_dir' (--checkpoint-dir) '{bad}': cannot create the folder (" in err
+    assert main(["train", "--resume", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path)]) == EXIT_USAGE
+    assert "drop --checkpoint-dir" in capsys.readouterr().err

@@ -238,3 +238,28 @@ def test_a_non_empty_output_folder_is_a_config_error_at_plan_time(tmp_path):
     with pytest.raises(ConfigError, match="output folder exists and is not empty"):
         plan_job(run)
     assert plan_job(run, overwrite=True).output == tmp_path
+
+
+def test_max_steps_per_epoch_is_a_run_setting_and_a_flag_and_caps_training_and_validation_steps():
+    from sparkml_mnist.cli.commands import _run_config, build_parser
+    from sparkml_mnist.config import load_run
+    from sparkml_mnist.data.split import plan_shards
+    from sparkml_mnist.training.inputs import steps_per_epoch
+    from sparkml_mnist.training.loop import VariantPlan
+
+    run = load_run("sample")
+    assert run.max_steps_per_epoch is None and load_run("lab").max_steps_per_epoch is None  # whole epochs
+    assert run.with_overrides(max_steps_per_epoch=20).max_steps_per_epoch == 20
+    with pytest.raises(ConfigError, match="field 'max_steps_per_epoch' must be a positive integer, got 0"):
+        run.with_overrides(max_steps_per_epoch=0)
+    assert _run_config(build_parser().parse_args(["train", "--max-steps-per-epoch", "20"])).max_steps_per_epoch == 20
+    assert _run_config(build_parser().parse_args(["train", "--max-steps-per-epoch", ""])).max_steps_per_epoch is None
+
+    # Full MNIST at np=2, global batch 128: 421 training and 46 validation steps; the cap takes the smaller.
+    shards = plan_shards(60_000, 2, 0.1)
+    train, validation = (steps_per_epoch(rows, 128, 2) for rows in (shards.train_per_shard,
+                                                                    shards.validation_per_shard))
+    assert (train, validation) == (421, 46)
+    capped = VariantPlan(load_variant("variant1"), shards, max_steps_per_epoch=20)
+    assert (capped.capped(train), capped.capped(validation), capped.capped(7)) == (20, 20, 7)
+    assert VariantPlan(load_variant("variant1"), shards).capped(train) == 421

@@ -145,15 +145,15 @@ def _():
 
     def task(batches):
         from pyspark import BarrierTaskContext
-        from sparkml_mnist.training.inputs import shard_tensors
+        from sparkml_mnist.training.inputs import shard_rows
 
         context = BarrierTaskContext.get()
-        tensors = shard_tensors(pa.Table.from_batches(list(batches)))
-        peers = context.allGather(str(tensors.x_train.shape[0]))
+        shard = shard_rows(pa.Table.from_batches(list(batches)))
+        peers = context.allGather(str(len(shard.train)))
         yield pa.RecordBatch.from_pydict({
             "partition": pa.array([context.partitionId()], pa.int64()),
-            "shard": pa.array([tensors.shard], pa.int64()),
-            "train": pa.array([tensors.x_train.shape[0]], pa.int64()),
+            "shard": pa.array([shard.shard], pa.int64()),
+            "train": pa.array([len(shard.train)], pa.int64()),
             "peers": pa.array([",".join(peers)], pa.string()),
         })
 
@@ -167,8 +167,8 @@ def _():
 
     def tiny(context):
         import os
-        from sparkml_mnist.training.inputs import shard_tensors
-        rows = int(shard_tensors(context.partition()).x_train.shape[0])
+        from sparkml_mnist.training.inputs import shard_rows
+        rows = len(shard_rows(context.partition()).train)
         return {"rank": context.rank, "size": context.size, "rows": rows, "pid": os.getpid()}
 
     records = HorovodRunner(np=NP, spark=spark, data=data["sharded"].frame).run_all(tiny).records

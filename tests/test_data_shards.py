@@ -15,7 +15,7 @@ from sparkml_mnist.data.paths import sample_paths
 from sparkml_mnist.data.shards import partition_keys, shard_frame, spark_hash_int
 from sparkml_mnist.data.split import plan_shards, validation_split_index
 from sparkml_mnist.data.tensors import collect_tensors
-from sparkml_mnist.training.inputs import shard_tensors
+from sparkml_mnist.training.inputs import shard_rows
 from sparkml_mnist.errors import ConfigError, DataError
 
 
@@ -79,20 +79,22 @@ def _report_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBa
     from pyspark import BarrierTaskContext
 
     context = BarrierTaskContext.get()
-    tensors = shard_tensors(pa.Table.from_batches(list(batches)))
+    shard = shard_rows(pa.Table.from_batches(list(batches)))
+    x_train, y_train = shard.train.take(np.arange(len(shard.train)))
+    x_validation, _ = shard.validation.take(np.arange(len(shard.validation)))
     context.barrier()
     yield pa.RecordBatch.from_pylist(
         [
             {
                 "partition": context.partitionId(),
-                "shard": tensors.shard,
-                "train_rows": tensors.train_rows.tolist(),
-                "validation_rows": tensors.validation_rows.tolist(),
-                "labels": tensors.y_train.argmax(axis=1).tolist(),
-                "pixel_sum": float(tensors.x_train.sum(dtype=np.int64) + tensors.x_validation.sum(dtype=np.int64)),
-                "x_shape": list(tensors.x_train.shape),
-                "x_dtype": str(tensors.x_train.dtype),
-                "x_max": float(tensors.x_train.max()),
+                "shard": shard.shard,
+                "train_rows": shard.train.rows.tolist(),
+                "validation_rows": shard.validation.rows.tolist(),
+                "labels": y_train.argmax(axis=1).tolist(),
+                "pixel_sum": float(x_train.sum(dtype=np.int64) + x_validation.sum(dtype=np.int64)),
+                "x_shape": list(x_train.shape),
+                "x_dtype": str(x_train.dtype),
+                "x_max": float(x_train.max()),
             }
         ]
     )

@@ -23,11 +23,13 @@ from sparkml_mnist.data.shards import shard_frame
 from sparkml_mnist.launcher import HorovodRunner, get_context
 from sparkml_mnist.launcher.policy import FailurePolicy
 from sparkml_mnist.launcher.failures import CRASH, PreflightError, RankFailedError, RankStalledError
+from rank_logs import rank_lines
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TRAIN_ROWS = 64
 GLOBAL_BATCH = 16
+UNEVEN_GLOBAL_BATCH = 160  # a few steps: enough to hang on the third without equal steps
 SLEEP_FOREVER_S = 600  # "forever" for a test: the run must end long before
 STALL_TIMEOUT_S = 8.0
 GONE_WAIT_S = 30.0  # a killed process disappears within this (polled; not a timing assertion)
@@ -59,10 +61,10 @@ def horovod_style_main(offset: float) -> dict[str, Any]:
 def train_main(global_batch: int, context: Any) -> dict[str, Any]:
     """A tiny tf_keras model, one epoch on this rank's shard; also lists the rows its pipeline fed."""
     from sparkml_mnist.launcher.rank.callbacks import ProgressCallback
-    from sparkml_mnist.training.inputs import distributed_dataset, scale_images, shard_tensors, steps_per_epoch
+    from sparkml_mnist.training.inputs import ArrayRows, distributed_dataset, scale_images, shard_rows, steps_per_epoch
 
     keras = keras_flavour.keras()
-    shard = shard_tensors(context.partition())
+    shard = shard_rows(context.partition())
     strategy = context.strategy
     with strategy.scope():
         keras.utils.set_random_seed(0)
@@ -70,11 +72,11 @@ def train_main(global_batch: int, context: Any) -> dict[str, Any]:
                                   keras.layers.Dense(10, activation="softmax")])
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
     initial = [w.copy() for w in model.get_weights()]
-    steps = steps_per_epoch(len(shard.x_train), global_batch, context.size)
-    train = distributed_dataset(context, (shard.x_train, shard.y_train), global_batch, steps, shuffle=True, seed=1,
+    steps = steps_per_epoch(len(shard.train), global_batch, context.size)
+    train = distributed_dataset(context, shard.train, global_batch, steps, shuffle=True, seed=1,
                                 preprocess=scale_images())
     model.fit(train, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[ProgressCallback(context)])
-    fed = iter(distributed_dataset(context, (shard.train_rows,), global_batch, steps))
+    fed = iter(distributed_dataset(context, ArrayRows((shard.train.rows,)), global_batch, steps))
     seen: list[int] = []
     for _ in range(steps):
         (rows,) = next(fed)
@@ -82,7 +84,7 @@ def train_main(global_batch: int, context: Any) -> dict[str, Any]:
             seen.extend(local.numpy().tolist())
     return {
         "weights": model.get_weights(), "initial": initial, "steps": steps,
-        "shard_rows": shard.train_rows.tolist(), "seen": seen,
+        "shard_rows": shard.train.rows.tolist(), "seen": seen, "equal_steps": context.equal_steps(global_batch),
     }
 
 
@@ -177,12 +179,12 @@ def device_datasets_main(context) -> dict:
 
 def epoch_batches_main(context) -> dict:
     """The batches of a 3-epoch run, and of the same run resumed at epoch 1, as lists of row indices."""
-    from sparkml_mnist.training.inputs import rank_batches
+    from sparkml_mnist.training.inputs import ArrayRows, rank_batches
 
     rows = np.arange(TRAIN_ROWS)
 
     def batches(first_epoch: int) -> list[list[int]]:
-        dataset = rank_batches((rows,), 8, steps=4, shuffle=True, seed=3, first_epoch=first_epoch, epochs=3)
+        dataset = rank_batches(ArrayRows((rows,)), 8, steps=4, shuffle=True, seed=3, first_epoch=first_epoch, epochs=3)
         return [batch[0].numpy().tolist() for batch in dataset]
 
     return {"whole": batches(0), "resumed": batches(1)}
@@ -204,6 +206,18 @@ def refused_inputs_main(context) -> list[str]:
     return said
 
 
+def uneven_main(global_batch: int, context: Any) -> dict[str, Any]:
+    """One all-reduce a step for ``equal_steps`` steps over unequal partitions (without it: a hang)."""
+    tf = keras_flavour.tensorflow()
+    strategy = context.strategy
+    steps = context.equal_steps(global_batch)
+    rows = sum(batch.num_rows for batch in context.record_batches())
+    total = None
+    for _ in range(steps):
+        total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+    return {"steps": steps, "rows": rows, "partition_rows": context.partition_rows, "sum": float(total.numpy())}
+
+
 # -- tests ------------------------------------------------------------------------------------------
 
 
@@ -223,7 +237,16 @@ def test_three_runs_in_a_row_all_reduce_in_fresh_processes(spark) -> None:
         assert wait_until_gone(sorted(pids)) == []  # no orphaned trainers
         if main is horovod_style_main:
             assert all(value["keras"].startswith("tf_keras") for value in values)
-    assert runner.run(all_reduce_main, offset=1.0)["sum"] == 5.0  # run(): rank 0's value
+
+
+
+def test_unequal_partitions_take_equal_steps_and_say_so(spark) -> None:
+    """500 and 300 rows: every rank takes 300 // 80 steps (not 6 and 3, which would hang); run() is rank 0's."""
+    uneven = spark.range(0, 1000, 1, 2).where("id < 800")
+    with rank_lines() as lines:
+        value = HorovodRunner(np=2, spark=spark, data=uneven).run(uneven_main, global_batch=UNEVEN_GLOBAL_BATCH)
+    assert value == {"steps": 300 // (UNEVEN_GLOBAL_BATCH // 2), "rows": 500, "partition_rows": [500, 300], "sum": 2.0}
+    assert any("partitions hold 300 to 500 rows" in line for _, line in lines), lines
 
 
 @pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
@@ -236,6 +259,7 @@ def test_training_gives_identical_weights_and_each_rank_only_its_shard(sharded, 
         assert records[rank].examples_seen == expected_steps * GLOBAL_BATCH // 2
         assert value["shard_rows"] == list(range(rank, TRAIN_ROWS, 2))
         assert sorted(value["seen"]) == value["shard_rows"]  # all of its shard, nothing else, once
+        assert value["equal_steps"] == expected_steps
     for after, other in zip(first["weights"], second["weights"]):
         np.testing.assert_array_equal(after, other)
     assert any(not np.array_equal(after, before) for after, before in zip(first["weights"], first["initial"]))

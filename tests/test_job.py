@@ -66,21 +66,80 @@ def test_short_run_on_the_sample_beats_chance_by_far(trained_run):
         assert variant["test"]["num_examples"] == 1000
 
 
-def test_gathered_evaluation_equals_a_single_process_evaluation(spark, trained_run):
+def driver_evaluation(model_file: Path, x_test: np.ndarray, y_test: np.ndarray):
+    """What the job computed before issue 23: the whole test set predicted in one process, through sklearn."""
+    from sparkml_mnist.job.metrics import evaluate
+    from sparkml_mnist.launcher.keras_flavour import keras
+
+    model = keras().models.load_model(model_file)
+    return model, evaluate(y_test, model.predict(x_test, batch_size=1024, verbose=0))
+
+
+def assert_rank_side_equals_driver_side(variant: dict, reference, loss_tolerance: float = 1e-6) -> None:
+    """The report's figures (the ranks' sums) against the driver-side reference: exact, the loss to 1e-6."""
+    from sparkml_mnist.report import Evaluation
+
+    ours = Evaluation.from_dict(variant["test"])
+    assert ours.accuracy == reference.accuracy, variant["name"]
+    assert ours.loss == pytest.approx(reference.loss, abs=loss_tolerance), variant["name"]
+    assert (ours.num_examples, ours.precision, ours.recall, ours.f1, ours.support, ours.confusion) == (
+        reference.num_examples, reference.precision, reference.recall, reference.f1, reference.support,
+        reference.confusion), variant["name"]
+
+
+def assert_ranks_reported_sums(variant: dict, test_rows: int, ranks: int) -> None:
+    """Each rank scored its ``row % ranks`` share and reported sums only; the report adds them up."""
+    from sparkml_mnist.training.scoring import TEST_RECORD_KEY
+
+    sums = [record[TEST_RECORD_KEY] for record in variant["rank_records"]]
+    assert [s["examples"] for s in sums] == [len(range(rank, test_rows, ranks)) for rank in range(ranks)]
+    assert set(sums[0]) == {"examples", "loss_sum", "confusion", "seconds", "attempt"}  # nothing row-sized
+    assert np.array_equal(np.sum([s["confusion"] for s in sums], axis=0), variant["test"]["confusion_matrix"])
+    assert variant["test"]["loss"] == pytest.approx(sum(s["loss_sum"] for s in sums) / test_rows, rel=1e-12)
+    assert variant["seconds"]["evaluate"] == max(s["seconds"] for s in sums)  # the ranks score in parallel
+
+
+def test_rank_side_evaluation_equals_a_single_process_evaluation(spark, trained_run):
     from sparkml_mnist.data.libsvm import load_libsvm
     from sparkml_mnist.data.paths import sample_paths
     from sparkml_mnist.data.tensors import collect_tensors
-    from sparkml_mnist.launcher.keras_flavour import keras
 
     x_test, y_test = collect_tensors(load_libsvm(spark, sample_paths().test))
     for name in ("variant1", "variant3"):
-        model = keras().models.load_model(trained_run.output / "models" / name / f"{name}.keras")
+        variant = trained_run.variant(name)
+        model, reference = driver_evaluation(trained_run.output / "models" / name / f"{name}.keras", x_test, y_test)
+        assert_rank_side_equals_driver_side(variant, reference)
+        assert_ranks_reported_sums(variant, 1000, 2)
         loss, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
-        test = trained_run.variant(name)["test"]
+        test = variant["test"]
         assert test["accuracy"] == pytest.approx(accuracy, abs=1e-6), name  # Keras reports float32
         assert test["loss"] == pytest.approx(loss, rel=1e-5), name
         confusion = np.array(test["confusion_matrix"])
         assert confusion.sum() == 1000 and np.trace(confusion) == round(accuracy * 1000)
+
+
+def test_rank_side_evaluation_equals_the_driver_side_on_full_mnist(spark, full_data_dir, tmp_path):
+    """The one extra run: variant1, 1 epoch of 20 steps, np=2 on full MNIST; its 10,000 test rows scored by
+    the ranks (5,000 each) give the driver-side figures of the same final weights: accuracy exactly, loss
+    to 1e-6 (20 steps: the figures compared are of whatever weights training left)."""
+    from sparkml_mnist.data.libsvm import load_libsvm
+    from sparkml_mnist.data.paths import dataset_paths
+    from sparkml_mnist.data.tensors import collect_tensors
+    from sparkml_mnist.job.plan import plan_job
+
+    run = load_run("sample").with_overrides(variants="variant1", np=2, epochs=1, max_steps_per_epoch=20,
+                                            data=str(full_data_dir), output=str(tmp_path / "out"))
+    folder = run_job(spark, plan_job(run), log=lambda line: None)
+    variant = load_report(folder)["variants"][0]
+    test = load_libsvm(spark, dataset_paths(str(full_data_dir)).test)
+    try:
+        x_test, y_test = collect_tensors(test)
+    finally:
+        test.release()
+    _, reference = driver_evaluation(folder / "models" / "variant1" / "variant1.keras", x_test, y_test)
+    assert reference.num_examples == 10_000
+    assert_rank_side_equals_driver_side(variant, reference)
+    assert_ranks_reported_sums(variant, 10_000, 2)
 
 
 def test_np1_and_np2_take_the_same_steps_per_epoch():

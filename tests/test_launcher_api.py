@@ -6,14 +6,17 @@ be), since the ranks' fresh processes cannot import this test module.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pyspark import cloudpickle
 
-from sparkml_mnist import HorovodRunner, log_to_driver
+from sparkml_mnist import HorovodRunner, get_context, log_to_driver
+from sparkml_mnist.launcher import Checkpoint
 from rank_logs import rank_lines
 from sparkml_mnist.launcher.driver.watchdog import Watchdog
 from sparkml_mnist.launcher.policy import FailurePolicy
@@ -67,6 +70,25 @@ def keras_main(per_batch_log: bool) -> int:
 def quiet_main(seconds: float) -> str:
     time.sleep(seconds)  # a custom loop that never reports progress, alive all along
     return "done"
+
+
+def resuming_main(epochs: int, flag: str) -> int:
+    """Rank 0 checkpoints every epoch; in the first attempt rank 1 fails once rank 0 checkpointed epoch 2."""
+    context = get_context()
+    last = context.latest_checkpoint()
+    start = last.epoch if last is not None else 0
+    assert last is None or last.data == f"after {start}".encode()
+    for epoch in range(start, epochs):
+        if context.rank == 0:
+            context.report(metrics={"epoch": epoch + 1}, checkpoint=Checkpoint(epoch + 1, f"after {epoch + 1}".encode()))
+            if context.attempt == 1 and epoch + 1 == 2:
+                Path(flag).touch()
+                time.sleep(60)  # until the failed attempt is stopped
+        elif context.attempt == 1:
+            while not os.path.exists(flag):
+                time.sleep(0.05)
+            raise ValueError("rank 1 fails once")
+    return start
 
 
 # -- tests ------------------------------------------------------------------------------------------
@@ -140,6 +162,30 @@ def test_the_progress_rule_arms_once_a_rank_reports() -> None:
         monitor.heartbeat(1, Heartbeat(progress=0))
     verdict = monitor.check()
     assert verdict is not None and verdict.ranks == [1] and "no progress" in verdict.reason
+
+
+@pytest.mark.parametrize("where", ["driver", "checkpoint_dir"])
+def test_a_retry_resumes_from_rank_zeros_checkpoint_on_the_drivers_disk_or_in_checkpoint_dir(tmp_path, monkeypatch,
+                                                                                           where) -> None:
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", str(tmp_path / "local"))
+    heard: list[tuple[int, bytes, str]] = []  # read as it is reported: the previous one goes once the next is in
+
+    def on_report(key: str, rank: int, metrics: dict, checkpoint: Checkpoint | None) -> None:
+        if checkpoint is not None:
+            heard.append((checkpoint.epoch, checkpoint.data, str(checkpoint.location)))
+
+    runner = HorovodRunner(np=-2, checkpoint_dir=tmp_path / "ckpt" if where == "checkpoint_dir" else None,
+                           policy=FailurePolicy(max_retries=1), on_report=on_report)
+    result = runner.run_all(resuming_main, epochs=3, flag=str(tmp_path / "flag"))
+    assert [attempt.outcome for attempt in result.attempts] == ["failed", "succeeded"]
+    assert result.attempts[1].resumed_from == {"": 2} and result.value == 2
+    assert [(epoch, data) for epoch, data, _ in heard] == [(1, b"after 1"), (2, b"after 2"), (3, b"after 3")]
+    kept_in = tmp_path / ("ckpt" if where == "checkpoint_dir" else "local")
+    assert all(kept_in in Path(location).parents for _, _, location in heard)
+    if where == "checkpoint_dir":  # written there by rank 0, kept for whoever runs it next
+        assert sorted(p.name for p in kept_in.iterdir()) == ["epoch-000003.ckpt", "epoch-000003.json"]
+    else:  # the driver's own folder, known to this run only, goes with it
+        assert list(kept_in.iterdir()) == []
 
 
 def test_np_is_keyword_only_and_the_verbosity_is_sparkdls() -> None:

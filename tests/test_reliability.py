@@ -1,7 +1,7 @@
 """A lost rank costs one epoch, not the run; a stopped run resumes; reruns are reproducible; outputs are claimed.
 
 The chaos here comes from outside, as it would on a cluster: rank processes are found through /proc
-and SIGKILLed, the driver gets SIGTERM. Each test can fail if its mechanism is removed: without the
+and SIGKILLed, the driver gets SIGTERM, then SIGKILL with its process group. Each test can fail if its mechanism is removed: without the
 launcher's retry the killed run fails; without checkpoints its history restarts at epoch 1; without
 the run state ``--resume`` retrains the first variant; without the claim both runs write the output.
 """
@@ -81,14 +81,21 @@ def test_a_rank_killed_mid_epoch_costs_one_retry_not_the_run(trained_run, tmp_pa
     assert work_folders(tmp_path / "local") == []
 
 
-# -- the driver stopped during the second variant, then --resume ----------------------------------
+# -- the driver stopped (SIGTERM), resumed, SIGKILLed with its whole process group, resumed again ----
 
 
-def test_sigterm_then_resume_keeps_the_first_variant_and_resumes_the_second(tmp_path: Path) -> None:
-    output = tmp_path / "out"
+def test_a_stopped_then_killed_driver_resumes_from_what_rank_zero_wrote_to_storage(tmp_path: Path) -> None:
+    """One chain, three CLI processes (each stop costs a driver start, so the two share it):
+
+    1. SIGTERM during variant3's second epoch: exit 130, nothing under the output's name, no rank left.
+    2. ``--resume``, its whole process group SIGKILLed once variant3 resumed: nothing runs on the way out,
+       so what the next resume finds is what rank 0 wrote to ``--checkpoint-dir`` (never the driver's).
+    3. ``--resume`` finishes: variant1 kept, not retrained; every epoch of both variants once.
+    """
+    output, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
     env = {"SPARK_LOCAL_DIRS": str(tmp_path / "local")}
     job = CliRun("train", "--variant", "variant1,variant3", "--epochs", "2", "--np", "2", "--output", str(output),
-                 log=tmp_path / "first.log", env=env)
+                 "--checkpoint-dir", str(checkpoints), log=tmp_path / "first.log", env=env)
     assert job.wait_for("variant3 epoch 1/2", START_TIMEOUT_S), job.text()[-3000:]
     job.process.send_signal(signal.SIGTERM)
     assert job.finish(RUN_TIMEOUT_S) == 130, job.text()[-3000:]
@@ -98,20 +105,30 @@ def test_sigterm_then_resume_keeps_the_first_variant_and_resumes_the_second(tmp_
     while rank_pids(job.mark) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not rank_pids(job.mark), "no rank outlives the stopped driver"
+    assert list(checkpoints.rglob("variant3/epoch-000001.json")), list(checkpoints.rglob("*"))
+
+    killed = CliRun("train", "--resume", str(output), log=tmp_path / "killed.log", env=env, new_session=True)
+    assert killed.wait_for("variant3: attempt 1 resumes after epoch 1", START_TIMEOUT_S), killed.text()[-3000:]
+    os.killpg(killed.process.pid, signal.SIGKILL)  # the driver, its JVM and the ranks, at once
+    assert killed.finish(RUN_TIMEOUT_S) == -signal.SIGKILL
+    assert not list((tmp_path / ".out.state").rglob("*.ckpt"))  # the bytes never went to the driver
+    left_by_sigkill = work_folders(tmp_path / "local")  # nothing runs on the way out (as Spark's own blockmgr-*)
 
     resumed = CliRun("train", "--resume", str(output), log=tmp_path / "resume.log", env=env)
     assert resumed.finish(RUN_TIMEOUT_S) == 0, resumed.text()[-3000:]
     text = resumed.text()
     assert "variant1: finished by an earlier attempt of this run, kept" in text
     assert "variant1 epoch" not in text  # not retrained
-    assert "variant3: attempt 1 resumes after epoch " in text
+    assert "variant3: attempt 1 resumes after epoch 1" in text
     variants = {v["name"]: v for v in report(output)["variants"]}
     assert set(variants) == {"variant1", "variant3"}
-    assert all(len(values) == 2 for v in variants.values() for values in v["history"].values())
-    assert variants["variant3"]["rank_records"][0]["resumed_from_epoch"] >= 1
+    assert all(len(values) == 2 for v in variants.values() for values in v["history"].values())  # every epoch once
+    assert variants["variant3"]["rank_records"][0]["resumed_from_epoch"] == 1
+    assert report(output)["config"]["run"]["checkpoint_dir"] == str(checkpoints)
     assert (output / "models" / "variant1" / "variant1.keras").is_file()
+    assert list(checkpoints.iterdir()) == []  # the run's folder under it went with the completed run
     assert not (tmp_path / ".out.state").exists()
-    assert work_folders(tmp_path / "local") == []
+    assert work_folders(tmp_path / "local") == left_by_sigkill
 
 
 # -- the same failure twice is not retried again ---------------------------------------------------

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--variant", action="append", metavar="NAME", help="variant(s): a name, a comma list, a YAML path, or 'all'; repeatable")
     train.add_argument("--np", type=optional_int, help="workers: > 0 barrier tasks on executors, < 0 processes on the driver")
     train.add_argument("--epochs", type=optional_int, help="epochs for every variant (default: the run config's, else each variant's)")
+    train.add_argument("--max-steps-per-epoch", type=optional_int, metavar="N",
+                       help="at most N steps in each epoch and in its validation (default: whole epochs)")
     _add_data_arguments(train)
     train.add_argument("--output", metavar="DIR", help="report folder, a local path of the driver (refused if not empty, unless --overwrite)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--deterministic", action="store_true", default=None, help="bit-identical weights for the same seed on the same machine (slower)")
     train.add_argument("--allreduce", choices=("float32", "float16"),
                        help="the gradients' precision on the wire: float16 sends half the bytes a step (default float32)")
+    train.add_argument("--checkpoint-dir", metavar="URI",
+                       help="where rank 0 writes each epoch's checkpoint: a folder the driver and every executor "
+                       "reach (/dbfs/..., /Volumes/..., file:, hdfs:, s3a:); default: they travel to the driver")
     train.add_argument("--resume", metavar="OUTPUT", help="continue the unfinished run into OUTPUT with its own settings: finished variants are kept, the one in flight resumes from its last epoch")
     train.add_argument("--master", help="Spark master, or sc://HOST:PORT for Spark Connect (default: spark-submit's or SPARK_REMOTE, else local[*])")
     train.add_argument("--mlflow", action="store_true", default=None,
@@ -142,8 +147,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--test", metavar="PATH", help="test file (any Hadoop path)")
 
 
-RUN_SETTINGS = ("run_config", "variant", "np", "epochs", "data", "train", "test", "output", "seed", "backend",
-                "progress_timeout", "max_retries", "deterministic", "allreduce", "overwrite")
+RUN_SETTINGS = ("run_config", "variant", "np", "epochs", "max_steps_per_epoch", "data", "train", "test", "output",
+                "seed", "backend", "progress_timeout", "max_retries", "deterministic", "allreduce", "checkpoint_dir",
+                "overwrite")
 
 
 def _run_training(args: argparse.Namespace) -> None:
@@ -206,6 +212,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         variants=",".join(args.variant) if args.variant else None,
         np=args.np,
         epochs=args.epochs,
+        max_steps_per_epoch=args.max_steps_per_epoch,
         data=data,
         train=args.train,
         test=args.test,
@@ -216,6 +223,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         max_retries=args.max_retries,
         deterministic=args.deterministic,
         allreduce=args.allreduce,
+        checkpoint_dir=args.checkpoint_dir,
     )
 
 

@@ -49,9 +49,15 @@ class RunConfig:
     train: str | None = None  # explicit files win over ``data``
     test: str | None = None
     epochs: int | None = field(default=None, metadata=rule(positive))  # None keeps each variant's own
+    # At most this many steps in each epoch, and in each epoch's validation (a fixed cost whatever the
+    # data's size: smoke runs, benchmarks/scale.py); each epoch then sees a shuffled subset. None: whole epochs.
+    max_steps_per_epoch: int | None = field(default=None, metadata=rule(positive))
     max_retries: int = field(default=2, metadata=rule(_not_negative))  # attempts after a failed one
     deterministic: bool = False  # bit-identical weights for the same seed on the same machine (slower)
     allreduce: Literal["float32", "float16"] = "float32"  # the gradients' precision on the wire
+    # Where rank 0 writes each epoch's checkpoint: a path every executor and the driver reach (/dbfs/...,
+    # /Volumes/...) or a file:, hdfs:, s3a: URI. None: checkpoints travel to the driver's run state.
+    checkpoint_dir: str | None = None
     source: str = ""
 
     def validate(self) -> None:

@@ -20,6 +20,7 @@ from sparkml_mnist.data.columns import (
     PIXELS_COLUMN,
     ROW_COLUMN,
     SHARD_COLUMN,
+    TEST_LAYOUT,
     VALIDATION_COLUMN,
 )
 from sparkml_mnist.data.libsvm import LibsvmData
@@ -43,11 +44,16 @@ class ShardedFrame:
 @dataclass(frozen=True)
 class ShardedLayouts:
     """Several layouts of one input in one hand-off frame (one per validation split), for one barrier
-    stage that trains several variants: rows of layout ``i`` carry ``layout == i`` and ``plans[i]``."""
+    stage that trains several variants: rows of layout ``i`` carry ``layout == i`` and ``plans[i]``.
+
+    With a test set, its rows ride along once (``layout == TEST_LAYOUT``, row ``i`` in shard ``i % k``,
+    none dropped), so each rank scores its share where it trains and the driver only adds up sums.
+    """
 
     frame: DataFrame
     plans: tuple[ShardPlan, ...]
     source: str
+    test_rows: int = 0
 
 
 def shard_frame(data: LibsvmData, num_shards: int, validation_split: float = 0.0) -> ShardedFrame:
@@ -56,14 +62,20 @@ def shard_frame(data: LibsvmData, num_shards: int, validation_split: float = 0.0
     return ShardedFrame(frame=_by_shard(_shard_rows(data, plan), num_shards), plan=plan, source=data.path)
 
 
-def shard_layouts(data: LibsvmData, num_shards: int, validation_splits: list[float]) -> ShardedLayouts:
-    """``shard_frame`` for each split at once, in one frame: partition ``s`` holds shard ``s`` of every layout."""
+def shard_layouts(
+    data: LibsvmData, num_shards: int, validation_splits: list[float], test: LibsvmData | None = None
+) -> ShardedLayouts:
+    """``shard_frame`` for each split at once, in one frame: partition ``s`` holds shard ``s`` of every layout
+    (and, given ``test``, the test rows of shard ``s``)."""
     plans = tuple(plan_shards(data.num_rows, num_shards, split, data.path) for split in validation_splits)
     rows = [_shard_rows(data, plan).withColumn(LAYOUT_COLUMN, F.lit(index)) for index, plan in enumerate(plans)]
+    if test is not None:
+        rows.append(_test_rows(test, num_shards))
     combined = rows[0]
     for more in rows[1:]:
         combined = combined.unionByName(more)
-    return ShardedLayouts(frame=_by_shard(combined, num_shards), plans=plans, source=data.path)
+    return ShardedLayouts(frame=_by_shard(combined, num_shards), plans=plans, source=data.path,
+                          test_rows=test.num_rows if test is not None else 0)
 
 
 def _shard_rows(data: LibsvmData, plan: ShardPlan) -> DataFrame:
@@ -77,6 +89,15 @@ def _shard_rows(data: LibsvmData, plan: ShardPlan) -> DataFrame:
     shard = (position % F.lit(plan.num_shards)).cast("int")
     return data.frame.where(kept).select(
         shard.alias(SHARD_COLUMN), in_validation.alias(VALIDATION_COLUMN), row, LABEL_COLUMN, PIXELS_COLUMN
+    )
+
+
+def _test_rows(test: LibsvmData, num_shards: int) -> DataFrame:
+    """Every test row, row ``i`` in shard ``i % k``: scoring has no collectives, so shards may differ by a row."""
+    row = F.col(ROW_COLUMN)
+    return test.frame.select(
+        (row % F.lit(num_shards)).cast("int").alias(SHARD_COLUMN), F.lit(False).alias(VALIDATION_COLUMN), row,
+        LABEL_COLUMN, PIXELS_COLUMN, F.lit(TEST_LAYOUT).alias(LAYOUT_COLUMN),
     )
 
 

@@ -1,7 +1,8 @@
 """Arrow rows of the data stage -> numpy tensors: images (n, 28, 28, 1), ``y`` one-hot.
 
-Used where the tensors are needed: inside each rank on its own partition (``sparkml_mnist.training.inputs``)
-and on the driver for the test set (``collect_tensors``). No Python loop over rows.
+Used where the tensors are needed: inside each rank on its own partition (``sparkml_mnist.training.inputs``,
+``sparkml_mnist.training.scoring``). ``collect_tensors`` gathers a whole input on one machine: a reference
+for checks and benchmarks; the job never calls it (the ranks score the test set). No Python loop over rows.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def images_and_labels(
 
 
 def collect_tensors(data: LibsvmData, spec: DataSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The whole input as tensors on the driver, in file order (for the test set's evaluation)."""
+    """The whole input as tensors on the driver, in file order: a one-process reference for checks and
+    benchmarks. Row-sized and bound by ``spark.driver.maxResultSize``: the job never calls it."""
     table = data.frame.select(ROW_COLUMN, LABEL_COLUMN, PIXELS_COLUMN).orderBy(ROW_COLUMN).toArrow()
     return images_and_labels(table, spec)

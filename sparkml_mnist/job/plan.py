@@ -2,8 +2,9 @@
 
 Here ``np`` becomes a ``Placement`` (zero, backend name and availability), every variant is loaded
 and checked against it (the global batch splits evenly across the replicas; XLA only where ranks can
-all-reduce under it), the inputs are resolved and the output folder is checked (a local path of the
-driver, not a non-empty folder). Nothing below re-checks these.
+all-reduce under it), the inputs are resolved, the output folder is checked (a local path of the
+driver, not a non-empty folder) and so is the checkpoint_dir, when given (created, written, read back
+and cleaned). Nothing below re-checks these.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sparkml_mnist.data.paths import DatasetPaths, resolve_inputs
 from sparkml_mnist.launcher.backends import DEFAULT_BACKEND
 from sparkml_mnist.launcher.backends.base import FULL_PRECISION
 from sparkml_mnist.launcher.backends.jax import NAME as JAX_BACKEND
+from sparkml_mnist.launcher.checkpoints import probe
 from sparkml_mnist.launcher.placement import Placement, parse_placement, rank_devices
 from sparkml_mnist.errors import ConfigError
 from sparkml_mnist.report.folder import check_output_folder
@@ -49,6 +51,7 @@ def plan_job(run: RunConfig, overwrite: bool = False, resume: bool = False) -> J
     check_allreduce(run.allreduce, placement)
     inputs = resolve_inputs(run.data, run.train, run.test)
     output = local_output_folder(run)
+    check_checkpoint_dir(run)
     try:
         check_output_folder(output, overwrite)
     except ReportError as error:  # found before any work: a usage error, like every other check here
@@ -73,6 +76,17 @@ def local_output_folder(run: RunConfig) -> Path:
         f"local filesystem, which cannot write {location.scheme}: URIs; give a local path or a mounted one (an NFS "
         "mount, /dbfs/... or /Volumes/... on Databricks), and copy the folder to other storage afterwards"
     )
+
+
+def check_checkpoint_dir(run: RunConfig) -> None:
+    """The run's checkpoint_dir, when it has one, can be created, written, read and cleaned from here."""
+    if run.checkpoint_dir is None:
+        return
+    try:
+        probe(run.checkpoint_dir)
+    except ConfigError as error:
+        problem = str(error).removeprefix("checkpoint_dir ")
+        raise ConfigError(f"{run.source}: field 'checkpoint_dir' (--checkpoint-dir) {problem}") from None
 
 
 def check_devices(plan: JobPlan, spark: Any) -> bool:

@@ -2,8 +2,9 @@
 
 The SparkSession comes from the entry point, the plan from ``sparkml_mnist.job.plan`` (every setting
 checked once, before any Spark work). The output is claimed at start (``job.state``); each variant's
-result is kept there as it finishes and rank 0 checkpoints every epoch there, so a failed or stopped
-run resumes (``--resume``) where it stopped. The report folder appears only once the run is complete.
+result is kept there as it finishes and rank 0 checkpoints every epoch there (or, with the run's
+``checkpoint_dir``, straight into storage), so a failed or stopped run resumes (``--resume``) where it
+stopped. The report folder appears only once the run is complete.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
 from sparkml_mnist.config import RunConfig, VariantConfig
+from sparkml_mnist.data.columns import LABEL_COLUMN, PIXELS_COLUMN, ROW_COLUMN
 from sparkml_mnist.data.libsvm import LibsvmData, load_libsvm
 from sparkml_mnist.data.shards import shard_layouts
-from sparkml_mnist.data.tensors import collect_tensors
-from sparkml_mnist.errors import SparkMnistError
+from sparkml_mnist.data.tensors import images_and_labels
+from sparkml_mnist.errors import LaunchError, SparkMnistError
 from sparkml_mnist.job.evaluate import Evaluator
 from sparkml_mnist.job.plan import JobPlan, check_devices, plan_job
 from sparkml_mnist.launcher.backends.tf import NAME as TF_BACKEND
@@ -37,11 +39,12 @@ from sparkml_mnist.report import ReportError, VariantResult, collect_versions, f
 from sparkml_mnist.job.state import RunState
 from sparkml_mnist.job.tracking import TRACKING_URI_ENV, Tracking, log_variants, run_params, variant_params
 from sparkml_mnist.job.versions import enforce_versions
+from sparkml_mnist.training.scoring import scored_key
 
 logger = logging.getLogger(__name__)
 Say = Callable[[str], None]
 
-SIGNATURE_EXAMPLES = 5  # test images that show MLflow the model's input and output
+SIGNATURE_EXAMPLES = 5  # test images that show MLflow the model's input and output (a limit(), never the set)
 
 
 def run_job(
@@ -120,7 +123,7 @@ def _tracking_from_environment() -> Tracking | None:
 
 class JobRun:
     """One run of the job: read the data once, keep what earlier attempts finished, train the rest in
-    one barrier stage, evaluate each variant on the driver as its training ends."""
+    one barrier stage, where the ranks also score the test set; keep each variant as its sums come in."""
 
     def __init__(self, spark: SparkSession, plan: JobPlan, state: RunState, say: Say) -> None:
         self.spark, self.plan, self.state, self.say = spark, plan, state, say
@@ -131,28 +134,29 @@ class JobRun:
         self.say(f"reading and checking {redact(paths.train)} and {redact(paths.test)}")
         clock = time.perf_counter()
         train = load_libsvm(self.spark, paths.train)
+        test: LibsvmData | None = None
         try:
             test = load_libsvm(self.spark, paths.test)
-            try:
-                x_test, y_test = collect_tensors(test)
-            finally:
-                test.release()
+            x_sample = signature_examples(test)
             timings["read_and_validate_s"] = time.perf_counter() - clock
             self.say(f"  {train.num_rows:,} training rows, {test.num_rows:,} test rows "
                      f"({timings['read_and_validate_s']:.1f} s)")
-            run = self.plan.run
-            evaluator = Evaluator(list(self.plan.variants), self.plan.placement.np, run.seed, run.deterministic,
-                                  self.state, x_test, y_test, self.say)
+            run, placement = self.plan.run, self.plan.placement
+            evaluator = Evaluator(list(self.plan.variants), placement.np, placement.size, test.num_rows, run.seed,
+                                  run.deterministic, self.state, self.say)
             results = self._kept(evaluator)
             remaining = [variant for variant in self.plan.variants if variant.name not in results]
             if remaining:
-                results.update(self._train(remaining, train, evaluator))
-            return [results[v.name] for v in self.plan.variants], timings, x_test[:SIGNATURE_EXAMPLES]
+                results.update(self._train(remaining, train, test, evaluator))
+            return [results[v.name] for v in self.plan.variants], timings, x_sample
         finally:
             train.release()  # cached by the validating read; on a notebook's session it would stay
+            if test is not None:
+                test.release()
 
     def _kept(self, evaluator: Evaluator) -> dict[str, VariantResult]:
-        """The variants an earlier attempt of the run finished (evaluated now if the driver stopped before)."""
+        """The variants an earlier attempt of the run finished. One it trained whose evaluation the driver never
+        kept (it stopped in between) is not kept: the ranks score it from its last checkpoint, without training."""
         checkpoints = self.state.checkpoints()
         kept: dict[str, VariantResult] = {}
         for variant in self.plan.variants:
@@ -163,23 +167,31 @@ class JobRun:
                          f"(test accuracy {finished.evaluation.accuracy:.4f})")
                 kept[variant.name] = finished
             elif last is not None and last.epoch >= variant.epochs:  # trained; the driver stopped before keeping it
-                kept[variant.name] = evaluator.evaluate(variant, last)
+                self.say(f"{variant.name}: trained by an earlier attempt of this run; its ranks score it now")
+                evaluator.final_checkpoint(variant.name, last)
         return kept
 
-    def _train(self, variants: list[VariantConfig], train: LibsvmData,
+    def _train(self, variants: list[VariantConfig], train: LibsvmData, test: LibsvmData,
                evaluator: Evaluator) -> dict[str, VariantResult]:
         """Every remaining variant in one barrier stage: one TensorFlow import and one strategy for all.
 
-        Each variant is evaluated on the driver as soon as its last epoch's checkpoint arrives, while
-        the ranks go on with the next; a retried attempt skips the variants that finished.
+        The test rows travel in the same hand-off frame; after each fit every rank scores its share and
+        reports sums, and the driver keeps the variant as soon as all of them and its last checkpoint are
+        in, while the ranks go on with the next; a retried attempt only scores the variants that finished.
         """
         from sparkml_mnist.training.loop import VariantPlan, train_variants
 
         run, placement = self.plan.run, self.plan.placement
         splits = sorted({variant.validation_split for variant in variants})
-        layouts = shard_layouts(train, placement.size, splits)
-        frame = layouts.frame.persist(StorageLevel.MEMORY_AND_DISK)  # a retry skips the shuffle
-        plans = [VariantPlan(v, layouts.plans[splits.index(v.validation_split)], splits.index(v.validation_split))
+        layouts = shard_layouts(train, placement.size, splits, test=test)
+        # On disk, not in the JVM's heap: the ranks read it once per attempt, and a retry skips the shuffle.
+        # Materialised now, so the validated reads' caches are freed before training, not after it.
+        frame = layouts.frame.persist(StorageLevel.DISK_ONLY)
+        frame.count()
+        train.release()
+        test.release()
+        plans = [VariantPlan(v, layouts.plans[splits.index(v.validation_split)], splits.index(v.validation_split),
+                             run.max_steps_per_epoch)
                  for v in variants]
         for plan in plans:
             variant = plan.variant
@@ -194,7 +206,7 @@ class JobRun:
             progress_timeout_s=run.progress_timeout_s, max_retries=run.max_retries,
             collective_timeout_s=NO_COLLECTIVE_TIMEOUT if placement.backend == TF_BACKEND else None,
         )
-        runner = HorovodRunner(np=placement, data=frame, policy=policy, checkpoint_dir=self.state.checkpoints().folder,
+        runner = HorovodRunner(np=placement, data=frame, policy=policy, checkpoint_dir=self.state.checkpoints(),
                                on_report=evaluator.on_report, spark=self.spark)
         evaluator.start()
         try:
@@ -209,13 +221,23 @@ class JobRun:
             logger.warning("%s", outcome.ranks["straggler"])
         finished = {}
         for variant in variants:
-            result = evaluator.results[variant.name]
-            reports = outcome.reports.get(variant.name, {})
+            result = evaluator.results.get(variant.name)
+            if result is None:
+                raise LaunchError(f"the ranks ended without every rank's test sums of {variant.name}; "
+                                  f"`sparkml-mnist train --resume {self.plan.output}` scores it again")
+            # Training records; a variant only scored here (trained by an earlier run) has its scoring records.
+            reports = outcome.reports.get(variant.name) or outcome.reports.get(scored_key(variant.name), {})
             result.rank_records = [reports[rank] for rank in sorted(reports)]
             result.attempts = [_attempt_row(attempt, variant.name) for attempt in outcome.attempts]
             result.ranks = outcome.ranks
             finished[variant.name] = self.state.save_finished(result)  # again, now with what the ranks reported
         return finished
+
+
+def signature_examples(test: LibsvmData) -> np.ndarray:
+    """The test file's first images, float32 as the model takes them: a ``limit()``, the set stays on the executors."""
+    first = test.frame.select(ROW_COLUMN, LABEL_COLUMN, PIXELS_COLUMN).orderBy(ROW_COLUMN).limit(SIGNATURE_EXAMPLES)
+    return images_and_labels(first.toArrow())[0]
 
 
 def _attempt_row(attempt: Attempt, key: str) -> dict[str, Any]:

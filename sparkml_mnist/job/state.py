@@ -3,8 +3,10 @@
 ``<parent>/.<output name>.state/`` is created when a run starts and locked (``flock``) for as long as
 it runs, so a second run into the same ``--output`` is refused at once instead of racing the first.
 Each variant's result and model land there as the variant finishes, and rank 0's checkpoints as each
-epoch ends; ``sparkml-mnist train --resume OUTPUT`` reads them back: finished variants are kept, the
-one in flight resumes from its last epoch. The folder is removed once the report is in place.
+epoch ends (sent to the driver), or, with the run's ``checkpoint_dir``, in a folder of this run's own
+under it (``<checkpoint_dir>/<output name>-<id>``, written there by rank 0; state.json names it);
+``sparkml-mnist train --resume OUTPUT`` reads them back: finished variants are kept, the one in flight
+resumes from its last epoch. Both are removed once the report is in place.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import json
 import os
 import shutil
 import socket
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sparkml_mnist.config import RunConfig, from_mapping
+from sparkml_mnist.launcher.checkpoints import CheckpointFiles, join, normalized
 from sparkml_mnist.launcher.driver.store import CheckpointStore
 from sparkml_mnist.errors import ConfigError, SparkMnistError
 from sparkml_mnist.report import VariantResult
@@ -30,6 +34,8 @@ RESULT_FILE = "result.json"
 VARIANTS_DIR = "variants"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_VERSION = 1
+CHECKPOINTS_KEY = "checkpoints"  # state.json: this run's folder under its checkpoint_dir, when it has one
+RUN_ID_CHARS = 12  # names this run's folder under a checkpoint_dir shared by several runs
 RESUMED = " (resumed)"
 
 
@@ -71,12 +77,22 @@ def stored_overwrite(output: Path) -> bool:
     return bool(_stored_state(output).get("overwrite", False))
 
 
+def _stored_checkpoints(folder: Path) -> str | None:
+    """The run's folder under its checkpoint_dir, as its state.json names it (None: it has none)."""
+    try:
+        location = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get(CHECKPOINTS_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return location if isinstance(location, str) else None
+
+
 class RunState:
     """The claimed state folder of one run (a context manager: leaving it releases the claim)."""
 
     def __init__(self, folder: Path, lock_fd: int) -> None:
         self.folder = folder
         self._lock_fd = lock_fd
+        self.checkpoint_location: str | None = None  # this run's folder under its checkpoint_dir (state.json)
 
     @classmethod
     def claim(cls, output: Path, run: RunConfig, resume: bool = False, overwrite: bool = False) -> RunState:
@@ -108,11 +124,18 @@ class RunState:
         os.pwrite(lock_fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         state = cls(folder, lock_fd)
         if existed and overwrite and not resume:
+            state.checkpoint_location = _stored_checkpoints(folder)
             state._clear()
+        if existed and resume:
+            state.checkpoint_location = _stored_checkpoints(folder)
         if not (folder / STATE_FILE).exists():
+            if run.checkpoint_dir is not None:
+                run_id = f"{output.absolute().name}-{uuid.uuid4().hex[:RUN_ID_CHARS]}"
+                state.checkpoint_location = join(normalized(run.checkpoint_dir), run_id)
             try:
                 state._write_json(folder / STATE_FILE, {"version": STATE_VERSION, "run": asdict(run),
-                                                          "overwrite": overwrite})
+                                                          "overwrite": overwrite,
+                                                          CHECKPOINTS_KEY: state.checkpoint_location})
             except OSError as error:
                 state.release()
                 raise StateError(f"cannot write the run's state in {folder} ({error.strerror}); choose an "
@@ -136,7 +159,10 @@ class RunState:
         return self.folder / VARIANTS_DIR / name
 
     def checkpoints(self) -> CheckpointStore:
-        """Rank 0's checkpoints, one key (a folder) per variant."""
+        """Rank 0's checkpoints, one key (a folder) per variant: in this run's folder under its checkpoint_dir
+        (rank 0 writes them there), else in the state folder (the driver writes what rank 0 sends)."""
+        if self.checkpoint_location is not None:
+            return CheckpointStore(self.checkpoint_location, direct=True)
         return CheckpointStore(self.folder / CHECKPOINTS_DIR)
 
     def finished(self, name: str) -> VariantResult | None:
@@ -167,22 +193,39 @@ class RunState:
         except OSError as error:
             raise StateError(f"cannot keep variant {result.name!r} in {folder} ({error.strerror}); free space or "
                              "fix permissions, then `sparkml-mnist train --resume` the run") from None
-        shutil.rmtree(self.folder / CHECKPOINTS_DIR / result.name, ignore_errors=True)
+        # Its last checkpoint stays until the run completes: a retried attempt's ranks see there that it is done.
         return result
 
     def complete(self) -> None:
         """The report is in place: the state has served its purpose (removed while still claimed)."""
+        self._remove_checkpoint_folder()
         shutil.rmtree(self.folder, ignore_errors=True)
         self.release()
 
     def holds_work(self) -> bool:
         """Whether anything of the run was kept (a checkpoint, a finished variant) for ``--resume``."""
         kept = (path for path in self.folder.rglob("*") if path.is_file())
-        return any(path.name not in (STATE_FILE, LOCK_FILE) for path in kept)
+        if any(path.name not in (STATE_FILE, LOCK_FILE) for path in kept):
+            return True
+        if self.checkpoint_location is None:
+            return False
+        try:
+            return bool(CheckpointFiles(self.checkpoint_location).keys())
+        except SparkMnistError:  # cannot tell: keep the state, so that --resume can look again
+            return True
 
     # -- files ----------------------------------------------------------------------------------
 
+    def _remove_checkpoint_folder(self) -> None:
+        if self.checkpoint_location is not None:
+            try:
+                CheckpointFiles(self.checkpoint_location).remove_all()
+            except SparkMnistError:  # cannot be opened now: what is left there is only a leftover
+                pass
+
     def _clear(self) -> None:
+        self._remove_checkpoint_folder()
+        self.checkpoint_location = None
         for item in self.folder.iterdir():
             if item.name != LOCK_FILE:
                 shutil.rmtree(item) if item.is_dir() else item.unlink()

@@ -21,7 +21,7 @@ _EXPORTS = {
     "RankRecord": "sparkml_mnist.launcher.failures",
     "RunResult": "sparkml_mnist.launcher.runner",
     "FailurePolicy": "sparkml_mnist.launcher.policy",
-    "Checkpoint": "sparkml_mnist.launcher.protocol",
+    "Checkpoint": "sparkml_mnist.launcher.checkpoints",
     "RankError": "sparkml_mnist.launcher.failures",
     "RankFailedError": "sparkml_mnist.launcher.failures",
     "RankStalledError": "sparkml_mnist.launcher.failures",

@@ -2,8 +2,9 @@
 
 A rank sends a ``Heartbeat`` every ``heartbeat_interval_s`` (the same type the driver's watchdog and
 live board read), and ``report``s: metrics under a key, with rank 0's ``Checkpoint`` attached when it
-has one (chunked below the channel's frame cap). The driver parses each message once, here, at the
-boundary; what it passes on is typed.
+has one: where rank 0 wrote it (location and sha256) when the run has a ``checkpoint_dir``, else its
+bytes (chunked below the channel's frame cap, with their sha256). The driver parses each message once,
+here, at the boundary; what it passes on is typed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
+from sparkml_mnist.errors import LaunchError
 from sparkml_mnist.launcher.channel import clean_line
+from sparkml_mnist.launcher.checkpoints import Checkpoint, sha256_of, valid_sha256
 
 HEARTBEAT = "heartbeat"
 TASK_STARTED = "task_started"  # a barrier task reached the driver, before its rank's process exists
@@ -34,14 +37,6 @@ Message = dict[str, Any]
 
 def valid_key(key: Any) -> bool:
     return key == DEFAULT_KEY or (isinstance(key, str) and bool(_KEY.match(key)))
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Rank 0's training state after ``epoch`` epochs: opaque bytes (the training side packs them)."""
-
-    epoch: int
-    data: bytes
 
 
 @dataclass
@@ -93,8 +88,14 @@ def _chunks(data: bytes) -> list[bytes]:
 
 
 def report_frames(key: str, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> Iterator[Message]:
-    """A report as frames: the checkpoint's chunks, the metrics on the last one (which is answered)."""
-    chunks = _chunks(checkpoint.data if checkpoint is not None else b"")
+    """A report as frames, the metrics on the last one (which is answered): one frame naming where a
+    checkpoint kept in storage is, or the checkpoint's chunks and, on the last, their sha256."""
+    if checkpoint is not None and checkpoint.location is not None:
+        yield {"type": REPORT, "key": key, "seq": 0, "total": 1, "epoch": checkpoint.epoch,
+               "location": checkpoint.location, "sha256": checkpoint.sha256, "metrics": metrics}
+        return
+    data = checkpoint.data if checkpoint is not None else b""
+    chunks = _chunks(data)
     for seq, chunk in enumerate(chunks):
         frame: Message = {"type": REPORT, "key": key, "seq": seq, "total": len(chunks)}
         if checkpoint is not None:
@@ -102,6 +103,8 @@ def report_frames(key: str, metrics: dict[str, Any], checkpoint: Checkpoint | No
             frame["data"] = base64.b64encode(chunk).decode("ascii")
         if seq + 1 == len(chunks):
             frame["metrics"] = metrics
+            if checkpoint is not None:
+                frame["sha256"] = sha256_of(data)
         yield frame
 
 
@@ -109,9 +112,12 @@ def checkpoint_frames(checkpoint: Checkpoint | None) -> list[Message]:
     """The driver's answer to a fetch: the checkpoint in chunks, or one frame saying there is none."""
     if checkpoint is None:
         return [{"type": CHECKPOINT, "epoch": None, "seq": 0, "total": 1}]
-    chunks = _chunks(checkpoint.data)
-    return [{"type": CHECKPOINT, "epoch": checkpoint.epoch, "seq": seq, "total": len(chunks),
-             "data": base64.b64encode(chunk).decode("ascii")} for seq, chunk in enumerate(chunks)]
+    data = checkpoint.data
+    chunks = _chunks(data)
+    frames = [{"type": CHECKPOINT, "epoch": checkpoint.epoch, "seq": seq, "total": len(chunks),
+               "data": base64.b64encode(chunk).decode("ascii")} for seq, chunk in enumerate(chunks)]
+    frames[-1]["sha256"] = sha256_of(data)
+    return frames
 
 
 def last_checkpoint_frame(frame: Message) -> bool:
@@ -123,4 +129,8 @@ def checkpoint_from_frames(frames: list[Message]) -> Checkpoint | None:
     if first.get("epoch") is None:
         return None
     data = b"".join(base64.b64decode(frame["data"]) for frame in frames if frame.get("type") == CHECKPOINT)
+    expected = frames[-1].get("sha256")
+    if valid_sha256(expected) and sha256_of(data) != expected:
+        raise LaunchError(f"the checkpoint of epoch {first['epoch']} arrived from the driver damaged (its sha256 "
+                          "differs from the driver's)")
     return Checkpoint(epoch=int(first["epoch"]), data=data)

@@ -11,14 +11,19 @@ nothing of its columns.
 
 Spark never retries a failed barrier stage, so the runner does: a failed, stalled or lost attempt
 is launched again (``FailurePolicy.max_retries`` times), and its ranks find the last checkpoint rank 0
-reported (``context.report(key, metrics, checkpoint)`` / ``context.latest_checkpoint(key)``). A failure
-that repeats identically is not retried again. ``run_all`` returns a ``RunResult``: every rank's
+reported (``context.report(key, metrics, checkpoint)`` / ``context.latest_checkpoint(key)``): in the
+run's ``checkpoint_dir`` (a path or URI every rank reaches; rank 0 writes there directly), or, without
+one, kept by the driver on its own disk after travelling over the run's channel. A failure that repeats
+identically is not retried again. ``run_all`` returns a ``RunResult``: every rank's
 record, every attempt, and what the ranks reported.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from sparkml_mnist.errors import ConfigError, LaunchError
 from sparkml_mnist.launcher.backends import DEFAULT_BACKEND
+from sparkml_mnist.launcher.checkpoints import normalized, probe
 from sparkml_mnist.launcher.driver import cluster
 from sparkml_mnist.launcher.driver.attempt import Attempt, AttemptLauncher
 from sparkml_mnist.launcher.driver.reports import ReportListener, RunReports
@@ -40,6 +46,8 @@ from sparkml_mnist.launcher.policy import FailurePolicy
 LOG_CALLBACK_ONLY = "log_callback_only"  # sparkdl's default: only log_to_driver / LogCallback lines
 ALL_OUTPUT = "all"  # also every line the ranks print
 VERBOSITIES = (LOG_CALLBACK_ONLY, ALL_OUTPUT)
+LOCAL_DIRS_ENV, LOCAL_DIR_CONF = "SPARK_LOCAL_DIRS", "spark.local.dir"  # where the driver's own store goes
+DRIVER_STORE_PREFIX = "sparkml-mnist-checkpoints-"
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +77,15 @@ class HorovodRunner:
 
     ``np``: an int in sparkdl's convention, or a ``Placement`` already parsed. ``data``: a DataFrame
     with one partition per rank. ``policy``: timeouts and retries (``FailurePolicy``). ``checkpoint_dir``:
-    where the driver keeps rank 0's checkpoints (in memory when not given), so a ``--resume`` after the
-    driver stopped finds them. ``on_report(key, rank, metrics, checkpoint)``: called on the driver as
-    each rank's report is kept. ``spark``: the session (default: ``data``'s, or the active one).
+    where rank 0's checkpoints go: a local path (``/dbfs/...``, ``/Volumes/...``) or a ``file:``,
+    ``hdfs:``, ``s3a:`` URI that the driver and every executor reach (rank 0 writes there directly;
+    checked at once: a folder that cannot be created, written or read is a ``ConfigError``); or a
+    ``CheckpointStore`` the driver keeps (the job's, in its state folder). Not given: the checkpoints
+    travel to the driver, which keeps them in a folder under Spark's local dir for the run's retries.
+    A ``checkpoint_dir`` belongs to one run: another run given it resumes from what it holds.
+    ``on_report(key, rank, metrics, checkpoint)``: called on the driver as each rank's report is kept
+    (``checkpoint.data`` reads a stored checkpoint and checks it; read it there: an older one is removed
+    once a newer one checks out). ``spark``: the session (default: ``data``'s, or the active one).
     """
 
     def __init__(
@@ -82,7 +96,7 @@ class HorovodRunner:
         data: DataFrame | None = None,
         backend: str = DEFAULT_BACKEND,
         policy: FailurePolicy | None = None,
-        checkpoint_dir: Path | str | None = None,
+        checkpoint_dir: Path | str | CheckpointStore | None = None,
         on_report: ReportListener | None = None,
         spark: SparkSession | None = None,
     ) -> None:
@@ -94,7 +108,9 @@ class HorovodRunner:
         self.driver_log_verbosity = driver_log_verbosity
         self.policy = policy if policy is not None else FailurePolicy()
         self.data = data
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if isinstance(checkpoint_dir, (str, Path)):
+            checkpoint_dir = normalized(probe(checkpoint_dir))
+        self.checkpoint_dir = checkpoint_dir
         self.on_report = on_report
         self.spark = spark or (data.sparkSession if data is not None else SparkSession.getActiveSession())
         if not self.placement.on_driver and self.spark is None:
@@ -123,7 +139,18 @@ class HorovodRunner:
             risk = cluster.check_secured_cluster(self.spark)  # type: ignore[arg-type]
             if risk:
                 logger.warning(risk)
-        store = CheckpointStore(self.checkpoint_dir)
+        if isinstance(self.checkpoint_dir, CheckpointStore):
+            return self._attempts(main, kwargs, keep_all_values, self.checkpoint_dir)
+        if self.checkpoint_dir is not None:
+            return self._attempts(main, kwargs, keep_all_values, CheckpointStore(self.checkpoint_dir, direct=True))
+        folder = driver_store_folder(self.spark)  # only this run knows it: removed when the run ends
+        try:
+            return self._attempts(main, kwargs, keep_all_values, CheckpointStore(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _attempts(self, main: Callable[..., Any], kwargs: dict[str, Any], keep_all_values: bool,
+                  store: CheckpointStore) -> RunResult:
         reports = RunReports(store, self.on_report)
         launcher = AttemptLauncher(
             placement=self.placement, spark=self.spark, data=self.data, policy=self.policy,
@@ -162,6 +189,22 @@ class HorovodRunner:
             attempt.ended_at, attempt.outcome = time.time(), "succeeded"
             return RunResult(records=_records(results, attempts), attempts=attempts, reports=reports.metrics)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def driver_store_folder(spark: SparkSession | None) -> Path:
+    """A new folder for the driver's checkpoints: under Spark's local dir (``SPARK_LOCAL_DIRS``, else
+    ``spark.local.dir``), else the temp dir."""
+    configured = os.environ.get(LOCAL_DIRS_ENV) or (cluster.spark_conf(spark, LOCAL_DIR_CONF) if spark else None)
+    for root in (configured.split(",")[0].strip() if configured else None, tempfile.gettempdir()):
+        if not root:
+            continue
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix=DRIVER_STORE_PREFIX, dir=root))
+        except OSError as error:
+            logger.warning("cannot keep checkpoints in %s (%s); trying the temp dir", root, error.strerror or error)
+    raise LaunchError(f"cannot create a folder for the run's checkpoints in {tempfile.gettempdir()}; "
+                      f"set {LOCAL_DIRS_ENV} to a writable folder, or pass checkpoint_dir=")
 
 
 def _records(results: list[tuple[RankRecord, bytes]], attempts: list[Attempt]) -> list[RankRecord]:

@@ -38,14 +38,17 @@ class LaunchSpec:
     forward_output: bool = False  # the ranks' stdout/stderr lines go to the driver (driver_log_verbosity="all")
     threads: int | None = None
     backend_options: dict[str, Any] = field(default_factory=dict)  # from the backend's driver session
+    checkpoint_dir: str | None = None  # where rank 0 writes checkpoints and every rank reads them; None: the driver's
     secret: str = field(default="", repr=False)  # the run's channel secret; "" once it reached the task
 
-    def for_rank(self, rank: int, hosts: list[str], ports: list[int], gpus: list[str]) -> RankSpec:
+    def for_rank(self, rank: int, hosts: list[str], ports: list[int], gpus: list[str],
+                 partition_rows: list[int] | None = None) -> RankSpec:
         local_rank, local_size = local_ranks(hosts, rank)
         return RankSpec(
             launch=replace(self, secret=""), rank=rank, host=hosts[rank],
             addresses=[f"{host}:{port}" for host, port in zip(hosts, ports)],
             local_rank=local_rank, local_size=local_size, gpus=list(gpus),
+            partition_rows=list(partition_rows) if partition_rows is not None else [],
             channel_token=rank_token(self.secret, rank),
         )
 
@@ -61,6 +64,7 @@ class RankSpec:
     local_rank: int = 0
     local_size: int = 1
     gpus: list[str] = field(default_factory=list)
+    partition_rows: list[int] = field(default_factory=list)  # every rank's partition size, in rank order
     channel_token: str = ""  # this rank's token for the driver's channel (channel.rank_token)
 
     @property

@@ -16,18 +16,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.compute as pc
-
 from sparkml_mnist.config import VariantConfig
-from sparkml_mnist.data.columns import LAYOUT_COLUMN
 from sparkml_mnist.data.split import ShardPlan
 from sparkml_mnist.errors import DataError
 from sparkml_mnist.launcher import keras_flavour
 from sparkml_mnist.launcher.protocol import CHIEF_RANK
 from sparkml_mnist.launcher.rank.context import RankContext, log_to_driver
 from sparkml_mnist.training import state as training_state
-from sparkml_mnist.training.inputs import ShardTensors, distributed_dataset, scale_images, shard_tensors, steps_per_epoch
+from sparkml_mnist.training.inputs import ShardRows, distributed_dataset, scale_images, shard_rows, steps_per_epoch
 from sparkml_mnist.training.models import build_model
+from sparkml_mnist.training.scoring import TEST_RECORD_KEY, ScoringRows, score_in_rank, scored_key, scoring_rows
 
 
 def _check_shard(rows: int, expected: int, part: str, context: RankContext) -> None:
@@ -69,6 +67,11 @@ class VariantPlan:
     variant: VariantConfig
     shards: ShardPlan
     layout: int = 0
+    max_steps_per_epoch: int | None = None  # the run's cap on each epoch's (and its validation's) steps
+
+    def capped(self, steps: int) -> int:
+        """``steps``, at most the run's ``max_steps_per_epoch`` (None: no cap)."""
+        return steps if self.max_steps_per_epoch is None else min(steps, self.max_steps_per_epoch)
 
 
 def train_variants(
@@ -78,24 +81,30 @@ def train_variants(
     """Train several variants one after the other in this one rank process: one TensorFlow import and
     one strategy for all of them (``context.partition()`` holds every variant's layout).
 
-    A variant whose last epoch's checkpoint the driver already has (an earlier attempt finished it) is
-    skipped; one with an earlier checkpoint resumes from it. Each finished variant's rank record is
-    reported to the driver at once, so it survives a later variant's failure.
+    After each fit every rank scores its own test rows and reports the sums with its record, which is
+    reported to the driver at once, so it survives a later variant's failure. A variant whose last
+    epoch's checkpoint the driver already has (an earlier attempt finished it) is not trained again, only
+    scored from that checkpoint's weights (the driver may have lost the sums: it keeps the first complete
+    ones); one with an earlier checkpoint resumes from it.
     """
     keras = keras_flavour.keras()
     if deterministic:
         make_deterministic(keras_flavour.tensorflow(), context.spec.threads)
     table = context.partition()
-    layouts = table.column(LAYOUT_COLUMN)
+    test = scoring_rows(table)  # this rank's share of the test set, scored after each fit
     records: dict[str, dict[str, Any]] = {}
     for plan in plans:
         name = plan.variant.name
         checkpoint = context.latest_checkpoint(name)
         resumed = training_state.unpack(checkpoint.data) if checkpoint is not None else None
-        if resumed is not None and resumed.epoch >= plan.variant.epochs:
-            continue  # finished by an earlier attempt: the driver has its last checkpoint
-        shard = shard_tensors(table.filter(pc.equal(layouts, plan.layout)).drop_columns([LAYOUT_COLUMN]))
-        records[name] = train_variant(context, keras, plan, shard, seed, resumed, allreduce)
+        if resumed is not None and resumed.epoch >= plan.variant.epochs:  # trained by an earlier attempt
+            scored = {"rank": context.rank, "host": context.host, "pid": os.getpid(),
+                      "resumed_from_epoch": resumed.epoch,
+                      TEST_RECORD_KEY: score_in_rank(context, plan.variant, resumed.weights, test)}
+            context.report(scored_key(name), scored)  # its own key: the training records stay the variant's
+            continue
+        shard = shard_rows(table, plan.layout)
+        records[name] = train_variant(context, keras, plan, shard, seed, resumed, allreduce, test)
         context.report(name, records[name])
         del shard
         gc.collect()
@@ -103,12 +112,12 @@ def train_variants(
 
 
 def train_variant(
-    context: RankContext, keras: Any, plan: VariantPlan, shard: ShardTensors, seed: int,
-    resumed: training_state.TrainingState | None, allreduce: str = "float32",
+    context: RankContext, keras: Any, plan: VariantPlan, shard: ShardRows, seed: int,
+    resumed: training_state.TrainingState | None, allreduce: str = "float32", test: ScoringRows | None = None,
 ) -> dict[str, Any]:
-    """Build -> restore -> fit one variant on this rank's shard; returns the rank's record for the report.
+    """Build -> restore -> fit one variant on this rank's shard (-> score ``test``); returns the rank's record.
 
-    The weights reach the driver in rank 0's last checkpoint, not in the record.
+    The weights reach the driver in rank 0's last checkpoint, not in the record; the test rows' sums do.
     """
     from sparkml_mnist.launcher.rank.callbacks import ProgressCallback  # imports Keras: only inside the rank
     from sparkml_mnist.training.callbacks import EpochCallback
@@ -117,9 +126,9 @@ def train_variant(
     started_at, beat = time.time(), context.heartbeat
     steps_before, examples_before = beat.steps, beat.examples
     beat.label = variant.name
-    _check_shard(len(shard.x_train), shards.train_per_shard, "training", context)
-    _check_shard(len(shard.x_validation), shards.validation_per_shard, "validation", context)
-    steps = steps_per_epoch(shards.train_per_shard, variant.batch_size, context.size)
+    _check_shard(len(shard.train), shards.train_per_shard, "training", context)
+    _check_shard(len(shard.validation), shards.validation_per_shard, "validation", context)
+    steps = plan.capped(steps_per_epoch(shards.train_per_shard, variant.batch_size, context.size))
 
     # Build: the same initial weights on every rank, inside the backend's scope; then restore.
     keras.utils.set_random_seed(seed)
@@ -135,7 +144,7 @@ def train_variant(
     epochs = EpochCallback(context, variant.name, variant.epochs, steps, resumed)
     model.fit(
         distributed_dataset(
-            context, (shard.x_train, shard.y_train), variant.batch_size, steps, shuffle=True, seed=seed + context.rank,
+            context, shard.train, variant.batch_size, steps, shuffle=True, seed=seed + context.rank,
             first_epoch=first_epoch, preprocess=scale_images(), epochs=variant.epochs,
         ),
         epochs=variant.epochs,
@@ -147,23 +156,26 @@ def train_variant(
     )
 
     # Report: this rank's record, as report.json shows it.
-    return {
+    record = {
         "rank": context.rank, "host": context.host, "pid": os.getpid(),
         "started_at": started_at, "ended_at": time.time(), "first_step_at": beat.fit_started_at,
         "steps": beat.steps - steps_before, "examples_seen": beat.examples - examples_before,
-        "steps_per_epoch": steps, "train_rows": int(len(shard.x_train)),
-        "validation_rows": int(len(shard.x_validation)), "resumed_from_epoch": first_epoch,
+        "steps_per_epoch": steps, "train_rows": len(shard.train),
+        "validation_rows": len(shard.validation), "resumed_from_epoch": first_epoch,
         "determinism": determinism_settings(keras_flavour.tensorflow()),
         "epoch_seconds": epochs.epoch_seconds, "history": epochs.history,
     }
+    if test is not None:  # after the record's end time: scoring is timed apart
+        record[TEST_RECORD_KEY] = score_in_rank(context, variant, model.get_weights(), test)
+    return record
 
 
-def _validation_input(context: RankContext, plan: VariantPlan, shard: ShardTensors) -> dict[str, Any]:
+def _validation_input(context: RankContext, plan: VariantPlan, shard: ShardRows) -> dict[str, Any]:
     """``fit``'s validation arguments: the rank's validation rows, one epoch's batches each time."""
     if not plan.shards.validation_per_shard:
         return {}
     batch = plan.variant.batch_size
-    steps = steps_per_epoch(plan.shards.validation_per_shard, batch, context.size, "validation")
-    dataset = distributed_dataset(context, (shard.x_validation, shard.y_validation), batch, steps,
+    steps = plan.capped(steps_per_epoch(plan.shards.validation_per_shard, batch, context.size, "validation"))
+    dataset = distributed_dataset(context, shard.validation, batch, steps,
                                   preprocess=scale_images(), epochs=1)
     return {"validation_data": dataset, "validation_steps": steps}

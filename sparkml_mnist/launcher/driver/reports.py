@@ -1,8 +1,10 @@
 """What the ranks report over a whole run (every attempt): metrics by key and rank, rank 0's checkpoints.
 
-Fed by the channel's threads. A report's checkpoint chunks are assembled per rank; when its last
-frame arrives the checkpoint is kept in the store (before the rank is answered, so an acknowledged
-checkpoint survives the driver's next failure), its metrics are kept, and the run's listener is told.
+Fed by the channel's threads. A report's checkpoint chunks are assembled per rank and checked against
+their sha256; when its last frame arrives the checkpoint is kept in the store (before the rank is
+answered, so an acknowledged checkpoint survives the driver's next failure), its metrics are kept, and
+the run's listener is told. With a ``checkpoint_dir`` the report names where rank 0 wrote the
+checkpoint instead (location and sha256): the store notes it, the bytes stay in storage.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 from typing import Any, Callable
 
 from sparkml_mnist.launcher.driver.store import CheckpointStore
+from sparkml_mnist.launcher.checkpoints import sha256_of, valid_sha256
 from sparkml_mnist.launcher.protocol import (
     CHIEF_RANK, REPORTED, Checkpoint, Message, checkpoint_frames, valid_key,
 )
@@ -43,6 +46,8 @@ class RunReports:
         has_checkpoint = "epoch" in frame
         if has_checkpoint and rank != CHIEF_RANK:
             return None  # refused (the rank side says so before sending)
+        if "location" in frame:
+            return self._receive_stored(rank, key, frame)
         with self._lock:
             parts = self._parts.setdefault(rank, [])
             if seq == 0:
@@ -61,8 +66,21 @@ class RunReports:
             return None
         checkpoint = None
         if has_checkpoint and isinstance(frame.get("epoch"), int):
-            checkpoint = Checkpoint(epoch=frame["epoch"], data=data)
-            self.store.put(checkpoint.epoch, checkpoint.data, key)
+            if valid_sha256(frame.get("sha256")) and sha256_of(data) != frame["sha256"]:
+                return None  # damaged on the way: dropped as a report missing a chunk is
+            checkpoint = self.store.put(frame["epoch"], data, key)  # None: older than the one kept
+        return self._kept(rank, key, metrics, checkpoint)
+
+    def _receive_stored(self, rank: int, key: str, frame: Message) -> Message | None:
+        """A report naming where rank 0 wrote its checkpoint (a run with a ``checkpoint_dir``)."""
+        epoch, location, digest, metrics = (frame.get(name) for name in ("epoch", "location", "sha256", "metrics"))
+        if (not isinstance(epoch, int) or not isinstance(location, str) or not valid_sha256(digest)
+                or not isinstance(metrics, dict) or frame.get("total") != 1):
+            return None
+        checkpoint = self.store.record(key, Checkpoint(epoch, location=location, sha256=digest))
+        return self._kept(rank, key, metrics, checkpoint)
+
+    def _kept(self, rank: int, key: str, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> Message:
         with self._lock:
             self.metrics.setdefault(key, {})[rank] = metrics
         if self.on_report is not None:

@@ -1,77 +1,115 @@
-"""Checkpoints kept by the driver, so a run resumes without a filesystem shared by the executors.
+"""The driver's view of a run's checkpoints: the latest one per key, as files with a sha256 each.
 
-Rank 0 reports each checkpoint (opaque bytes: what they hold is the training side's business) to the
-driver over the run's channel (``context.report``); the driver keeps the latest one per key in memory
-and, given a folder, on its own disk (atomically), so the next attempt of a run, or ``--resume`` after
-the driver itself stopped, hands it to the ranks. A key names one of several things a run trains (the
-job: one key per variant); nothing is unpickled.
+Two ways a checkpoint gets there (``launcher.checkpoints`` writes and checks the files):
+
+* ``direct``: the run has a ``checkpoint_dir`` every rank reaches; rank 0 writes each checkpoint there
+  itself and the driver is told only (key, epoch, location, sha256). The bytes never cross the driver.
+* over the channel (the default): rank 0 sends the bytes and the driver writes them into its own
+  folder (the run's state folder, or one under Spark's local dir), or keeps them in memory when it
+  has none.
+
+Either way the next attempt of a run, or ``--resume`` after the driver itself stopped, finds the
+latest good checkpoint of each key. A key names one of several things a run trains (the job: one key
+per variant); nothing is unpickled. Epochs only go up: an older checkpoint than the one kept is not taken.
 """
 
 from __future__ import annotations
 
-import os
-import re
+import logging
 import threading
 from pathlib import Path
 
-from sparkml_mnist.launcher.protocol import DEFAULT_KEY, Checkpoint, valid_key
+from sparkml_mnist.launcher.checkpoints import Checkpoint, CheckpointFiles
+from sparkml_mnist.launcher.protocol import DEFAULT_KEY, valid_key
 
-_FILE = re.compile(r"^epoch-(\d+)\.ckpt$")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointStore:
-    """The latest checkpoint of each key of one run (in memory, and in ``folder`` when given)."""
+    """The latest checkpoint of each key of one run.
 
-    def __init__(self, folder: Path | None = None) -> None:
-        self.folder = folder
-        self._latest: dict[str, Checkpoint] = {}
+    ``location``: where the files are (a folder of the driver, or a URI; ``CheckpointFiles`` to reuse
+    opened ones); None keeps the checkpoints in memory only. ``direct``: rank 0 writes the files itself
+    (``location`` is then the run's ``checkpoint_dir``, which the ranks are given).
+    """
+
+    def __init__(self, location: Path | str | CheckpointFiles | None = None, direct: bool = False) -> None:
+        if location is None or isinstance(location, CheckpointFiles):
+            self.files = location
+        else:
+            self.files = CheckpointFiles(location)
+        if direct and self.files is None:
+            raise ValueError("a direct store needs the location the ranks write to")
+        self.direct = direct
+        self._latest: dict[str, Checkpoint | None] = {}
         self._lock = threading.Lock()
 
-    def _folder(self, key: str) -> Path | None:
-        if self.folder is None:
-            return None
-        return self.folder / key if key else self.folder
+    @property
+    def location(self) -> str | None:
+        """Where the files are (a path or URI as every rank can use it), or None in memory."""
+        return self.files.location if self.files is not None else None
+
+    @property
+    def rank_location(self) -> str | None:
+        """What the ranks are given: where rank 0 writes and every rank reads (None: over the channel)."""
+        return self.location if self.direct else None
 
     def latest(self, key: str = DEFAULT_KEY) -> Checkpoint | None:
+        """``key``'s latest checkpoint (its bytes read, and checked, when ``data`` is used)."""
         with self._lock:
             if key not in self._latest:
-                self._latest[key] = _read_latest(self._folder(key))  # type: ignore[assignment]
+                found = self.files.latest(key) if self.files is not None else None
+                self._latest[key] = self._kept_form(found)
             return self._latest[key]
 
-    def put(self, epoch: int, data: bytes, key: str = DEFAULT_KEY) -> None:
-        """Keep ``data`` as ``key``'s checkpoint after ``epoch`` epochs; on disk first, then in memory."""
-        folder = self._folder(key)
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            final = folder / f"epoch-{epoch:06d}.ckpt"
-            partial = folder / f".{final.name}.partial"
-            with open(partial, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, final)
-            for older in folder.iterdir():
-                if older != final and _FILE.match(older.name):
-                    older.unlink(missing_ok=True)
+    def put(self, epoch: int, data: bytes, key: str = DEFAULT_KEY) -> Checkpoint | None:
+        """Keep the bytes rank 0 sent as ``key``'s checkpoint after ``epoch`` epochs: on disk first (with
+        its sha256), then noted. The checkpoint kept, or None when it is older than the one kept."""
+        if self._older(key, epoch):
+            return None
+        checkpoint = self.files.write(key, epoch, data) if self.files is not None else Checkpoint(epoch, data)
         with self._lock:
-            self._latest[key] = Checkpoint(epoch=epoch, data=data)
+            self._latest[key] = self._kept_form(checkpoint)
+        return checkpoint
+
+    def record(self, key: str, checkpoint: Checkpoint) -> Checkpoint | None:
+        """Note a checkpoint rank 0 wrote itself (direct); None when it is not one of this store's files
+        or is older than the one kept. What is kept reads its bytes from the files when used."""
+        if not self.direct or self.files is None or checkpoint.location is None or checkpoint.sha256 is None:
+            return None
+        expected = self.files.data_location(key, checkpoint.epoch)
+        if checkpoint.location != expected:
+            logger.warning("a checkpoint reported at %s, not at %s; ignored", checkpoint.location, expected)
+            return None
+        if self._older(key, checkpoint.epoch):
+            return None
+        kept = self.files.stored(checkpoint.epoch, checkpoint.location, checkpoint.sha256)
+        with self._lock:
+            self._latest[key] = kept
+        return kept
 
     def epochs(self) -> dict[str, int]:
-        """Every key's latest epoch (from memory, and from the folder for keys not read yet)."""
+        """Every key's latest epoch (from memory, and from the files for keys not read yet). A direct store
+        reads its files again: rank 0 may have written a checkpoint the driver was never told of."""
+        if self.direct:
+            with self._lock:
+                self._latest.clear()
         keys = set(self._latest)
-        if self.folder is not None and self.folder.is_dir():
-            keys |= {p.name for p in self.folder.iterdir() if p.is_dir() and valid_key(p.name)}
-            if any(_FILE.match(p.name) for p in self.folder.iterdir()):
-                keys.add(DEFAULT_KEY)
+        if self.files is not None:
+            keys |= {key for key in self.files.keys() if valid_key(key)}
         found = {key: self.latest(key) for key in sorted(keys)}
         return {key: checkpoint.epoch for key, checkpoint in found.items() if checkpoint is not None}
 
+    def _older(self, key: str, epoch: int) -> bool:
+        kept = self.latest(key)
+        if kept is not None and epoch < kept.epoch:
+            logger.warning("a checkpoint of %s after epoch %d came after the one after epoch %d; not taken",
+                           key or "the run", epoch, kept.epoch)
+            return True
+        return False
 
-def _read_latest(folder: Path | None) -> Checkpoint | None:
-    if folder is None or not folder.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _FILE.match(p.name)))
-    if not found:
-        return None
-    epoch, path = found[-1]
-    return Checkpoint(epoch=epoch, data=path.read_bytes())
+    def _kept_form(self, checkpoint: Checkpoint | None) -> Checkpoint | None:
+        """What memory holds: a file's location and sha256 (its bytes stay on disk), or the bytes themselves."""
+        if checkpoint is None or self.files is None or checkpoint.location is None:
+            return checkpoint
+        return self.files.stored(checkpoint.epoch, checkpoint.location, checkpoint.sha256)  # type: ignore[arg-type]

@@ -11,10 +11,11 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 from sparkml_mnist.errors import ConfigError, LaunchError
 from sparkml_mnist.launcher.backends import rank_backend
+from sparkml_mnist.launcher.checkpoints import CheckpointFiles
 from sparkml_mnist.launcher.protocol import (
     CHIEF_RANK, FETCH, REPORTED, Checkpoint, Heartbeat, checkpoint_from_frames, last_checkpoint_frame,
     report_frames, valid_key,
@@ -65,6 +66,9 @@ class RankContext:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _backend: RankBackend | None = None
     _partition: pa.Table | None = None
+    _file_reader: pa.ipc.RecordBatchFileReader | None = None
+    _said_unequal: bool = False
+    _files: CheckpointFiles | None = None  # the run's checkpoint_dir, opened on first use
 
     @property
     def rank(self) -> int:
@@ -93,19 +97,60 @@ class RankContext:
     # -- data -----------------------------------------------------------------------------------
 
     def partition(self) -> pa.Table:
-        """This rank's partition of the run's DataFrame as an Arrow table (memory-mapped, no copy).
+        """This rank's partition of the run's DataFrame as an Arrow table, memory-mapped: nothing is copied.
 
-        The file is unlinked once mapped: its space is freed when the rank ends, however it ends.
+        Its pages are read from the file as they are touched; the file is unlinked once mapped, so its
+        space is freed when the rank ends, however it ends.
         """
+        if self._partition is None:
+            self._partition = self._reader().read_all()
+        return self._partition
+
+    def record_batches(self) -> Iterator[pa.RecordBatch]:
+        """This rank's partition batch by batch, as Spark sent them (memory-mapped, one batch at a time)."""
+        reader = self._reader()
+        for index in range(reader.num_record_batches):
+            yield reader.get_batch(index)
+
+    @property
+    def partition_rows(self) -> list[int]:
+        """Every rank's partition size, in rank order (known before any rank started: no collective)."""
+        return list(self.spec.partition_rows)
+
+    def equal_steps(self, global_batch_size: int) -> int:
+        """Steps an epoch that every rank can take at ``global_batch_size / size`` rows a step: the same on all.
+
+        Collectives need the same number of steps on every rank, or they hang. All ranks compute this
+        from the partition sizes the tasks shared before starting, so they agree without talking. With
+        unequal partitions the larger ones leave rows out of each epoch: rank 0 says how many, once.
+        """
+        rows = self.partition_rows
+        if not rows:
+            raise LaunchError("this run was given no data: pass HorovodRunner(np=..., data=<a DataFrame>)")
+        if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < self.size:
+            raise ConfigError(f"equal_steps({global_batch_size!r}): the global batch must be at least the number "
+                              f"of ranks ({self.size})")
+        per_rank = global_batch_size // self.size
+        steps = min(rows) // per_rank
+        if steps == 0:
+            raise ConfigError(f"rank {rows.index(min(rows))}'s partition has {min(rows)} rows, fewer than one step "
+                              f"of {per_rank} rows per rank: use a smaller batch, fewer ranks or more data")
+        unused = max(rows) - steps * per_rank
+        if self.rank == CHIEF_RANK and len(set(rows)) > 1 and not self._said_unequal:
+            self._said_unequal = True
+            log_to_driver(f"partitions hold {min(rows)} to {max(rows)} rows: every rank takes {steps} steps of "
+                          f"{per_rank} rows an epoch, up to {unused} rows a rank are left out of each epoch")
+        return steps
+
+    def _reader(self) -> pa.ipc.RecordBatchFileReader:
         import pyarrow as pa
 
-        if self._partition is None:
+        if self._file_reader is None:
             if self.partition_file is None:
                 raise LaunchError("this run was given no data: pass HorovodRunner(np=..., data=<a DataFrame>)")
-            with pa.memory_map(str(self.partition_file)) as source:
-                self._partition = pa.ipc.open_file(source).read_all()
+            self._file_reader = pa.ipc.open_file(pa.memory_map(str(self.partition_file)))
             self.partition_file.unlink(missing_ok=True)
-        return self._partition
+        return self._file_reader
 
     @property
     def attempt(self) -> int:
@@ -119,9 +164,11 @@ class RankContext:
 
         ``metrics`` (small, JSON) land in ``RunResult.reports[key][rank]`` (the last one under each key),
         kept even when a later part of the run fails. Rank 0 may attach a ``Checkpoint``: a retried
-        attempt's ranks get it back from ``latest_checkpoint(key)``; no shared filesystem is needed.
-        ``key`` separates the things one run trains (up to 100 letters, digits, ``_.-``). Called with
-        nothing, it only tells the watchdog this rank moved (no message is sent).
+        attempt's ranks get it back from ``latest_checkpoint(key)``. With the run's ``checkpoint_dir``
+        rank 0 writes it there (checked, with its sha256) and the driver is told only where; without,
+        its bytes go to the driver (no shared filesystem is needed). ``key`` separates the things one
+        run trains (up to 100 letters, digits, ``_.-``). Called with nothing, it only tells the watchdog
+        this rank moved (no message is sent).
         """
         with self._lock:
             self.heartbeat.progress += 1
@@ -134,13 +181,24 @@ class RankContext:
         if checkpoint is not None and self.rank != CHIEF_RANK:
             raise LaunchError(f"only rank {CHIEF_RANK} reports checkpoints; rank {self.rank} attached one")
         channel = self._channel()
+        files = self._checkpoint_files()
+        if checkpoint is not None and files is not None and checkpoint.location is None:
+            checkpoint = files.write(key, checkpoint.epoch, checkpoint.data)
         frames = list(report_frames(key, metrics, checkpoint))
         for frame in frames[:-1]:
             channel.send(frame)
         channel.request(frames[-1], lambda reply: reply.get("type") == REPORTED)
 
     def latest_checkpoint(self, key: str = "") -> Checkpoint | None:
-        """The last checkpoint rank 0 reported under ``key`` in this run (an earlier attempt's), or None."""
+        """The last checkpoint rank 0 reported under ``key`` in this run (an earlier attempt's), or None:
+        read from the run's ``checkpoint_dir`` when it has one (the newest that matches its sha256), else
+        from the driver."""
+        files = self._checkpoint_files()
+        if files is not None:
+            if not valid_key(key):
+                raise LaunchError(f"latest_checkpoint({key!r}): the key takes up to 100 letters, digits, '_', '.' "
+                                  "or '-'")
+            return files.latest(key)
         return checkpoint_from_frames(self._channel().request({"type": FETCH, "key": key}, last_checkpoint_frame))
 
     def count_steps(self, steps: int = 1, examples: int | None = None) -> None:
@@ -159,6 +217,14 @@ class RankContext:
         with self._lock:
             self.heartbeat.done = done
             return self.heartbeat.to_message()
+
+    def _checkpoint_files(self) -> CheckpointFiles | None:
+        location = self.spec.launch.checkpoint_dir
+        if location is None:
+            return None
+        if self._files is None:
+            self._files = CheckpointFiles(location)
+        return self._files
 
     def _channel(self) -> ChannelClient:
         if self.channel is None or self.channel.disabled:

@@ -1,9 +1,10 @@
 """np > 0: one Spark barrier task per rank, through ``DataFrame.mapInArrow(..., barrier=True)``.
 
 The DataFrame barrier API (rather than ``rdd.barrier()``) also runs over Spark Connect. Task
-``s`` receives partition ``s`` of the run's DataFrame, learns its peers' addresses from
-``BarrierTaskContext``, and runs the rank in a fresh child process; the ranks meet once more
-(``barrier()``) after training, before any of them lets its process exit. Results come back as
+``s`` receives partition ``s`` of the run's DataFrame and streams it, batch by batch, into its rank's
+file; it learns its peers' addresses and partition sizes from ``BarrierTaskContext`` and runs the rank
+in a fresh child process; the ranks meet once more (``barrier()``) after training, before any of them
+lets its process exit. Results come back as
 rows: a JSON record per rank, and the pickled return value in chunks.
 """
 
@@ -18,8 +19,8 @@ from sparkml_mnist.errors import LaunchError
 from sparkml_mnist.launcher.backends import driver_backend
 from sparkml_mnist.launcher.failures import EXCEPTION, RankError, RankFailedError, RankRecord, failure_marker
 from sparkml_mnist.launcher.protocol import TASK_STARTED
-from sparkml_mnist.launcher.spec import LaunchSpec
-from sparkml_mnist.launcher.task.prepare import channel_client, prepare_rank
+from sparkml_mnist.launcher.spec import PARTITION_FILE, LaunchSpec
+from sparkml_mnist.launcher.task.prepare import channel_client, prepare_rank, write_partition
 from sparkml_mnist.launcher.task.process import RankOutcome, RankProcess, free_port, rank_workdir
 
 RESULT_SCHEMA = "rank int, kind string, seq int, chunk binary"
@@ -61,6 +62,13 @@ def _rank_failure(rank: int, host: str, error: Exception) -> LaunchError:
     return LaunchError(f"{error}\n{failure_marker(rank, host, problem)}")
 
 
+def _drain(batches: Iterator[pa.RecordBatch]) -> int:
+    """Without data the stage runs over ``spark.range``: its placeholder row is read and dropped."""
+    for _ in batches:
+        pass
+    return 0
+
+
 def make_task(launch: LaunchSpec, payload: bytes) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The function each barrier task runs: set up the rank, run its process, send its record back."""
 
@@ -81,18 +89,17 @@ def make_task(launch: LaunchSpec, payload: bytes) -> Callable[[Iterator[pa.Recor
             client = channel_client(launch, rank)
             client.send({"type": TASK_STARTED, "host": hosts[rank]})  # the watchdog: this task is alive
             try:
-                partition = batches if launch.has_data else None
-                if partition is None:
-                    for _ in batches:  # the placeholder row of spark.range
-                        pass
-                ports = [int(port) for port in task.allGather(str(free_port()))]
+                # The partition streams to the rank's file first; then the tasks share ports and row counts.
+                rows = write_partition(batches, workdir / PARTITION_FILE) if launch.has_data else _drain(batches)
+                peers = [peer.split() for peer in task.allGather(f"{free_port()} {rows}")]
+                ports, partition_rows = [int(port) for port, _ in peers], [int(count) for _, count in peers]
                 try:
                     driver_backend(launch.backend).check_available(f"executor host {hosts[rank]}")
                 except LaunchError as error:  # reaches the driver as this rank's failure
                     raise _rank_failure(rank, hosts[rank], error) from None
                 gpu = task.resources().get(GPU_RESOURCE)
                 gpus = list(gpu.addresses) if gpu is not None else []
-                spec, env = prepare_rank(launch, rank, hosts, ports, gpus, workdir, partition)
+                spec, env = prepare_rank(launch, rank, hosts, ports, gpus, partition_rows if launch.has_data else None)
 
                 local_to_driver = client.local_to_driver()  # the executor's stderr is the driver's console
 

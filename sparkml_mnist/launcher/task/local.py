@@ -21,8 +21,8 @@ from sparkml_mnist.launcher.driver.events import rank_line
 from sparkml_mnist.launcher.driver.watchdog import Watchdog
 from sparkml_mnist.launcher.failures import RankFailedError, RankRecord, RankStalledError
 from sparkml_mnist.launcher.placement import RankDevices
-from sparkml_mnist.launcher.spec import LaunchSpec
-from sparkml_mnist.launcher.task.prepare import prepare_rank
+from sparkml_mnist.launcher.spec import PARTITION_FILE, LaunchSpec
+from sparkml_mnist.launcher.task.prepare import prepare_rank, write_partition
 from sparkml_mnist.launcher.task.process import RankOutcome, RankProcess, free_port, rank_workdir
 
 LOOPBACK = "127.0.0.1"
@@ -53,9 +53,11 @@ def run_local(
         processes = []
         for rank in range(size):
             workdir = stack.enter_context(rank_workdir(rank))
-            partition = partitions[rank].to_batches() if partitions is not None else None
+            if partitions is not None:
+                write_partition(partitions[rank].to_batches(), workdir / PARTITION_FILE)
             gpus = list(devices.driver_gpus[rank]) if devices.driver_gpus else []
-            spec, env = prepare_rank(launch, rank, hosts, ports, gpus, workdir, partition)
+            rows = [partition.num_rows for partition in partitions] if partitions is not None else None
+            spec, env = prepare_rank(launch, rank, hosts, ports, gpus, rows)
             sink = _forward(rank) if launch.forward_output else _keep_nothing
             processes.append(stack.enter_context(RankProcess(spec, payload, env, sink, workdir)))
         for process in processes:
