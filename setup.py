@@ -70,6 +70,7 @@ setup(
         "mlflow": [MLFLOW],
         "test": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",  # two workers (pytest.ini): one waits on a JVM or a subprocess while the other runs
             f"pyspark[connect]{SPARK_RANGE}",  # the Spark Connect client, for tests/test_connect.py
             "jsonschema>=4.20,<5",
             "regex>=2024.4",

@@ -3,15 +3,17 @@ trained run (and its deterministic rerun) for the tests that only read a finishe
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -83,6 +85,8 @@ TRAINED_VARIANTS = ("variant1", "variant3")  # two models in one barrier stage, 
 TRAINED_EPOCHS = 2
 TRAINED_NP = 2
 CLI_TIMEOUT_S = 900
+XDIST_WORKER_ENV = "PYTEST_XDIST_WORKER"  # set in each pytest-xdist worker ("gw0", "gw1")
+SHARED_RESULT_SUFFIX, SHARED_LOCK_SUFFIX = ".result.json", ".lock"
 CLAIM_WAIT_S = 300.0
 # Planted in the trained run's environment; none may reach its console or anything it writes (test_security).
 PLANTED_ENV_SECRETS = {"DATABRICKS_TOKEN": "dapiSECRETdatabricks0001", "AWS_SECRET_ACCESS_KEY": "SECRETawsKEY0002"}
@@ -104,6 +108,12 @@ class FinishedRun:
     def variant(self, name: str) -> dict[str, Any]:
         return next(v for v in self.report["variants"] if v["name"] == name)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinishedRun:
+        """Back from ``dataclasses.asdict`` through JSON (``once_per_run``)."""
+        return cls(Path(data["output"]), data["report"], data["stdout"], data["stderr"], data["env"],
+                   tuple(data["planted_secrets"]))
+
 
 def train_args(output: Path, *loudness: str) -> list[str]:
     return [sys.executable, "-m", "sparkml_mnist.cli", *loudness, "train", "--variant", ",".join(TRAINED_VARIANTS),
@@ -117,6 +127,28 @@ def finished(output: Path, stdout: str, stderr: str, code: int, env: dict[str, s
     return FinishedRun(output, report, stdout, stderr, env, planted)
 
 
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``make(folder)`` once for the whole test run, its JSON result shared.
+
+    Under pytest-xdist (pytest.ini: two workers) each worker is a session of its own; the first worker to
+    ask computes, holding a lock in the workers' common temporary folder, and the other reads its result.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get(XDIST_WORKER_ENV):
+        root = root.parent  # the folder every worker's own basetemp lies in
+    folder = root / name  # the run's own: nothing else in it
+    result = root / f"{name}{SHARED_RESULT_SUFFIX}"
+    with open(root / f"{name}{SHARED_LOCK_SUFFIX}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if result.is_file():
+            return json.loads(result.read_text())
+        shutil.rmtree(folder, ignore_errors=True)  # a worker's earlier try that failed
+        folder.mkdir()
+        value = make(folder)
+        result.write_text(json.dumps(value, default=str))  # paths as text
+        return value
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> FinishedRun:
     """``sparkml-mnist -v train --variant variant1,variant3 --epochs 2 --np 2 --deterministic`` on the sample.
@@ -127,18 +159,20 @@ def trained_run(tmp_path_factory) -> FinishedRun:
     """
     from spark_processes import LOCALHOST, free_port
 
-    root = tmp_path_factory.mktemp("trained-run")
-    output = root / "out"
-    env = {**PLANTED_ENV_SECRETS, "PYTHONUNBUFFERED": "1",
-           "PYSPARK_SUBMIT_ARGS": f"--conf spark.hadoop.fs.s3a.secret.key={PLANTED_CONF_SECRET} pyspark-shell"}
-    if importlib.util.find_spec("mlflow") is not None:  # MLFLOW_TRACKING_URI turns tracking on; it needs mlflow
-        env["MLFLOW_TRACKING_URI"] = f"http://user:{PLANTED_TRACKING_SECRET}@{LOCALHOST}:{free_port()}"
-    done = subprocess.run(train_args(output, "-v"), capture_output=True, text=True, env={**os.environ, **env},
-                          timeout=CLI_TIMEOUT_S, cwd=root)
-    (root / "stdout.log").write_text(done.stdout)
-    (root / "stderr.log").write_text(done.stderr)
-    planted = (*PLANTED_ENV_SECRETS.values(), PLANTED_CONF_SECRET, PLANTED_TRACKING_SECRET)
-    return finished(output, done.stdout, done.stderr, done.returncode, env, planted)
+    def train(root: Path) -> dict[str, Any]:
+        output = root / "out"
+        env = {**PLANTED_ENV_SECRETS, "PYTHONUNBUFFERED": "1",
+               "PYSPARK_SUBMIT_ARGS": f"--conf spark.hadoop.fs.s3a.secret.key={PLANTED_CONF_SECRET} pyspark-shell"}
+        if importlib.util.find_spec("mlflow") is not None:  # MLFLOW_TRACKING_URI turns tracking on; it needs mlflow
+            env["MLFLOW_TRACKING_URI"] = f"http://user:{PLANTED_TRACKING_SECRET}@{LOCALHOST}:{free_port()}"
+        done = subprocess.run(train_args(output, "-v"), capture_output=True, text=True, env={**os.environ, **env},
+                              timeout=CLI_TIMEOUT_S, cwd=root)
+        (root / "stdout.log").write_text(done.stdout)
+        (root / "stderr.log").write_text(done.stderr)
+        planted = (*PLANTED_ENV_SECRETS.values(), PLANTED_CONF_SECRET, PLANTED_TRACKING_SECRET)
+        return asdict(finished(output, done.stdout, done.stderr, done.returncode, env, planted))
+
+    return FinishedRun.from_dict(once_per_run(tmp_path_factory, "trained-run", train))
 
 
 @dataclass(frozen=True)
@@ -154,35 +188,38 @@ def quiet_rerun(spark, trained_run, tmp_path_factory) -> Rerun:
     """The determinism pair's second run: the trained run again (same settings and seed), at ``-q``, in a
     plain environment. While it holds its output, another run into that output is started (in this
     process, so that it reaches the claim at once): it must be refused, naming the rerun's pid."""
-    import contextlib
-    import io
+    def rerun(root: Path) -> dict[str, Any]:
+        import contextlib
+        import io
 
-    from sparkml_mnist.cli.commands import main
-    from sparkml_mnist.job.state import LOCK_FILE, state_folder
+        from sparkml_mnist.cli.commands import main
+        from sparkml_mnist.job.state import LOCK_FILE, state_folder
 
-    root = tmp_path_factory.mktemp("quiet-rerun")
-    output = root / "out"
-    with open(root / "stdout.log", "w+") as out, open(root / "stderr.log", "w+") as err:
-        process = subprocess.Popen(train_args(output, "-q"), stdout=out, stderr=err, cwd=root,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            lock = state_folder(output) / LOCK_FILE
-            deadline = time.monotonic() + CLAIM_WAIT_S
-            claimed = False
-            while not claimed and process.poll() is None and time.monotonic() < deadline:
-                claimed = lock.is_file() and lock.read_text().startswith("pid ")  # written once the claim is held
-                time.sleep(0.1)
-            intruder, code = io.StringIO(), None
-            if claimed and process.poll() is None:
-                with contextlib.redirect_stderr(intruder):
-                    code = main(["train", "--variant", "variant1", "--epochs", "1", "--np", "-1",
-                                 "--output", str(output)])
-            process.wait(CLI_TIMEOUT_S)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        out.seek(0)
-        err.seek(0)
-        run = finished(output, out.read(), err.read(), process.returncode, {})
-    return Rerun(run, process.pid, code, intruder.getvalue())
+        output = root / "out"
+        with open(root / "stdout.log", "w+") as out, open(root / "stderr.log", "w+") as err:
+            process = subprocess.Popen(train_args(output, "-q"), stdout=out, stderr=err, cwd=root,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                lock = state_folder(output) / LOCK_FILE
+                deadline = time.monotonic() + CLAIM_WAIT_S
+                claimed = False
+                while not claimed and process.poll() is None and time.monotonic() < deadline:
+                    claimed = lock.is_file() and lock.read_text().startswith("pid ")  # written once the claim is held
+                    time.sleep(0.1)
+                intruder, code = io.StringIO(), None
+                if claimed and process.poll() is None:
+                    with contextlib.redirect_stderr(intruder):
+                        code = main(["train", "--variant", "variant1", "--epochs", "1", "--np", "-1",
+                                     "--output", str(output)])
+                process.wait(CLI_TIMEOUT_S)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            out.seek(0)
+            err.seek(0)
+            run = finished(output, out.read(), err.read(), process.returncode, {})
+        return {"run": asdict(run), "pid": process.pid, "intruder_code": code, "intruder_err": intruder.getvalue()}
+
+    shared = once_per_run(tmp_path_factory, "quiet-rerun", rerun)
+    return Rerun(FinishedRun.from_dict(shared["run"]), shared["pid"], shared["intruder_code"], shared["intruder_err"])
