@@ -111,7 +111,9 @@ def test_the_horovod_suite_passes_in_the_horovod_environment(horovod_python: str
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYSPARK_")}  # its own python
     env[HOROVOD_SUITE_ENV] = "1"
     result = subprocess.run(
-        [horovod_python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", f"tests/{HOROVOD_SUITE_DIR}"],
+        # pytest.ini's addopts ask for pytest-xdist workers, which the Horovod environment does not have.
+        [horovod_python, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-q", "-rA",
+         f"tests/{HOROVOD_SUITE_DIR}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=SUITE_TIMEOUT_S,
     )
     output = result.stdout + result.stderr
