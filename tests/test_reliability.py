@@ -105,6 +105,9 @@ def test_a_stopped_then_killed_driver_resumes_from_what_rank_zero_wrote_to_stora
     while rank_pids(job.mark) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not rank_pids(job.mark), "no rank outlives the stopped driver"
+    while work_folders(tmp_path / "local") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert work_folders(tmp_path / "local") == [], "a stopped driver's ranks leave no work folder"
     assert list(checkpoints.rglob("variant3/epoch-000001.json")), list(checkpoints.rglob("*"))
 
     killed = CliRun("train", "--resume", str(output), log=tmp_path / "killed.log", env=env, new_session=True)
