@@ -2,7 +2,8 @@
 
 ``s3a://KEY:SECRET@bucket/x`` -> ``s3a://***@bucket/x``; ``https://host/x?sig=abc&x=1`` ->
 ``https://host/x?sig=***&x=1`` (signed URLs: AWS ``X-Amz-*``, Azure SAS ``sig``/``se``/``sp``,
-Google ``X-Goog-*``, and the usual token/key/secret/password names).
+Google ``X-Goog-*``, and any name ending in token/secret/password/key, OAuth's ``client_secret``,
+``refresh_token``, ``id_token`` included), in the query or in a ``#access_token=...`` fragment.
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ from typing import Any
 
 MASK = "***"
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s?#]+)@")
+# Parameter names whose value is a credential. Besides the exact names (signed URLs), any name that ends in
+# token/secret/password/key/assertion: access_token, refresh_token, id_token, sessionToken, auth_token,
+# client_secret, client_assertion, api_key, api-key, x-api-key, access_key, account_key...
+_SECRET_NAMES = (
+    r"x-amz-[a-z-]+|x-goog-[a-z-]+|sig|signature|se|sp|sv|skoid|sktid|auth|credentials?|sas|passwd|pwd|"
+    r"[a-z0-9_.-]*(?:token|secret|password|assertion)|(?:[a-z0-9_.-]*[_.-])?(?:api)?key"
+)
+# After ``?`` (query), ``#`` (an OAuth implicit-flow fragment: ``#access_token=...``), ``&`` or ``;``.
 _SECRET_PARAMETER = re.compile(
-    r"(?P<name>[?&;](?:x-amz-[a-z-]+|x-goog-[a-z-]+|sig|signature|se|sp|sv|skoid|sktid|token|access_token|"
-    r"auth|apikey|api_key|key|secret|password|passwd|pwd|credential|credentials|sas)=)(?P<value>[^&;#\s'\"]+)",
+    rf"(?P<name>[?&;#](?:{_SECRET_NAMES})=)(?P<value>[^&;#\s'\"]+)",
     re.IGNORECASE,
 )
 

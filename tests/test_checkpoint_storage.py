@@ -148,7 +148,7 @@ def test_the_driver_keeps_only_where_a_checkpoint_is_not_its_bytes(tmp_path: Pat
     assert store.rank_location == str(tmp_path)
     written = CheckpointFiles(str(tmp_path)).write(KEY, 1, b"after 1")  # rank 0 wrote it
     heard = []
-    reports = RunReports(store, on_report=lambda key, rank, metrics, ckpt: heard.append(ckpt))
+    reports = RunReports(store, on_report=lambda key, rank, metrics, ckpt: heard.append(ckpt)).attempt_receiver(2)
     frame, = report_frames(KEY, {"epoch": 1}, written)
     assert "data" not in frame and frame["location"] == written.location and frame["sha256"] == written.sha256
     assert reports.receive(0, frame) == {"type": "reported"}
@@ -160,20 +160,22 @@ def test_the_driver_keeps_only_where_a_checkpoint_is_not_its_bytes(tmp_path: Pat
 
 
 def test_without_checkpoint_dir_the_bytes_travel_and_are_checked(tmp_path: Path) -> None:
-    reports = RunReports(CheckpointStore(tmp_path))
+    reports = RunReports(CheckpointStore(tmp_path)).attempt_receiver(2)
     frames = list(report_frames(KEY, {"epoch": 1}, Checkpoint(1, b"after 1")))
     assert frames[-1]["sha256"] == sha256_of(b"after 1")
-    assert reports.receive(0, {**frames[-1], "sha256": sha256_of(b"something else")}) is None  # damaged: dropped
+    damaged = reports.receive(0, {**frames[-1], "sha256": sha256_of(b"something else")})
+    assert damaged is not None and damaged["type"] == "report-failed" and "arrived damaged" in damaged["reason"]
+    assert not (tmp_path / KEY).exists()  # dropped, and the rank told at once
     assert reports.receive(0, frames[-1]) == {"type": "reported"}
     assert names(tmp_path / KEY) == ["epoch-000001.ckpt", "epoch-000001.json"]
 
 
 def test_a_rank_writes_to_checkpoint_dir_itself_and_the_next_attempt_reads_it_there(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, direct=True)
-    reports = RunReports(store)
+    reports = RunReports(store).attempt_receiver(2)
 
     def on_event(rank: int, event: dict):
-        return reports.receive(rank, event) if event["type"] == "report" else reports.fetch(event)
+        return reports.receive(rank, event) if event["type"] == "report" else reports.fetch(rank, event)
 
     with ChannelServer(2, SECRET, on_event, LOOPBACK) as server:
         launch = LaunchSpec(size=2, backend="tf", policy=FailurePolicy(), driver_host=LOOPBACK,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -233,7 +234,9 @@ def test_a_non_empty_output_folder_is_a_config_error_at_plan_time(tmp_path):
     from sparkml_mnist.config import load_run
     from sparkml_mnist.job.plan import plan_job
 
-    (tmp_path / "report.json").write_text("{}")
+    report = {"generator": "sparkml-mnist", "schema_version": 1, "variants": [],
+              "files": {"markdown": "report.md", "comparison_plot": "comparison.png"}}
+    (tmp_path / "report.json").write_text(json.dumps(report))  # this tool's report: --overwrite may replace it
     run = load_run("sample").with_overrides(output=str(tmp_path))
     with pytest.raises(ConfigError, match="output folder exists and is not empty"):
         plan_job(run)

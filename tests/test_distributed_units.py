@@ -290,3 +290,50 @@ def test_the_spec_a_rank_reads_is_the_launch_without_its_secret(tmp_path) -> Non
     assert read == spec and read.launch.secret == "" and "s" * 64 not in (tmp_path / "spec.json").read_text()
     assert read.channel_token == rank_token("s" * 64, 2) and read.policy.progress_timeout_s == 9.0
     assert (read.local_rank, read.local_size, read.addresses[2]) == (1, 2, "a:12") and not read.keep_value
+
+
+# --------------------------------------------------------------------------------------------
+# Where the driver's channel listens (README "Security")
+# --------------------------------------------------------------------------------------------
+
+DRIVER_LAN_ADDRESS = "10.1.2.3"  # an IP literal: resolving it needs no DNS
+CLUSTER_MASTER = "spark://cluster:7077"
+
+
+def _addresses(conf: dict[str, str], np: int = 2) -> tuple[str, str]:
+    from sparkml_mnist.launcher.driver.attempt import driver_addresses
+    from sparkml_mnist.launcher.placement import Placement
+
+    return driver_addresses(Placement(size=abs(np), on_driver=np < 0), _fake_session(conf))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("master", ["local", "local[2]", "local[*]", "local[2,3]"])
+def test_a_local_master_listens_on_loopback_only(master: str) -> None:
+    """Every task of a local master runs on this machine: the LAN address would open the channel to it."""
+    conf = {"spark.master": master, "spark.driver.host": DRIVER_LAN_ADDRESS}
+    assert _addresses(conf) == ("127.0.0.1", "127.0.0.1")
+    assert _addresses({**conf, "spark.driver.bindAddress": "0.0.0.0"}) == ("127.0.0.1", "127.0.0.1")
+
+
+def test_np_below_zero_listens_on_loopback_only_even_beside_a_cluster() -> None:
+    conf = {"spark.master": CLUSTER_MASTER, "spark.driver.host": DRIVER_LAN_ADDRESS,
+            "spark.driver.bindAddress": "0.0.0.0"}
+    assert _addresses(conf, np=-2) == ("127.0.0.1", "127.0.0.1")
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::", "[::]", "", " "])
+def test_a_wildcard_bind_address_is_replaced_by_the_driver_hosts_address(wildcard: str, caplog) -> None:
+    conf = {"spark.master": CLUSTER_MASTER, "spark.driver.host": DRIVER_LAN_ADDRESS,
+            "spark.driver.bindAddress": wildcard}
+    with caplog.at_level(logging.INFO, logger="sparkml_mnist"):
+        assert _addresses(conf) == (DRIVER_LAN_ADDRESS, DRIVER_LAN_ADDRESS)
+    said = [record.getMessage() for record in caplog.records if "spark.driver.bindAddress" in record.getMessage()]
+    assert len(said) == 1 and DRIVER_LAN_ADDRESS in said[0] and "every interface" in said[0]
+
+
+def test_a_specific_bind_address_is_kept_and_an_unset_one_is_the_hosts(caplog) -> None:
+    conf = {"spark.master": CLUSTER_MASTER, "spark.driver.host": DRIVER_LAN_ADDRESS}
+    with caplog.at_level(logging.INFO, logger="sparkml_mnist"):
+        assert _addresses({**conf, "spark.driver.bindAddress": "10.9.9.9"}) == (DRIVER_LAN_ADDRESS, "10.9.9.9")
+        assert _addresses(conf) == (DRIVER_LAN_ADDRESS, DRIVER_LAN_ADDRESS)
+    assert not [record for record in caplog.records if "bindAddress" in record.getMessage()]

@@ -13,6 +13,7 @@ import hashlib
 import socket
 import struct
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -415,3 +416,100 @@ def test_the_full_test_split_reproduces_the_shared_file(full_data_dir, tmp_path,
 
     paths = _download(tmp_path, mirror.url, spec)
     assert Path(paths.test).read_bytes() == shared.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# A mirror that sends too much, or too slowly: a size cap and a deadline per file
+# --------------------------------------------------------------------------------------------
+
+SMALL_CAP_BYTES = 4_096  # the test's max_file_bytes: far below what the misbehaving mirror sends
+OVERSIZE_BYTES = 4 * SMALL_CAP_BYTES
+DRIP_BYTES = 200  # announced and sent one at a time, DRIP_PAUSE_S apart: 4 s in all, each byte well within timeout_s
+DRIP_PAUSE_S = 0.02
+SHORT_DEADLINE_S = 0.5
+DEADLINE_SLACK_S = 2.5  # the deadline is checked between reads: a download ends well before the drip does
+
+
+class Misbehaving:
+    """A server on 127.0.0.1 whose every GET runs ``send(handler)``: too many bytes, or a drip."""
+
+    def __init__(self, send) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            timeout = HANDLER_TIMEOUT_S
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                try:
+                    send(self)
+                except OSError:  # the client gave up, as it should
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOCALHOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(SHUTDOWN_POLL_S,), daemon=True)
+        self.thread.start()
+        self.url = f"http://{LOCALHOST}:{self.server.server_address[1]}{MIRROR_PATH}/"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(SERVER_JOIN_S)
+
+
+def _send_oversize(announce: bool):
+    def send(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        if announce:
+            handler.send_header("Content-Length", str(OVERSIZE_BYTES))
+        handler.end_headers()  # without a length, HTTP/1.0: the body ends when the server closes
+        handler.wfile.write(b"\0" * OVERSIZE_BYTES)
+
+    return send
+
+
+def _send_drip(handler: BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(DRIP_BYTES))
+    handler.end_headers()
+    for _ in range(DRIP_BYTES):
+        handler.wfile.write(b"\0")
+        handler.wfile.flush()
+        time.sleep(DRIP_PAUSE_S)
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["announced", "unannounced"])
+def test_a_file_larger_than_the_cap_is_refused_naming_the_url_and_the_limit(tmp_path, test_spec, announce):
+    server = Misbehaving(_send_oversize(announce))
+    try:
+        with pytest.raises(DownloadError) as caught:
+            _download(tmp_path / "mnist", server.url, replace(test_spec, max_file_bytes=SMALL_CAP_BYTES))
+    finally:
+        server.stop()
+    message = str(caught.value)
+    assert message.startswith(f"{server.url}train-images-idx3-ubyte.gz is larger than {SMALL_CAP_BYTES:,} bytes")
+    assert "max_file_bytes" in message and "--mirror" in message
+    assert not (tmp_path / "mnist").exists()
+
+
+def test_a_dripping_mirror_hits_the_deadline_not_the_per_read_timeout(tmp_path, test_spec):
+    server = Misbehaving(_send_drip)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DownloadError) as caught:
+            _download(tmp_path / "mnist", server.url, replace(test_spec, deadline_s=SHORT_DEADLINE_S))
+    finally:
+        server.stop()
+    assert time.monotonic() - started < SHORT_DEADLINE_S + DEADLINE_SLACK_S
+    message = str(caught.value)
+    assert message.startswith(f"download of {server.url}train-images-idx3-ubyte.gz did not finish within "
+                              f"{SHORT_DEADLINE_S:g} s")
+    assert "deadline_s" in message and "--mirror" in message
+
+
+def test_the_default_cap_and_deadline_leave_room_for_mnist():
+    spec = load_download_spec()
+    largest_mnist_file_bytes = 9_912_422  # train-images-idx3-ubyte.gz
+    assert spec.max_file_bytes >= 10 * largest_mnist_file_bytes
+    assert spec.deadline_s >= 10 * spec.timeout_s

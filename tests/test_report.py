@@ -197,18 +197,113 @@ def test_a_crash_while_overwriting_keeps_the_old_report(tmp_path, monkeypatch):
     assert [p.name for p in folder.parent.iterdir()] == ["run"]
 
 
-def test_a_non_empty_folder_is_refused_unless_overwrite(tmp_path):
+def _no_plots(monkeypatch) -> None:
+    for slow in ("loss_figure", "confusion_figure", "comparison_figure"):  # the plots are checked above
+        monkeypatch.setattr(report_folder, slow, lambda *args: Figure())
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_non_empty_folder_is_refused_unless_overwrite(tmp_path, monkeypatch):
+    _no_plots(monkeypatch)
     results = [make_result("variant1", 1, tmp_path)]
     folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("mine")
+    write_report(folder, results)
     with pytest.raises(ReportError, match="output folder exists and is not empty") as caught:
         write_report(folder, results)
     assert isinstance(caught.value, SparkMnistError) and str(folder) in str(caught.value)
-    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
+    earlier = json.loads((folder / REPORT_JSON).read_text())
+    (folder / REPORT_JSON).write_text(json.dumps({**earlier, "created": "the earlier run"}))
+    write_report(folder, results, overwrite=True)  # this tool's report and nothing else: replaced
+    assert json.loads((folder / REPORT_JSON).read_text())["created"] != "the earlier run"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_report_json_says_which_tool_wrote_it(written):
+    folder, _ = written
+    text = (folder / REPORT_JSON).read_text(encoding="utf-8")
+    assert text.startswith('{\n  "generator": "sparkml-mnist",')
+    assert report_folder.foreign_entry(folder) is None  # a pure report: --overwrite may replace it
+
+
+@pytest.mark.parametrize(
+    "plant,named",
+    [
+        ({"notes.txt": "mine"}, "'notes.txt'"),  # a user's folder: nothing of this tool's in it
+        ({"report.json": '{"variants": []}', "data.csv": "x"}, "'report.json' (not a sparkml-mnist report)"),
+    ],
+)
+def test_overwrite_refuses_a_folder_that_holds_no_report_of_this_tool(tmp_path, plant, named):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name, text in plant.items():
+        (folder / name).write_text(text)
+    before = _tree(folder)
+    with pytest.raises(ReportError) as caught:
+        write_report(folder, [make_result("variant1", 1, tmp_path)], overwrite=True)
+    message = str(caught.value)
+    assert message == (f"{folder}: --overwrite replaces only a folder holding a sparkml-mnist report and nothing else, "
+                       f"and this one holds {named}; move that away, or choose another --output")
+    assert _tree(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["models-in", "run"]
+
+
+@pytest.mark.parametrize("extra,named", [("notes.txt", None), (".git", None), ("models/notes.txt", None),
+                                         ("models/variant1/notes.txt", None),
+                                         ("models/variant9/model.keras", "models/variant9")])
+def test_overwrite_refuses_a_report_folder_holding_a_user_file_too(tmp_path, monkeypatch, extra, named):
+    _no_plots(monkeypatch)
+    results = [make_result("variant1", 1, tmp_path)]
+    folder = write_report(tmp_path / "run", results)
+    (folder / extra).parent.mkdir(parents=True, exist_ok=True)
+    (folder / extra).write_text("mine")
+    before = _tree(folder)
+    with pytest.raises(ReportError, match=f"and this one holds '{named or extra}'; move that away"):
+        write_report(folder, results, overwrite=True)
+    assert _tree(folder) == before
+
+
+def test_overwrite_is_refused_at_plan_time_with_exit_2_nothing_touched(tmp_path):
+    from sparkml_mnist.cli.commands import EXIT_USAGE, exit_code
+    from sparkml_mnist.config import load_run
+    from sparkml_mnist.errors import ConfigError
+    from sparkml_mnist.job.plan import plan_job
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds 'notes.txt'") as caught:
+        plan_job(load_run("sample").with_overrides(output=str(tmp_path)), overwrite=True)
+    assert exit_code(caught.value) == EXIT_USAGE == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_a_report_of_an_earlier_version_without_the_marker(tmp_path, monkeypatch):
+    _no_plots(monkeypatch)
+    results = [make_result("variant1", 1, tmp_path)]
+    folder = write_report(tmp_path / "run", results)
+    report = json.loads((folder / REPORT_JSON).read_text())
+    del report["generator"]
+    (folder / REPORT_JSON).write_text(json.dumps(report))
+    assert report_folder.foreign_entry(folder) is None
     write_report(folder, results, overwrite=True)
-    assert not (folder / "notes.txt").exists() and (folder / REPORT_JSON).is_file()
+    assert json.loads((folder / REPORT_JSON).read_text())["generator"] == "sparkml-mnist"
+
+
+def test_a_file_put_in_the_report_folder_while_the_run_writes_is_not_deleted(tmp_path, monkeypatch):
+    _no_plots(monkeypatch)
+    results = [make_result("variant1", 1, tmp_path)]
+    folder = write_report(tmp_path / "run", results)
+    real_write = report_folder._write_contents
+
+    def user_saves_notes_meanwhile(partial, *args):
+        real_write(partial, *args)
+        (folder / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(report_folder, "_write_contents", user_saves_notes_meanwhile)
+    with pytest.raises(ReportError, match="holds 'notes.txt'"):
+        write_report(folder, results, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / REPORT_JSON).is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -34,6 +34,9 @@ EXIT_RUN_FAILED = 1
 # (argparse exits with 2 as well). The same command fails the same way until something is changed.
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+# Handled like Ctrl-C (ranks stopped, the state kept for --resume): a scheduler's stop, a closed terminal or
+# SSH session. SIGHUP is left alone where it was ignored when the process started (nohup).
+INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # Errors that are found before any work and that only a change to the command, config or cluster fixes.
 USAGE_ERRORS = (ConfigError, VersionError, PreflightError)
 
@@ -85,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at most N steps in each epoch and in its validation (default: whole epochs)")
     _add_data_arguments(train)
     train.add_argument("--output", metavar="DIR", help="report folder, a local path of the driver (refused if not empty, unless --overwrite)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier report of this tool in --output (a folder holding anything else is refused)")
     train.add_argument("--seed", type=optional_int, help="random seed (same on every rank)")
     train.add_argument(
         "--backend", choices=BACKEND_NAMES,
@@ -271,8 +275,21 @@ def _preview_file(spark: SparkSession, split: str, path: str) -> LibsvmData:
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (a scheduler stopping the job) is handled like Ctrl-C: ranks stopped, nothing half written."""
+    """SIGTERM (a scheduler stopping the job) and SIGHUP (its terminal gone) are handled like Ctrl-C: ranks
+    stopped, nothing half written, the run's state kept for --resume (not killed mid-write)."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _install_interrupt_handlers() -> dict[int, Any]:
+    """``_interrupt`` for ``INTERRUPT_SIGNALS`` (in the main thread only); returns the handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for number in INTERRUPT_SIGNALS:
+        if number == signal.SIGHUP and signal.getsignal(number) == signal.SIG_IGN:
+            continue  # started under nohup: hangups are meant to be ignored
+        previous[number] = signal.signal(number, _interrupt)
+    return previous
 
 
 def exit_code(error: SparkMnistError) -> int:
@@ -293,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    previous = _install_interrupt_handlers()
     try:
         args.handler(args)
     except SparkMnistError as error:
@@ -306,8 +323,8 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return _finish(EXIT_INTERRUPTED)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -43,6 +44,11 @@ TEMP_SUFFIX = ".part"
 TEMP_TOKEN_BYTES = 4
 HASH_BLOCK_BYTES = 1 << 20
 MANIFEST_VERSION = 1
+# Each IDX file is read in pieces, whatever the mirror sends, and no longer than a deadline: the per-read
+# ``timeout_s`` alone lets a mirror that drips a byte now and then hold the download forever.
+READ_CHUNK_BYTES = 1 << 16
+MAX_FILE_BYTES = 256 * 1024 * 1024  # the largest MNIST file (train-images) is 9.9 MB
+DEADLINE_S = 900.0  # per file: 9.9 MB at ~11 KB/s
 
 IDX_IMAGE_DIMS = 3  # images, rows, columns
 IDX_LABEL_DIMS = 1
@@ -101,6 +107,8 @@ class DownloadSpec:
     manifest_file: str = field(metadata=rule(_plain_name))
     splits: dict[str, SplitFiles]
     checksums: dict[str, Checksums]  # IDX file name -> its checksums
+    max_file_bytes: int = field(default=MAX_FILE_BYTES, metadata=rule(positive))  # a bigger file is refused
+    deadline_s: float = field(default=DEADLINE_S, metadata=rule(positive))  # a file's whole download
     source: str = ""
 
     def validate(self) -> None:
@@ -212,7 +220,7 @@ def normalise_mirror(url: str) -> str:
 
 def _fetch_verified(mirror: str, name: str, spec: DownloadSpec, say: Callable[[str], None]) -> bytes:
     url = mirror + name
-    payload = _fetch(url, spec.timeout_s)
+    payload = _fetch(url, spec.timeout_s, spec.max_file_bytes, spec.deadline_s)
     for algorithm, expected in spec.checksums[name].items():
         actual = hashlib.new(algorithm, payload).hexdigest()
         if actual != expected:
@@ -225,11 +233,32 @@ def _fetch_verified(mirror: str, name: str, spec: DownloadSpec, say: Callable[[s
     return payload
 
 
-def _fetch(url: str, timeout_s: float) -> bytes:
-    """The whole body of ``url``; every failure becomes a DownloadError naming the URL."""
+def _fetch(url: str, timeout_s: float, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = DEADLINE_S) -> bytes:
+    """The whole body of ``url``; every failure becomes a DownloadError naming the URL.
+
+    At most ``max_bytes`` (a larger announced length is refused before the body is read), and done within
+    ``deadline_s``: the deadline is checked between reads, each of which waits at most ``timeout_s``.
+    """
+    deadline = time.monotonic() + deadline_s
     try:
-        with urlopen(url, timeout=timeout_s) as response:
-            return response.read()
+        with urlopen(url, timeout=min(timeout_s, deadline_s)) as response:
+            announced = (response.headers.get("Content-Length") or "").strip()
+            if announced.isdigit() and int(announced) > max_bytes:
+                raise _too_large(url, max_bytes, f"the mirror announces {int(announced):,}")
+            read = getattr(response, "read1", response.read)  # one read from the network at a time
+            chunks, received = [], 0
+            while chunk := read(READ_CHUNK_BYTES):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise _too_large(url, max_bytes, f"more than {max_bytes:,} arrived")
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise DownloadError(
+                        f"download of {url} did not finish within {deadline_s:g} s ({received:,} bytes arrived; "
+                        f"deadline_s in conf/download.yaml); the mirror is too slow: retry, raise deadline_s, "
+                        f"or {MIRROR_HINT}"
+                    )
+            return b"".join(chunks)
     except HTTPError as error:
         raise DownloadError(
             f"{url}: HTTP {error.code} {error.reason}; the mirror does not serve this file; {MIRROR_HINT}"
@@ -239,6 +268,13 @@ def _fetch(url: str, timeout_s: float) -> bytes:
     except (OSError, http.client.HTTPException) as error:  # timeouts and broken transfers
         reason = str(error) or type(error).__name__
         raise DownloadError(f"download of {url} failed ({reason}); retry, or {MIRROR_HINT}") from error
+
+
+def _too_large(url: str, max_bytes: int, found: str) -> DownloadError:
+    return DownloadError(
+        f"{url} is larger than {max_bytes:,} bytes ({found}), the limit (max_file_bytes in conf/download.yaml) "
+        f"that no MNIST file comes near: the mirror serves something else; {MIRROR_HINT}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Here ``np`` becomes a ``Placement`` (zero, backend name and availability), every variant is loaded
 and checked against it (the global batch splits evenly across the replicas; XLA only where ranks can
 all-reduce under it), the inputs are resolved, the output folder is checked (a local path of the
-driver, not a non-empty folder) and so is the checkpoint_dir, when given (created, written, read back
-and cleaned). Nothing below re-checks these.
+driver, not a non-empty folder; with --overwrite, one that holds only this tool's report), so is the
+run state beside it, if any (this user's own, private, no links), and so is the checkpoint_dir, when
+given (created, written, read back and cleaned). Nothing below re-checks these.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sparkml_mnist.launcher.backends.jax import NAME as JAX_BACKEND
 from sparkml_mnist.launcher.checkpoints import probe
 from sparkml_mnist.launcher.placement import Placement, parse_placement, rank_devices
 from sparkml_mnist.errors import ConfigError
+from sparkml_mnist.job.state import check_state_folder
 from sparkml_mnist.report.folder import check_output_folder
 from sparkml_mnist.report.results import ReportError
 
@@ -52,6 +54,7 @@ def plan_job(run: RunConfig, overwrite: bool = False, resume: bool = False) -> J
     inputs = resolve_inputs(run.data, run.train, run.test)
     output = local_output_folder(run)
     check_checkpoint_dir(run)
+    check_state_folder(output)  # a state folder another user planted beside the output: refused before Spark
     try:
         check_output_folder(output, overwrite)
     except ReportError as error:  # found before any work: a usage error, like every other check here

@@ -7,36 +7,62 @@ epoch ends (sent to the driver), or, with the run's ``checkpoint_dir``, in a fol
 under it (``<checkpoint_dir>/<output name>-<id>``, written there by rank 0; state.json names it);
 ``sparkml-mnist train --resume OUTPUT`` reads them back: finished variants are kept, the one in flight
 resumes from its last epoch. Both are removed once the report is in place.
+
+The folder is private, because in a shared parent folder another user could make it first: a checkpoint
+planted there would be evaluated and reported as this run's model. It is made 0700, and one found there
+is used only when it is this user's, not a link, and open to nobody else (else one line says what to do,
+exit 2, nothing touched); its files are opened relative to it and never through a link. state.json keeps
+the run's settings masked as every other output does (``sparkml_mnist.redact``); the few values masking
+hid (an input URI's ``user:password@``, a signed URL's token), which ``--resume`` needs to read the same
+inputs, are kept apart in credentials.json (0600), only when there are any, and go with the state.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
+import stat
 import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sparkml_mnist.config import RunConfig, from_mapping
-from sparkml_mnist.launcher.checkpoints import CheckpointFiles, join, normalized
+from sparkml_mnist.launcher.checkpoints import PARTIAL_SUFFIX, CheckpointFiles, join, normalized
 from sparkml_mnist.launcher.driver.store import CheckpointStore
 from sparkml_mnist.errors import ConfigError, SparkMnistError
+from sparkml_mnist.redact import redact_all
 from sparkml_mnist.report import VariantResult
+from sparkml_mnist.report.folder import remove_leftovers
 
 STATE_SUFFIX = ".state"
 LOCK_FILE = ".lock"
 STATE_FILE = "state.json"
+CREDENTIALS_FILE = "credentials.json"  # the values state.json shows masked, as given (--resume reads them)
 RESULT_FILE = "result.json"
 VARIANTS_DIR = "variants"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_VERSION = 1
 CHECKPOINTS_KEY = "checkpoints"  # state.json: this run's folder under its checkpoint_dir, when it has one
+MASKED_KEY = "masked"  # state.json: the settings shown masked ("run.train", "checkpoints"); credentials.json has them
 RUN_ID_CHARS = 12  # names this run's folder under a checkpoint_dir shared by several runs
 RESUMED = " (resumed)"
+PRIVATE_FOLDER_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+SHARED_BITS = 0o077  # group and other permission bits: the state folder has none
+HOLDER_BYTES = 200  # the lock file names the run holding it: "pid N on HOST"
+PROBE_MARKER = ".probe-"  # a folder made beside the state for a moment: does this filesystem keep owners and modes?
+_PROBE_HEX_BYTES = 4
+_NO_LINKS = os.O_NOFOLLOW | os.O_CLOEXEC
+_NO_WAIT = os.O_NONBLOCK  # a FIFO where a file should be must not hang the open (its type is checked after)
+_LINK_ERRNOS = (errno.ELOOP, errno.EMLINK)  # open(O_NOFOLLOW) of a link (EMLINK on the BSDs)
+_PARTIAL_FILE = re.compile(rf"^\..+{re.escape(PARTIAL_SUFFIX)}$")  # ".<name>.partial": a write cut short
 
 
 class StateError(SparkMnistError):
@@ -48,12 +74,208 @@ def state_folder(output: Path) -> Path:
     return output.parent / f".{output.name}{STATE_SUFFIX}"
 
 
-def _stored_state(output: Path) -> dict[str, Any]:
-    path = state_folder(output) / STATE_FILE
+# -- the folder and its files, checked ------------------------------------------------------------
+
+
+def _not_yours(folder: Path, path: Path, problem: str) -> ConfigError:
+    """A state folder (or a file in it) this run must not use: one line saying what to do."""
+    return ConfigError(f"{path}: {problem}, so it is not used (another user may have planted it); remove {folder}, "
+                       "or choose another --output")
+
+
+def _keeps_owners_and_modes(folder: Path) -> bool:
+    """Whether a folder made beside the state ``folder`` shows this user as its owner and mode 0700.
+
+    Not on a FUSE mount that reports fixed attributes (DBFS, Unity Catalog volumes on Databricks), where
+    access is the platform's business: there, owners and modes say nothing and are not checked.
+    """
+    probe = folder.with_name(f"{folder.name}{PROBE_MARKER}{secrets.token_hex(_PROBE_HEX_BYTES)}")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        os.mkdir(probe, PRIVATE_FOLDER_MODE)
+    except OSError:
+        return True  # cannot tell: keep the checks
+    try:
+        try:
+            os.chmod(probe, PRIVATE_FOLDER_MODE)
+        except OSError:
+            pass
+        info = os.lstat(probe)
+        return info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == PRIVATE_FOLDER_MODE
+    finally:
+        try:
+            os.rmdir(probe)
+        except OSError:
+            pass
+
+
+def _check_owned(folder: Path, path: Path, info: os.stat_result) -> None:
+    """``path`` (the state ``folder`` or a file in it) is this user's, and the folder open to nobody else,
+    where the filesystem keeps owners and modes."""
+    is_folder = path == folder
+    foreign = info.st_uid != os.getuid()
+    shared = is_folder and stat.S_IMODE(info.st_mode) & SHARED_BITS
+    if not (foreign or shared):
+        return
+    if not _keeps_owners_and_modes(folder):
+        return
+    if foreign:
+        what = "the run's state folder" if is_folder else "a file in the run's state"
+        raise _not_yours(folder, path, f"{what} belongs to another user (uid {info.st_uid}), not to uid {os.getuid()}")
+    mode = stat.S_IMODE(info.st_mode)
+    raise ConfigError(f"{path}: the run's state folder is open to other users (mode {mode:04o}, this tool makes it "
+                      f"{PRIVATE_FOLDER_MODE:04o}); if its contents are yours, `chmod {PRIVATE_FOLDER_MODE:o} {path}` "
+                      "and run again, else remove it or choose another --output")
+
+
+def _open_folder(folder: Path, create: bool) -> int | None:
+    """The state folder, opened without following a link and checked (None: there is none and ``create`` is False)."""
+    created = False
+    if create:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(folder, PRIVATE_FOLDER_MODE)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise StateError(f"cannot create the run's state folder {folder} ({error.strerror}); "
+                             "choose an --output on a writable disk") from None
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | _NO_LINKS)
+    except FileNotFoundError:
+        if create:
+            raise StateError(f"{folder}: the run's state folder vanished while it was being made; run again") from None
+        return None
+    except OSError as error:
+        if error.errno in (errno.ENOTDIR, *_LINK_ERRNOS):
+            raise _not_yours(folder, folder, "the run's state folder is a link or not a folder") from None
+        raise StateError(f"cannot open the run's state folder {folder} ({error.strerror}); fix its permissions, "
+                         "or choose another --output") from None
+    try:
+        if created:
+            try:
+                os.fchmod(descriptor, PRIVATE_FOLDER_MODE)  # the umask may have taken bits away: exactly 0700
+            except OSError:
+                pass  # a filesystem without modes: checked below
+        _check_owned(folder, folder, os.fstat(descriptor))
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _entry(folder_fd: int, folder: Path, name: str) -> os.stat_result | None:
+    """A file of the state as it is (never through a link), checked: a plain file of this user's, or None."""
+    try:
+        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise _not_yours(folder, folder / name, "a link or not a plain file where the run's state keeps a file")
+    _check_owned(folder, folder / name, info)
+    return info
+
+
+def _check_entries(folder_fd: int, folder: Path) -> bool:
+    """The state's own files are plain files of this user's (a link or another's is refused); whether
+    state.json is there (an unfinished run)."""
+    _entry(folder_fd, folder, LOCK_FILE)
+    _entry(folder_fd, folder, CREDENTIALS_FILE)
+    return _entry(folder_fd, folder, STATE_FILE) is not None
+
+
+def _open_file(folder_fd: int, folder: Path, name: str, flags: int) -> int:
+    """``name`` under the state folder, opened relative to it and never through a link, then checked."""
+    try:
+        descriptor = os.open(name, flags | _NO_LINKS | _NO_WAIT, PRIVATE_FILE_MODE, dir_fd=folder_fd)
+    except OSError as error:
+        if error.errno in _LINK_ERRNOS:
+            raise _not_yours(folder, folder / name, "a link where the run's state keeps a file") from None
+        raise
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_yours(folder, folder / name, "not a plain file where the run's state keeps a file")
+        _check_owned(folder, folder / name, info)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _read_json(folder_fd: int, folder: Path, name: str) -> Any:
+    with os.fdopen(_open_file(folder_fd, folder, name, os.O_RDONLY), "rb") as file:
+        return json.loads(file.read().decode("utf-8"))
+
+
+def _write_json(folder_fd: int, folder: Path, name: str, document: Any) -> None:
+    """``name`` (relative to the state folder) replaced in one step: written under ``.<name>.partial`` first."""
+    head, _, tail = name.rpartition("/")
+    partial = f"{head}/.{tail}{PARTIAL_SUFFIX}" if head else f".{tail}{PARTIAL_SUFFIX}"
+    descriptor = _open_file(folder_fd, folder, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write((json.dumps(document, indent=1, default=str) + "\n").encode("utf-8"))
+    os.replace(partial, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+
+
+# -- state.json: the run's settings, masked -------------------------------------------------------
+
+
+def _masked(document: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """``document`` with its credentials masked, the values masking changed (same nesting), and their names.
+
+    A setting is kept whole in the second (``{"run": {"train": "s3a://K:S@b/x"}}``), so resume reads it as given.
+    """
+    plain = json.loads(json.dumps(document, default=str))
+    masked = redact_all(plain)
+    hidden: dict[str, Any] = {}
+    names: list[str] = []
+    for key, value in plain.items():
+        if isinstance(value, dict):
+            for field, item in value.items():
+                if masked[key][field] != item:
+                    hidden.setdefault(key, {})[field] = item
+                    names.append(f"{key}.{field}")
+        elif masked[key] != value:
+            hidden[key] = value
+            names.append(key)
+    return masked, hidden, names
+
+
+def _unmasked(document: dict[str, Any], hidden: Any) -> dict[str, Any]:
+    """state.json's document with what credentials.json keeps put back (every name in its ``masked``)."""
+    names = document.get(MASKED_KEY) or []
+    if not isinstance(names, list) or not isinstance(hidden, dict):
+        raise ValueError(f"{CREDENTIALS_FILE} does not match it")
+    for name in names:
+        key, _, field = str(name).partition(".")
+        source, target = hidden.get(key), document.get(key)
+        if field:
+            if not isinstance(source, dict) or field not in source or not isinstance(target, dict):
+                raise ValueError(f"{CREDENTIALS_FILE} lacks {name}")
+            target[field] = source[field]
+        elif key in hidden:
+            document[key] = source
+        else:
+            raise ValueError(f"{CREDENTIALS_FILE} lacks {name}")
+    return document
+
+
+def _state_document(folder_fd: int, folder: Path, output: Path) -> dict[str, Any]:
+    """state.json, with the values it shows masked put back from credentials.json."""
+    path = folder / STATE_FILE
+    try:
+        document = _read_json(folder_fd, folder, STATE_FILE)
         if not isinstance(document, dict) or not isinstance(document.get("run"), dict):
             raise ValueError("no run settings in it")
+        if document.get(MASKED_KEY):
+            try:
+                hidden = _read_json(folder_fd, folder, CREDENTIALS_FILE)
+            except FileNotFoundError:
+                raise ValueError(f"its {CREDENTIALS_FILE}, with the settings it shows masked, is missing") from None
+            document = _unmasked(document, hidden)
+    except ConfigError:
+        raise
     except FileNotFoundError:
         raise ConfigError(f"{output}: there is no unfinished run to resume (no {path})") from None
     except (OSError, ValueError) as error:
@@ -61,8 +283,20 @@ def _stored_state(output: Path) -> dict[str, Any]:
     return document
 
 
+def _stored_state(output: Path) -> dict[str, Any]:
+    folder = state_folder(output)
+    folder_fd = _open_folder(folder, create=False)
+    if folder_fd is None:
+        raise ConfigError(f"{output}: there is no unfinished run to resume (no {folder / STATE_FILE})")
+    try:
+        _check_entries(folder_fd, folder)
+        return _state_document(folder_fd, folder, output)
+    finally:
+        os.close(folder_fd)
+
+
 def stored_run(output: Path) -> RunConfig:
-    """The run config an unfinished run into ``output`` was started with (for ``--resume``).
+    """The run config an unfinished run into ``output`` was started with (for ``--resume``), credentials included.
 
     Its output is ``output`` as given now: the stored one may be relative to another working folder.
     """
@@ -77,70 +311,116 @@ def stored_overwrite(output: Path) -> bool:
     return bool(_stored_state(output).get("overwrite", False))
 
 
-def _stored_checkpoints(folder: Path) -> str | None:
-    """The run's folder under its checkpoint_dir, as its state.json names it (None: it has none)."""
+def check_state_folder(output: Path) -> None:
+    """A state folder beside ``output``, if there is one, is this user's own and private (at plan time).
+
+    Reads nothing in it and changes nothing: a planted one is refused before Spark starts.
+    """
+    folder = state_folder(output)
+    folder_fd = _open_folder(folder, create=False)
+    if folder_fd is None:
+        return
     try:
-        location = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get(CHECKPOINTS_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return location if isinstance(location, str) else None
+        _check_entries(folder_fd, folder)
+    finally:
+        os.close(folder_fd)
 
 
 class RunState:
     """The claimed state folder of one run (a context manager: leaving it releases the claim)."""
 
-    def __init__(self, folder: Path, lock_fd: int) -> None:
+    def __init__(self, folder: Path, lock_fd: int, folder_fd: int) -> None:
         self.folder = folder
         self._lock_fd = lock_fd
+        self._folder_fd = folder_fd  # the folder as checked: its files are opened relative to it
         self.checkpoint_location: str | None = None  # this run's folder under its checkpoint_dir (state.json)
 
     @classmethod
     def claim(cls, output: Path, run: RunConfig, resume: bool = False, overwrite: bool = False) -> RunState:
-        """Claim ``output`` for this run, or say why not (another run holds it; an unfinished one left it)."""
+        """Claim ``output`` for this run, or say why not (another run holds it; an unfinished one left it;
+        its state folder is not this user's own). Leftovers of killed runs into ``output`` are then removed."""
         folder = state_folder(output)
-        existed = (folder / STATE_FILE).exists()
-        if resume and not existed:
-            raise ConfigError(f"{output}: there is no unfinished run to resume (no {folder / STATE_FILE})")
+        missing = ConfigError(f"{output}: there is no unfinished run to resume (no {folder / STATE_FILE})")
+        folder_fd = _open_folder(folder, create=not resume)
+        if folder_fd is None:
+            raise missing
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock_fd = os.open(folder / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
-        except OSError as error:
-            raise StateError(f"cannot create the run's state folder {folder} ({error.strerror}); "
-                             "choose an --output on a writable disk") from None
+            existed = _check_entries(folder_fd, folder)  # nothing is written before these checks
+            if resume and not existed:
+                raise missing
+            try:
+                lock_fd = _open_file(folder_fd, folder, LOCK_FILE, os.O_CREAT | os.O_RDWR)
+            except OSError as error:
+                raise StateError(f"cannot create the run's state folder {folder} ({error.strerror}); "
+                                 "choose an --output on a writable disk") from None
+        except BaseException:
+            os.close(folder_fd)
+            raise
+        state = cls(folder, lock_fd, folder_fd)
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            state._hold(output, existed, resume, overwrite)
+            state._start(output, run, existed, resume, overwrite)
+        except BaseException:
+            state.release()
+            raise
+        return state
+
+    def _hold(self, output: Path, existed: bool, resume: bool, overwrite: bool) -> None:
+        """Take the lock, or say who holds it; then clean what killed runs into ``output`` left."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(lock_fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(lock_fd)
+            holder = os.pread(self._lock_fd, HOLDER_BYTES, 0).decode("utf-8", "replace").strip() or "another process"
             raise ConfigError(f"{output}: another run ({holder}) is writing this output now; wait for it to end, "
                               "or choose another --output") from None
         if existed and not resume and not overwrite:
-            os.close(lock_fd)
             raise ConfigError(
-                f"{output}: an unfinished run left its state in {folder}; continue it with "
+                f"{output}: an unfinished run left its state in {self.folder}; continue it with "
                 f"`sparkml-mnist train --resume {output}`, or start afresh with --overwrite"
             )
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        state = cls(folder, lock_fd)
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            self._remove_partial_files()
+            restored = remove_leftovers(output)
+        except OSError as error:
+            raise StateError(f"cannot clean what an earlier run into {output} left beside it ({error}); fix the "
+                             "permissions of its parent folder, or choose another --output") from None
+        if restored is not None and not overwrite:
+            raise ConfigError(f"{output}: a report an --overwrite run had set aside ({restored.name}) was put back "
+                              "there (that run was killed before its own was in place); run again with --overwrite "
+                              "to replace it, or choose another --output")
+
+    def _start(self, output: Path, run: RunConfig, existed: bool, resume: bool, overwrite: bool) -> None:
+        """This run's state.json (a resumed run keeps its own), and where its checkpoints are."""
+        folder = self.folder
+        if existed:
+            self.checkpoint_location = self._stored_checkpoints(output)
         if existed and overwrite and not resume:
-            state.checkpoint_location = _stored_checkpoints(folder)
-            state._clear()
-        if existed and resume:
-            state.checkpoint_location = _stored_checkpoints(folder)
-        if not (folder / STATE_FILE).exists():
-            if run.checkpoint_dir is not None:
-                run_id = f"{output.absolute().name}-{uuid.uuid4().hex[:RUN_ID_CHARS]}"
-                state.checkpoint_location = join(normalized(run.checkpoint_dir), run_id)
-            try:
-                state._write_json(folder / STATE_FILE, {"version": STATE_VERSION, "run": asdict(run),
-                                                          "overwrite": overwrite,
-                                                          CHECKPOINTS_KEY: state.checkpoint_location})
-            except OSError as error:
-                state.release()
-                raise StateError(f"cannot write the run's state in {folder} ({error.strerror}); choose an "
-                                 "--output on a writable disk with free space") from None
-        return state
+            self._clear()
+        if _entry(self._folder_fd, folder, STATE_FILE) is not None:
+            return
+        if run.checkpoint_dir is not None:
+            run_id = f"{output.absolute().name}-{uuid.uuid4().hex[:RUN_ID_CHARS]}"
+            self.checkpoint_location = join(normalized(run.checkpoint_dir), run_id)
+        masked, hidden, names = _masked({"version": STATE_VERSION, "run": asdict(run), "overwrite": overwrite,
+                                         CHECKPOINTS_KEY: self.checkpoint_location})
+        try:
+            if hidden:  # first: a state.json that names masked settings always has them here
+                _write_json(self._folder_fd, folder, CREDENTIALS_FILE, hidden)
+            _write_json(self._folder_fd, folder, STATE_FILE, {**masked, MASKED_KEY: names})
+        except OSError as error:
+            raise StateError(f"cannot write the run's state in {folder} ({error.strerror}); choose an "
+                             "--output on a writable disk with free space") from None
+
+    def _stored_checkpoints(self, output: Path) -> str | None:
+        """The run's folder under its checkpoint_dir, as its state names it (None: it has none, or it cannot
+        be read: an --overwrite run starts afresh; --resume read the same state when it planned)."""
+        try:
+            location = _state_document(self._folder_fd, self.folder, output).get(CHECKPOINTS_KEY)
+        except ConfigError:
+            return None
+        return location if isinstance(location, str) else None
 
     def __enter__(self) -> RunState:
         return self
@@ -152,6 +432,9 @@ class RunState:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = -1
+        if self._folder_fd >= 0:
+            os.close(self._folder_fd)
+            self._folder_fd = -1
 
     # -- variants --------------------------------------------------------------------------------
 
@@ -169,10 +452,12 @@ class RunState:
         """A variant an earlier attempt of this run finished (result and model kept), else None."""
         folder = self.variant_folder(name)
         try:
-            saved = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+            saved = _read_json(self._folder_fd, self.folder, f"{VARIANTS_DIR}/{name}/{RESULT_FILE}")
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
             raise StateError(f"{folder / RESULT_FILE}: cannot read a finished variant ({error}); "
                              "remove that folder to train the variant again") from None
         return VariantResult.from_dict(saved["result"], [folder / name for name in saved["model_files"]])
@@ -189,7 +474,8 @@ class RunState:
                     shutil.move(str(source), destination)
                 kept.append(destination)
             result.model_files = kept
-            self._write_json(folder / RESULT_FILE, {"result": result.to_dict(), "model_files": [p.name for p in kept]})
+            _write_json(self._folder_fd, self.folder, f"{VARIANTS_DIR}/{result.name}/{RESULT_FILE}",
+                        {"result": result.to_dict(), "model_files": [p.name for p in kept]})
         except OSError as error:
             raise StateError(f"cannot keep variant {result.name!r} in {folder} ({error.strerror}); free space or "
                              "fix permissions, then `sparkml-mnist train --resume` the run") from None
@@ -205,7 +491,7 @@ class RunState:
     def holds_work(self) -> bool:
         """Whether anything of the run was kept (a checkpoint, a finished variant) for ``--resume``."""
         kept = (path for path in self.folder.rglob("*") if path.is_file())
-        if any(path.name not in (STATE_FILE, LOCK_FILE) for path in kept):
+        if any(path.name not in (STATE_FILE, LOCK_FILE, CREDENTIALS_FILE) for path in kept):
             return True
         if self.checkpoint_location is None:
             return False
@@ -215,6 +501,17 @@ class RunState:
             return True
 
     # -- files ----------------------------------------------------------------------------------
+
+    def _remove_partial_files(self) -> None:
+        """Files a killed run was writing under a temporary name (``.<name>.partial``: its state's json, the
+        checkpoints the driver keeps): never read, only in the way. Called with the claim held."""
+        for root, _, names in os.walk(self.folder):
+            for name in names:
+                if _PARTIAL_FILE.match(name):
+                    try:
+                        os.unlink(os.path.join(root, name))
+                    except FileNotFoundError:
+                        pass
 
     def _remove_checkpoint_folder(self) -> None:
         if self.checkpoint_location is not None:
@@ -228,9 +525,4 @@ class RunState:
         self.checkpoint_location = None
         for item in self.folder.iterdir():
             if item.name != LOCK_FILE:
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-
-    def _write_json(self, path: Path, document: Any) -> None:
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
-        os.replace(partial, path)
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()

@@ -26,6 +26,7 @@ _EXPORTS = {
     "RankFailedError": "sparkml_mnist.launcher.failures",
     "RankStalledError": "sparkml_mnist.launcher.failures",
     "PreflightError": "sparkml_mnist.launcher.failures",
+    "ReportRefusedError": "sparkml_mnist.launcher.failures",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -46,7 +46,12 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(LaunchError):
-    """A checkpoint's file cannot be written or read, or does not match its sha256; names the file."""
+    """A checkpoint's file cannot be written or read, or does not match its sha256; names the file.
+    ``reason``: what failed, in one line (the OS's or the filesystem's words), for a caller to reword."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 class Checkpoint:
@@ -248,26 +253,49 @@ class CheckpointFiles:
 
     def write(self, key: str, epoch: int, data: bytes) -> Checkpoint:
         """Keep ``data`` as ``key``'s checkpoint after ``epoch`` epochs: data, then manifest, then checked;
-        the older ones are removed only then. Returns it as a file (location and sha256, bytes loaded)."""
+        the older ones are removed only then. Returns it as a file (location and sha256, bytes loaded).
+
+        A write that fails leaves no file of its own behind (the earlier checkpoints stay as they were);
+        an epoch that already holds a good checkpoint is kept: the same bytes are that checkpoint, others
+        are refused (replacing it in place would leave no good checkpoint while the new one is written)."""
         folder = self._folder(key)
         name = _name(epoch)
         digest = sha256_of(data)
         location = self.data_location(key, epoch)
         manifest = json.dumps({"epoch": epoch, "file": name + DATA_SUFFIX, "bytes": len(data), "sha256": digest})
+        existing = self._checked(folder, key, epoch, name + MANIFEST_SUFFIX, quiet=True)
+        if existing is not None:
+            if existing.sha256 == digest:
+                return existing
+            raise CheckpointError(f"{location}: already holds another checkpoint after epoch {epoch}; it is kept "
+                                  "(a checkpoint is never replaced in place: report a later epoch)",
+                                  reason="another checkpoint of that epoch is kept")
         try:
             self.fs.create_dir(folder, recursive=True)
             self._put(folder, name + DATA_SUFFIX, data)
             self._put(folder, name + MANIFEST_SUFFIX, manifest.encode("utf-8"))
             _verified(self.fs, f"{folder}/{name}{DATA_SUFFIX}", location, digest)  # checks out: the older ones go
-        except CheckpointError:
-            raise
         except Exception as error:  # noqa: BLE001 - pyarrow raises OSError and its own errors
+            self._discard(folder, name)
+            if isinstance(error, CheckpointError):
+                raise
             raise CheckpointError(f"{location}: cannot write the checkpoint ({first_line(error)}); check that "
-                                  "checkpoint_dir is writable from here and has space") from None
+                                  "checkpoint_dir is writable from here and has space",
+                                  reason=first_line(error)) from None
         older = [entry for entry, found in self._entries(folder) if found < epoch]
         for entry in sorted(older, key=lambda path: not path.endswith(MANIFEST_SUFFIX)):  # manifests first
             self._delete(entry)
         return Checkpoint(epoch, data, location=location, sha256=digest, read=self._reader)
+
+    def _discard(self, folder: str, name: str) -> None:
+        """What a failed write of ``name`` left (its temporary files, a data file without its manifest):
+        none of it checked out, so none of it is a checkpoint; other epochs are not touched."""
+        for file in (name + MANIFEST_SUFFIX, name + DATA_SUFFIX):  # the manifest first: never a manifest alone
+            for path in (f"{folder}/.{file}{PARTIAL_SUFFIX}", f"{folder}/{file}"):
+                try:
+                    self._delete(path)
+                except Exception as error:  # noqa: BLE001 - the write's own error is the one to raise
+                    logger.warning("%s: cannot remove a failed checkpoint write's file (%s)", path, first_line(error))
 
     def _put(self, folder: str, name: str, data: bytes) -> None:
         final = f"{folder}/{name}"
@@ -301,13 +329,20 @@ class CheckpointFiles:
                                join(self.folder_location(key), name))
         return good
 
-    def _checked(self, folder: str, key: str, epoch: int, name: str) -> Checkpoint | None:
+    def _checked(self, folder: str, key: str, epoch: int, name: str, quiet: bool = False) -> Checkpoint | None:
+        """The checkpoint manifest ``name`` describes, if it and its data check out; ``quiet``: a missing
+        manifest is no news (a write looking for an earlier one of its epoch)."""
         where = join(self.folder_location(key), name)
         try:
             manifest = json.loads(_read(self.fs, f"{folder}/{name}"))
             data_name, digest = manifest["file"], manifest["sha256"]
             if manifest["epoch"] != epoch or not valid_sha256(digest) or data_name != _name(epoch) + DATA_SUFFIX:
                 raise ValueError("its fields do not match its name")
+        except FileNotFoundError:
+            if quiet:
+                return None
+            logger.warning("%s: the checkpoint manifest is gone; not taken", where)
+            return None
         except Exception as error:  # noqa: BLE001 - unreadable, not JSON, a field missing
             logger.warning("%s: unreadable checkpoint manifest (%s); not taken", where, first_line(error))
             return None

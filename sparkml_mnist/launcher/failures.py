@@ -24,6 +24,9 @@ _MARKER_PATTERN = re.compile(re.escape(_MARKER_PREFIX) + r"([A-Za-z0-9+/=]+)" + 
 
 EXCEPTION = "exception"  # the user function (or the rank's set-up) raised
 CRASH = "crash"  # the rank's process died without reporting (signal, os._exit, out of memory)
+# The driver refused what the rank sent or asked for, for a reason a retry cannot change (its disk is
+# full or not writable, a cap): the launcher does not retry it; the message says what to fix.
+REFUSED = "refused"
 
 
 @dataclass
@@ -76,6 +79,12 @@ class PreflightError(LaunchError):
     """The run cannot start on this cluster as configured; nothing was launched."""
 
 
+class ReportRefusedError(LaunchError):
+    """The driver could not keep, or refused, what a rank reported or asked for: its checkpoint folder
+    failed (disk full, permission denied) or a cap was reached. A retry would fail the same way, so the
+    launcher makes none; the message names the folder or the cap, and what to do."""
+
+
 class RankFailedError(LaunchError):
     """A rank raised or crashed; ``rank``, ``host`` and ``error`` (with its traceback) say which and why."""
 
@@ -84,6 +93,30 @@ class RankFailedError(LaunchError):
         self.host = host
         self.error = error
         super().__init__(describe_failure(rank, host, error))
+
+    @property
+    def final(self) -> bool:
+        """The rank was refused something a retry cannot change (``REFUSED``): not retried."""
+        return self.error.kind == REFUSED
+
+
+def error_kind(error: BaseException) -> str:
+    """The ``RankError.kind`` of an exception a rank raised: ``REFUSED`` for the driver's refusal,
+    also when the function wrapped it (its cause or context), else ``EXCEPTION``."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ReportRefusedError):
+            return REFUSED
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return EXCEPTION
+
+
+def is_final(error: LaunchError) -> bool:
+    """A failure no retry can fix: the cluster or a setting must change first."""
+    return isinstance(error, (PreflightError, ReportRefusedError)) or (
+        isinstance(error, RankFailedError) and error.final)
 
 
 class RankStalledError(LaunchError):

@@ -3,14 +3,18 @@
 A rank sends a ``Heartbeat`` every ``heartbeat_interval_s`` (the same type the driver's watchdog and
 live board read), and ``report``s: metrics under a key, with rank 0's ``Checkpoint`` attached when it
 has one: where rank 0 wrote it (location and sha256) when the run has a ``checkpoint_dir``, else its
-bytes (chunked below the channel's frame cap, with their sha256). The driver parses each message once,
-here, at the boundary; what it passes on is typed.
+bytes (chunked below the channel's frame cap). Every frame of one report carries the same random
+transfer id, key, epoch, chunk count and sha256, so the driver can tell one transfer's chunks from
+another's. The driver answers a report's last frame (and a fetch) with the result or with a failure
+frame giving the reason, never with silence. The driver parses each message once, here, at the
+boundary; what it passes on is typed.
 """
 
 from __future__ import annotations
 
 import base64
 import re
+import secrets
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
@@ -23,20 +27,53 @@ TASK_STARTED = "task_started"  # a barrier task reached the driver, before its r
 LOG = "log"
 RANK_FAILED = "rank_failed"  # a rank's own report of its exception, sent the moment it happens
 REPORT, REPORTED = "report", "reported"  # a rank's report (in chunks when it carries a checkpoint); the ack
+REPORT_FAILED = "report-failed"  # the driver did not keep a report: {"reason": ..., "final": bool}
 FETCH, CHECKPOINT = "fetch_checkpoint", "checkpoint"  # a rank asks for a key's latest checkpoint; the answer
+FETCH_FAILED = "fetch-failed"  # the driver did not answer a fetch with a checkpoint: {"reason", "final"}
 
 CHUNK_BYTES = 512 * 1024  # raw bytes a frame; base64 makes it ~700 KB, below the channel's frame cap
+TRANSFER_ID_BYTES = 16  # a report's random id: its chunks are never taken into another report
+# Caps on what one authenticated rank may make the driver hold (refused with a failure answer naming
+# the cap, never dropped silently). A checkpoint crosses the driver's memory whole before it is written:
+# a larger one belongs in a checkpoint_dir (rank 0 then writes it to storage itself).
+MAX_CHECKPOINT_BYTES = 1 << 30  # one transfer's bytes, and so one rank's bytes in flight (one at a time)
+MAX_CHUNKS = MAX_CHECKPOINT_BYTES // CHUNK_BYTES
+MAX_KEYS_PER_RANK = 1024  # distinct keys a rank reports or fetches over a run (the job: two per variant)
+MAX_FETCHES_PER_KEY = 8  # fetches of one key by one rank in one attempt (a rank needs it once, at its start)
 CHIEF_RANK = 0  # the only rank whose reports may carry a checkpoint
 DEFAULT_KEY = ""
 MAX_HOST_CHARS = 255
 MAX_LABEL_CHARS = 100
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # a key names a folder on the driver
+_TRANSFER_ID = re.compile(r"^[0-9a-f]{%d}$" % (2 * TRANSFER_ID_BYTES))
 
 Message = dict[str, Any]
 
 
 def valid_key(key: Any) -> bool:
     return key == DEFAULT_KEY or (isinstance(key, str) and bool(_KEY.match(key)))
+
+
+def new_transfer_id() -> str:
+    return secrets.token_hex(TRANSFER_ID_BYTES)
+
+
+def valid_transfer_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(_TRANSFER_ID.match(value))
+
+
+def failure_answer(kind: str, reason: str, final: bool) -> Message:
+    """The driver's answer to a report (``REPORT_FAILED``) or fetch (``FETCH_FAILED``) it did not serve.
+    ``final``: a retry would fail the same way (the driver's disk, a cap), so the launcher makes none."""
+    return {"type": kind, "reason": reason, "final": final}
+
+
+def report_answered(frame: Message) -> bool:
+    return frame.get("type") in (REPORTED, REPORT_FAILED)
+
+
+def fetch_answered(frame: Message) -> bool:
+    return frame.get("type") == FETCH_FAILED or last_checkpoint_frame(frame)
 
 
 @dataclass
@@ -87,24 +124,25 @@ def _chunks(data: bytes) -> list[bytes]:
     return [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
 
 
-def report_frames(key: str, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> Iterator[Message]:
+def report_frames(key: str, metrics: dict[str, Any], checkpoint: Checkpoint | None,
+                  transfer: str | None = None) -> Iterator[Message]:
     """A report as frames, the metrics on the last one (which is answered): one frame naming where a
-    checkpoint kept in storage is, or the checkpoint's chunks and, on the last, their sha256."""
+    checkpoint kept in storage is, or the checkpoint's chunks. Every frame carries the transfer id, key,
+    chunk count and, with a checkpoint, its epoch and sha256: the driver fixes them at chunk 0."""
+    transfer = transfer if transfer is not None else new_transfer_id()
     if checkpoint is not None and checkpoint.location is not None:
-        yield {"type": REPORT, "key": key, "seq": 0, "total": 1, "epoch": checkpoint.epoch,
+        yield {"type": REPORT, "transfer": transfer, "key": key, "seq": 0, "total": 1, "epoch": checkpoint.epoch,
                "location": checkpoint.location, "sha256": checkpoint.sha256, "metrics": metrics}
         return
     data = checkpoint.data if checkpoint is not None else b""
+    digest = sha256_of(data) if checkpoint is not None else None
     chunks = _chunks(data)
     for seq, chunk in enumerate(chunks):
-        frame: Message = {"type": REPORT, "key": key, "seq": seq, "total": len(chunks)}
+        frame: Message = {"type": REPORT, "transfer": transfer, "key": key, "seq": seq, "total": len(chunks)}
         if checkpoint is not None:
-            frame["epoch"] = checkpoint.epoch
-            frame["data"] = base64.b64encode(chunk).decode("ascii")
+            frame.update(epoch=checkpoint.epoch, sha256=digest, data=base64.b64encode(chunk).decode("ascii"))
         if seq + 1 == len(chunks):
             frame["metrics"] = metrics
-            if checkpoint is not None:
-                frame["sha256"] = sha256_of(data)
         yield frame
 
 

@@ -14,8 +14,9 @@ is launched again (``FailurePolicy.max_retries`` times), and its ranks find the 
 reported (``context.report(key, metrics, checkpoint)`` / ``context.latest_checkpoint(key)``): in the
 run's ``checkpoint_dir`` (a path or URI every rank reaches; rank 0 writes there directly), or, without
 one, kept by the driver on its own disk after travelling over the run's channel. A failure that repeats
-identically is not retried again. ``run_all`` returns a ``RunResult``: every rank's
-record, every attempt, and what the ranks reported.
+identically is not retried again, nor one no retry can fix: a pre-flight failure, or the driver
+refusing what a rank sent (``ReportRefusedError``: its checkpoint folder failed, a cap was reached).
+``run_all`` returns a ``RunResult``: every rank's record, every attempt, and what the ranks reported.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from sparkml_mnist.launcher.driver import cluster
 from sparkml_mnist.launcher.driver.attempt import Attempt, AttemptLauncher
 from sparkml_mnist.launcher.driver.reports import ReportListener, RunReports
 from sparkml_mnist.launcher.driver.store import CheckpointStore
-from sparkml_mnist.launcher.failures import PreflightError, RankFailedError, RankRecord, RankStalledError
+from sparkml_mnist.launcher.failures import RankFailedError, RankRecord, RankStalledError, is_final
 from sparkml_mnist.launcher.placement import Placement, parse_placement
 from sparkml_mnist.launcher.policy import FailurePolicy
 
@@ -136,7 +137,7 @@ class HorovodRunner:
         if not callable(main):
             raise ConfigError(f"HorovodRunner.run needs a function, got {type(main).__name__}")
         if not self.placement.on_driver:
-            risk = cluster.check_secured_cluster(self.spark)  # type: ignore[arg-type]
+            risk = cluster.check_secured_cluster(self.spark, self.placement.backend)  # type: ignore[arg-type]
             if risk:
                 logger.warning(risk)
         if isinstance(self.checkpoint_dir, CheckpointStore):
@@ -172,7 +173,7 @@ class HorovodRunner:
                 signature = failure_signature(error, tuple(sorted(attempt.resumed_from.items())))
                 error.attempts = list(attempts)  # type: ignore[attr-defined]
                 error.reports = reports.metrics  # type: ignore[attr-defined]
-                if isinstance(error, PreflightError) or number > retries or signature == previous:
+                if is_final(error) or number > retries or signature == previous:
                     if signature == previous:
                         logger.warning("attempt %d failed as attempt %d did; not retrying: %s",
                                        number, number - 1, attempt.cause)

@@ -6,7 +6,6 @@ Imports Keras (through the launcher's Keras flavour): imported only inside a ran
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from sparkml_mnist.launcher import keras_flavour
 from sparkml_mnist.launcher.protocol import CHIEF_RANK, Checkpoint

@@ -29,9 +29,10 @@ class DriverBackend(ABC):
         """Raise ``ConfigError`` (``where="driver"``) or ``LaunchError`` (a rank's host) if it cannot run there."""
 
     @contextlib.contextmanager
-    def driver_session(self, size: int, bind_host: str) -> Iterator[dict[str, Any]]:
+    def driver_session(self, size: int, bind_host: str, secret: str) -> Iterator[dict[str, Any]]:
         """Driver-side services for one attempt (e.g. a rendezvous server, bound to ``bind_host``, the
-        address the ranks reach the driver at); yields what each rank is told."""
+        address the ranks reach the driver at, serving only holders of the attempt's ``secret``'s rank
+        tokens); yields what each rank is told (never a secret: it reaches the rank's process)."""
         yield {}
 
     @abstractmethod

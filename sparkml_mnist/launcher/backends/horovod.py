@@ -1,12 +1,14 @@
 """Horovod over Gloo on the launcher's barrier tasks, without horovodrun, ssh or MPI.
 
 What Horovod's own gloo launcher does (``horovod.runner.gloo_run``), done by this launcher: the
-driver starts Horovod's ``RendezvousServer`` for the run (the key-value store the ranks' Gloo
-contexts meet through); every barrier task already knows every rank's host from
-``BarrierTaskContext``, so it computes the rank, local and cross ranks the way Horovod's host
-assignment does and puts them, with the rendezvous address and the network interface that
-carries its host's address, into the rank process's environment. ``hvd.init()`` in the user's
-function (``import horovod.tensorflow.keras as hvd``) then just works.
+driver runs the run's rendezvous (the key-value store the ranks' Gloo contexts meet through; ours,
+``rendezvous.RendezvousServer``, which serves only the run's ranks, rather than Horovod's, which
+serves anyone); every barrier task already knows every rank's host from ``BarrierTaskContext``, so
+it computes the rank, local and cross ranks the way Horovod's host assignment does and puts them,
+with the network interface that carries its host's address, into the rank process's environment.
+Before the user's function runs, the rank's process starts its signing proxy to the driver's store
+on loopback and points Gloo at it. ``hvd.init()`` in the user's function
+(``import horovod.tensorflow.keras as hvd``) then just works.
 
 Horovod 0.28.1, its last release, builds only against TensorFlow <= 2.15: this backend runs in
 the environment ``scripts/make_horovod_env.sh`` builds (README, "Backends").
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sparkml_mnist.launcher import keras_flavour
+from sparkml_mnist.launcher.backends import rendezvous
 from sparkml_mnist.launcher.backends.base import (
     FULL_PRECISION,
     HALF_PRECISION,
@@ -41,6 +44,8 @@ HOROVOD_TF_MODULE = "horovod.tensorflow"
 SHUTDOWN_WAIT_S = 3.0
 TF_EXTENSION_GLOB = "mpi_lib*.so"  # Horovod's TensorFlow ops, present only when built with TensorFlow
 RENDEZVOUS_PORT = "rendezvous_port"
+RENDEZVOUS_ADDR_ENV = "HOROVOD_GLOO_RENDEZVOUS_ADDR"
+RENDEZVOUS_PORT_ENV = "HOROVOD_GLOO_RENDEZVOUS_PORT"  # set in the rank's process, once its proxy listens
 IFACE_ENV = "HOROVOD_GLOO_IFACE"
 INSTALL_HINT = (
     "Horovod 0.28.1 builds only against TensorFlow <= 2.15, so it has its own environment: run "
@@ -136,23 +141,16 @@ class HorovodDriverBackend(DriverBackend):
             raise error(f"backend 'horovod' was asked for, but on the {where} {problem}. {INSTALL_HINT}")
 
     @contextlib.contextmanager
-    def driver_session(self, size: int, bind_host: str) -> Iterator[dict[str, Any]]:
-        """Horovod's own rendezvous server (what its gloo launcher starts), bound to the driver's address.
+    def driver_session(self, size: int, bind_host: str, secret: str) -> Iterator[dict[str, Any]]:
+        """The run's rendezvous store, bound to the driver's address, answering only the run's ranks.
 
-        Horovod's ``RendezvousServer.start`` binds every interface; its HTTP server class is made here on
-        ``bind_host`` instead. It serves the ranks' Gloo addresses without authentication (Horovod's
-        C++ client sends none): README "Security" says what an operator should firewall.
+        Not Horovod's ``RendezvousHTTPServer``: that one lets anyone overwrite the peers' addresses and can
+        be held open by one slow client. Ours checks each request's signature (a key per rank, from the
+        run's ``secret``), bounds bodies, connections and the time a request may take, and closing it
+        waits for nothing (``rendezvous`` module).
         """
-        from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
-
-        server = RendezvousHTTPServer((bind_host, 0), RendezvousHandler, 0)
-        thread = threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True)
-        thread.start()
-        try:
-            yield {RENDEZVOUS_PORT: server.server_address[1]}
-        finally:
-            server.shutdown()
-            server.server_close()
+        with rendezvous.RendezvousServer(bind_host, size, secret) as server:
+            yield {RENDEZVOUS_PORT: server.port}
 
     def environment(self, spec: RankSpec) -> dict[str, str]:
         port = spec.backend_options.get(RENDEZVOUS_PORT)
@@ -169,8 +167,7 @@ class HorovodDriverBackend(DriverBackend):
             )
         env = {
             **keras_flavour.legacy_keras_environment(),
-            "HOROVOD_GLOO_RENDEZVOUS_ADDR": spec.launch.driver_host,
-            "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+            RENDEZVOUS_ADDR_ENV: rendezvous.LOOPBACK,  # the rank's own proxy; its port once it listens (start)
             "HOROVOD_CONTROLLER": "gloo",
             "HOROVOD_CPU_OPERATIONS": "gloo",
             IFACE_ENV: iface,
@@ -193,6 +190,23 @@ class HorovodRankBackend(RankBackend):
     def __init__(self, spec: RankSpec) -> None:
         super().__init__(spec)
         self._hvd: Any = None
+        self._proxy: rendezvous.RendezvousProxy | None = None
+
+    def start(self) -> None:
+        """Start this rank's rendezvous proxy and point Gloo at it, before the function can call ``hvd.init()``.
+
+        Gloo's client sends no credentials; the proxy, in this process, signs its requests with the rank's
+        key (from the rank's channel token) for the driver's store.
+        """
+        port = self.spec.backend_options.get(RENDEZVOUS_PORT)
+        if port is None:
+            raise LaunchError("the Horovod backend needs the driver's rendezvous server; none was started")
+        self._proxy = rendezvous.RendezvousProxy(
+            self.spec.launch.driver_host, int(port), self.spec.rank, self.spec.channel_token,
+        )
+        self._proxy.start()
+        os.environ[RENDEZVOUS_ADDR_ENV] = self._proxy.host
+        os.environ[RENDEZVOUS_PORT_ENV] = str(self._proxy.port)
 
     @property
     def hvd(self) -> Any:
@@ -240,8 +254,9 @@ class HorovodRankBackend(RankBackend):
         Also when the user's function called ``hvd.init()`` itself (HorovodRunner style).
         """
         hvd = sys.modules.get(HOROVOD_TF_MODULE)
-        if hvd is None or not hvd.is_initialized():
-            return
-        done = threading.Thread(target=hvd.shutdown, daemon=True)
-        done.start()
-        done.join(SHUTDOWN_WAIT_S)  # the parent kills the process anyway if this does not return
+        if hvd is not None and hvd.is_initialized():
+            done = threading.Thread(target=hvd.shutdown, daemon=True)
+            done.start()
+            done.join(SHUTDOWN_WAIT_S)  # the parent kills the process anyway if this does not return
+        if self._proxy is not None:
+            self._proxy.close()

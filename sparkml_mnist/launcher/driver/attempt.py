@@ -2,13 +2,15 @@
 
 A run is one or more attempts (``runner.HorovodRunner`` retries a failed one). Every attempt has its
 own channel server (a fresh secret and port, bound to the address the ranks use to reach the driver),
-its own backend session and its own watchdog, armed at launch; what survives between attempts is
-what the ranks reported (``RunReports``: metrics and the checkpoint store).
+its own backend session, its own watchdog, armed at launch, and its own receiver of the ranks' reports
+and fetches (closed when it ends: nothing of it completes in the next attempt); what survives between
+attempts is what the ranks reported (``RunReports``: metrics and the checkpoint store).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import socket
 import uuid
@@ -23,10 +25,10 @@ from sparkml_mnist.launcher.channel import ChannelServer
 from sparkml_mnist.launcher.driver import cluster
 from sparkml_mnist.launcher.driver.board import LiveBoard
 from sparkml_mnist.launcher.driver.events import AttemptEvents
-from sparkml_mnist.launcher.driver.reports import RunReports
+from sparkml_mnist.launcher.driver.reports import AttemptReceiver, RunReports
 from sparkml_mnist.launcher.driver.watchdog import Watchdog
 from sparkml_mnist.launcher.failures import (
-    CRASH, PreflightError, RankFailedError, RankRecord, RankStalledError, find_failure,
+    CRASH, PreflightError, RankFailedError, RankRecord, RankStalledError, ReportRefusedError, find_failure, is_final,
 )
 from sparkml_mnist.launcher.placement import Placement, rank_devices
 from sparkml_mnist.launcher.policy import FailurePolicy
@@ -79,8 +81,8 @@ class AttemptLauncher:
         connect_host, bind_host = driver_addresses(placement, self.spark)
         watchdog = Watchdog(placement.size, policy.progress_timeout_s, startup_timeout_s=policy.startup_limit_s)
         board = LiveBoard(placement.size)
-        self.reports.new_attempt()
-        events = AttemptEvents(watchdog, board, self.reports)
+        receiver = self.reports.attempt_receiver(placement.size, attempt.number)
+        events = AttemptEvents(watchdog, board, receiver)
         secret = secrets.token_hex(SECRET_BYTES)
         try:
             server = ChannelServer(placement.size, secret, events.on_event, bind_host,
@@ -92,7 +94,7 @@ class AttemptLauncher:
             ) from None
         stop_board = board.start()  # after the server: nothing may leave its thread drawing
         try:
-            with server, driver_backend(placement.backend).driver_session(placement.size, bind_host) as options:
+            with server, driver_backend(placement.backend).driver_session(placement.size, bind_host, secret) as options:
                 watchdog.driver_address = f"{connect_host}:{server.port}"
                 launch = LaunchSpec(
                     size=placement.size, backend=placement.backend, policy=policy, driver_host=connect_host,
@@ -105,7 +107,13 @@ class AttemptLauncher:
                     partitions = local.collect_partitions(self.data, placement.size) if self.data is not None else None
                     return local.run_local(launch, self.payload, partitions, devices, watchdog)
                 return self._run_barrier(launch, watchdog, events)
+        except LaunchError as error:
+            final = _final_if_refused(error, receiver)
+            if final is error:
+                raise
+            raise final from error
         finally:
+            receiver.close()
             stop_board()
             attempt.first_step_at = events.first_step_at
             attempt.ranks = board.summary()
@@ -140,19 +148,30 @@ class AttemptLauncher:
 
 
 def driver_addresses(placement: Placement, spark: SparkSession | None) -> tuple[str, str]:
-    """(the address ranks connect to, the address the channel binds): never every interface."""
-    if placement.on_driver or spark is None:
+    """(the address ranks connect to, the address the channel binds): never every interface.
+
+    Ranks on this machine (np < 0, or a local master's tasks) reach it on loopback, so nothing else
+    may. On a cluster a wildcard ``spark.driver.bindAddress`` (0.0.0.0, ::, empty: right for Spark's
+    own servers in a container) would open the channel to every network: the host's address instead.
+    """
+    if placement.on_driver or spark is None or cluster.is_local_master(spark):
         return local.LOOPBACK, local.LOOPBACK
     host = cluster.spark_conf(spark, DRIVER_HOST_CONF) or socket.gethostname()
-    bind = cluster.spark_conf(spark, DRIVER_BIND_CONF)
-    if not bind:
-        try:
-            bind = socket.gethostbyname(host)
-        except OSError as error:
-            raise LaunchError(
-                f"cannot resolve {DRIVER_HOST_CONF}={host!r} ({error}); set {DRIVER_BIND_CONF} to the driver's "
-                "address the executors reach"
-            ) from None
+    given = cluster.spark_conf(spark, DRIVER_BIND_CONF)
+    if given is not None and not cluster.means_every_interface(given):
+        return host, given
+    try:
+        bind = socket.gethostbyname(host)
+    except OSError as error:
+        raise LaunchError(
+            f"cannot resolve {DRIVER_HOST_CONF}={host!r} ({error}); set {DRIVER_BIND_CONF} to the driver's "
+            "address the executors reach"
+        ) from None
+    if given is not None:
+        logging.getLogger(__name__).warning(
+            "%s=%r means every interface; the ranks' channel listens on %s (the address of %s=%s) instead",
+            DRIVER_BIND_CONF, given, bind, DRIVER_HOST_CONF, host,
+        )
     return host, bind
 
 
@@ -225,3 +244,12 @@ def _translate(error: Exception, monitor: Watchdog, first_failure: RankFailedErr
         )
     failure.spark_error = error  # type: ignore[attr-defined] - kept for debugging, not shown
     return failure
+
+
+def _final_if_refused(error: LaunchError, receiver: AttemptReceiver) -> LaunchError:
+    """The attempt's failure, final when the driver refused a rank something no retry changes (its disk
+    failed, a cap): the rank's own ``REFUSED`` failure as it is, else the driver's reason (a function may
+    have caught the rank-side error and failed otherwise)."""
+    if receiver.refusal is None or is_final(error):
+        return error
+    return ReportRefusedError(f"{receiver.refusal} (the attempt then failed: {(str(error).splitlines() or [type(error).__name__])[0]})")

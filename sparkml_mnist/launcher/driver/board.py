@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from sparkml_mnist.launcher.channel import clean_line
 from sparkml_mnist.launcher.protocol import Heartbeat
 
 logger = logging.getLogger("sparkml_mnist.progress")
@@ -21,6 +23,9 @@ logger = logging.getLogger("sparkml_mnist.progress")
 DEFAULT_INTERVAL_S = 30.0  # plain lines, when nothing redraws in place
 LIVE_REFRESH_S = 0.5
 STRAGGLER_RATIO = 0.8  # a rank below this fraction of the fastest rank's step rate is a straggler
+# Unicode categories that move the cursor or reorder or hide text on a terminal: controls (tab included),
+# format characters (bidi overrides, zero-width), line and paragraph separators.
+UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 LiveDisplay = Callable[[list[str]], None]  # shows these lines in place (an empty list clears them)
 _live_display: LiveDisplay | None = None
@@ -57,13 +62,22 @@ class _Seen:
         return beat.fit_examples / seconds if seconds > 0 else None
 
 
+def one_line(text: str) -> str:
+    """What a rank sent (its label, its host) as it may stand in a console line: printable characters only.
+
+    ``clean_line`` leaves the tab and Unicode's invisible characters, which can still reorder or hide what
+    the board shows (a bidi override makes "rank 1" read backwards).
+    """
+    return "".join(char for char in clean_line(text) if unicodedata.category(char) not in UNPRINTABLE_CATEGORIES)
+
+
 class LiveBoard:
     """What every rank reported last; rendered as one line per rank."""
 
     def __init__(self, size: int, title: str = "", interval_s: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.size = size
-        self.title = title
+        self.title = one_line(title)
         self.interval_s = interval_s if interval_s is not None else DEFAULT_INTERVAL_S
         self._clock = clock
         self.ranks = [_Seen(Heartbeat()) for _ in range(size)]
@@ -72,11 +86,12 @@ class LiveBoard:
     def update(self, rank: int, beat: Heartbeat) -> None:
         with self._lock:
             done = beat.done or self.ranks[rank].beat.done  # a rank that said done stays done
-            self.ranks[rank] = _Seen(replace(beat, done=done), self._clock())
+            label = one_line(beat.label) if beat.label is not None else None
+            self.ranks[rank] = _Seen(replace(beat, done=done, label=label, host=one_line(beat.host)), self._clock())
 
     def task_started(self, rank: int, host: str) -> None:
         with self._lock:
-            self.ranks[rank].beat.host = host
+            self.ranks[rank].beat.host = one_line(host)
 
     def lines(self) -> list[str]:
         now = self._clock()

@@ -7,6 +7,7 @@ checked here first with a message that says what to change.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from sparkml_mnist.launcher.backends import horovod, jax, tf
 from sparkml_mnist.launcher.failures import PreflightError
 from sparkml_mnist.launcher.policy import FailurePolicy
 
@@ -45,6 +47,22 @@ def local_master_slots(master: str | None) -> int | None:
     return os.cpu_count() or 1 if threads == "*" else int(threads)
 
 
+def is_local_master(spark: SparkSession) -> bool:
+    """True on ``local``/``local[N]``/``local[*]``: every task runs on the driver's machine."""
+    return local_master_slots(spark_conf(spark, MASTER_CONF)) is not None
+
+
+def means_every_interface(address: str) -> bool:
+    """True for a bind address that listens on every interface: ``0.0.0.0``, ``::``, ``[::]``, empty."""
+    text = address.strip().strip("[]")
+    if not text:
+        return True
+    try:
+        return ipaddress.ip_address(text).is_unspecified
+    except ValueError:  # a host name: one address
+        return False
+
+
 def task_cpus(spark: SparkSession) -> int:
     return int(spark_conf(spark, TASK_CPUS_CONF, str(DEFAULT_TASK_CPUS)) or DEFAULT_TASK_CPUS)
 
@@ -62,7 +80,7 @@ def barrier_slots(spark: SparkSession) -> int | None:
 def check_barrier_run(spark: SparkSession, num_tasks: int, executor_wait_s: float = FailurePolicy.executor_wait_s) -> None:
     """Fail fast when ``num_tasks`` barrier tasks cannot all run at once on this cluster."""
     master = spark_conf(spark, MASTER_CONF) or ""
-    is_local = local_master_slots(master) is not None
+    is_local = is_local_master(spark)
     if not is_local and (spark_conf(spark, DYNAMIC_ALLOCATION_CONF, "false") or "").lower() == "true":
         raise PreflightError(
             f"{DYNAMIC_ALLOCATION_CONF} is true, and Spark's barrier mode (which runs all ranks at once) does "
@@ -85,27 +103,60 @@ def check_barrier_run(spark: SparkSession, num_tasks: int, executor_wait_s: floa
 # Spark settings that say the cluster's operators want its traffic encrypted or authenticated.
 SECURITY_CONFS = ("spark.authenticate", "spark.network.crypto.enabled", "spark.ssl.enabled", "spark.ssl.rpc.enabled")
 ACCEPT_RISK_CONF = "spark.sparkml_mnist.allowUnencryptedCollectives"
+_UNREADABLE = object()  # a conf this session refuses to read (Spark Connect hides the cluster's core settings)
+
+# What each backend's ranks listen on, unauthenticated and unencrypted (README "Security" has the table).
+BACKEND_LISTENERS = {
+    tf.NAME: "TensorFlow's gRPC server on each rank (every interface; it runs any graph it is sent)",
+    horovod.NAME: "Gloo's ports on each rank (the interface of HOROVOD_GLOO_IFACE)",
+    jax.NAME: "JAX's coordinator on rank 0 (every interface) and XLA's collectives (Gloo on CPU, NCCL on GPU)",
+}
+ANY_BACKEND_LISTENERS = "the collectives' servers on the ranks (TensorFlow's gRPC, Gloo, JAX's coordinator)"
 
 
-def check_secured_cluster(spark: SparkSession) -> str | None:
-    """Refuse to send collectives in clear on a cluster whose operators turned on Spark's security.
+def _security_conf(spark: SparkSession, key: str) -> object:
+    """``key``'s value, lower-cased ("false" when unset), or ``_UNREADABLE``."""
+    try:
+        value = spark.conf.get(key, "false")
+    except Exception:  # Spark Connect refuses some confs
+        return _UNREADABLE
+    return (value or "false").strip().lower()
 
-    The ranks' collective traffic (TensorFlow's gRPC, Gloo) is neither encrypted nor authenticated,
-    whatever Spark's own settings are. Returns a warning when the risk was accepted explicitly.
+
+def check_secured_cluster(spark: SparkSession, backend: str | None = None) -> str | None:
+    """Refuse to send collectives in clear on a cluster whose operators turned on Spark's security;
+    say once, on any other cluster, what the ranks listen on without authentication.
+
+    The ranks' collective traffic (TensorFlow's gRPC, Gloo, JAX) is neither encrypted nor authenticated,
+    whatever Spark's own settings are, and TensorFlow's and JAX's servers listen on every interface of
+    the ranks' hosts. Returns the one warning line to log (None: nothing to say, e.g. on a local master).
     """
-    enabled = [key for key in SECURITY_CONFS if (spark_conf(spark, key, "false") or "").strip().lower() == "true"]
-    if not enabled:
+    listeners = BACKEND_LISTENERS.get(backend or "", ANY_BACKEND_LISTENERS)
+    values = {key: _security_conf(spark, key) for key in SECURITY_CONFS}
+    enabled = [key for key, value in values.items() if value == "true"]
+    if enabled:
+        problem = (
+            f"this cluster has {', '.join(f'{key}=true' for key in enabled)}, but the ranks' collective traffic, "
+            f"through {listeners}, is neither encrypted nor authenticated: weights and gradients would cross the "
+            "network in clear"
+        )
+        if (spark_conf(spark, ACCEPT_RISK_CONF, "false") or "").strip().lower() == "true":
+            return f"{problem} ({ACCEPT_RISK_CONF}=true accepts that)"
+        raise PreflightError(
+            f"{problem}. Set {ACCEPT_RISK_CONF}=true to accept the risk (e.g. on a private network that the "
+            "cluster's policy isolates), or train where that is acceptable"
+        )
+    if is_local_master(spark):
         return None
-    problem = (
-        f"this cluster has {', '.join(f'{key}=true' for key in enabled)}, but the ranks' collective traffic "
-        "(TensorFlow gRPC, Gloo) is neither encrypted nor authenticated: weights and gradients would cross the "
-        "network in clear"
+    unreadable = [key for key, value in values.items() if value is _UNREADABLE]
+    state = (
+        f"Spark's security settings cannot be read from this session ({', '.join(unreadable)}; Spark Connect "
+        "hides them)" if unreadable else f"Spark's security is off ({', '.join(SECURITY_CONFS)} not true)"
     )
-    if (spark_conf(spark, ACCEPT_RISK_CONF, "false") or "").strip().lower() == "true":
-        return f"{problem} ({ACCEPT_RISK_CONF}=true accepts that)"
-    raise PreflightError(
-        f"{problem}. Set {ACCEPT_RISK_CONF}=true to accept the risk (e.g. on a private network that the "
-        "cluster's policy isolates), or train where that is acceptable"
+    return (
+        f"{state}, and the ranks open servers that accept connections without authentication: {listeners}. "
+        "Anyone who reaches the executors' hosts can connect to them while the run lasts; allow only the "
+        "cluster's own nodes to reach them (README, 'Security')"
     )
 
 

@@ -1,7 +1,7 @@
 """The driver's side of the channel for one attempt, and the package's logging of what ranks say.
 
 Every message a rank sends arrives here, parsed once: heartbeats go to the watchdog and the live
-board, reports to the run's reports, log lines to the ``sparkml_mnist.ranks`` logger, a rank's own
+board, reports and fetches to the attempt's receiver, log lines to the ``sparkml_mnist.ranks`` logger, a rank's own
 failure report is kept so the first failing rank is named.
 
 The package never adds a logging handler. As long as nobody configured logging (a notebook, a script
@@ -18,7 +18,7 @@ from typing import Any
 
 from sparkml_mnist.launcher.channel import Event, clean_line
 from sparkml_mnist.launcher.driver.board import LiveBoard
-from sparkml_mnist.launcher.driver.reports import RunReports
+from sparkml_mnist.launcher.driver.reports import AttemptReceiver
 from sparkml_mnist.launcher.driver.watchdog import Watchdog
 from sparkml_mnist.launcher.failures import RankFailedError, failure_from_event
 from sparkml_mnist.launcher.protocol import (
@@ -62,10 +62,10 @@ def rank_line(rank: int, stream: str, line: str) -> None:
 class AttemptEvents:
     """Dispatches one attempt's messages; keeps the earliest first step and the first rank failure."""
 
-    def __init__(self, watchdog: Watchdog, board: LiveBoard, reports: RunReports) -> None:
+    def __init__(self, watchdog: Watchdog, board: LiveBoard, receiver: AttemptReceiver) -> None:
         self.watchdog = watchdog
         self.board = board
-        self.reports = reports
+        self.receiver = receiver  # this attempt's reports and fetches: it answers only this attempt's ranks
         self.first_step_at: float | None = None
         self.first_failure: RankFailedError | None = None  # the first rank to report its own exception
 
@@ -85,9 +85,9 @@ class AttemptEvents:
         elif kind == LOG and event.get("stream") in STREAMS:
             rank_line(rank, event["stream"], clean_line(str(event.get("line", ""))))
         elif kind == REPORT:
-            return self.reports.receive(rank, event)
+            return self.receiver.receive(rank, event)
         elif kind == FETCH:
-            return self.reports.fetch(event)
+            return self.receiver.fetch(rank, event)
         elif kind == RANK_FAILED and self.first_failure is None:
             self.first_failure = failure_from_event(rank, event)
         return None

@@ -10,7 +10,11 @@ Two ways a checkpoint gets there (``launcher.checkpoints`` writes and checks the
 
 Either way the next attempt of a run, or ``--resume`` after the driver itself stopped, finds the
 latest good checkpoint of each key. A key names one of several things a run trains (the job: one key
-per variant); nothing is unpickled. Epochs only go up: an older checkpoint than the one kept is not taken.
+per variant); nothing is unpickled. Epochs only go up: a checkpoint older than the one kept is not taken,
+nor another one of the same epoch, and the checkpoints of one store are written one at a time, so a
+slower, older write can never remove or hide a newer one. A write that fails (a full disk, a folder
+turned read-only) raises a ``CheckpointError`` naming the folder and the OS's reason; it leaves no file
+of its own, and the previous checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import threading
 from pathlib import Path
 
-from sparkml_mnist.launcher.checkpoints import Checkpoint, CheckpointFiles
+from sparkml_mnist.launcher.checkpoints import Checkpoint, CheckpointError, CheckpointFiles, sha256_of
 from sparkml_mnist.launcher.protocol import DEFAULT_KEY, valid_key
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ class CheckpointStore:
         self.direct = direct
         self._latest: dict[str, Checkpoint | None] = {}
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # one put or record at a time: its epoch check and its write as one
 
     @property
     def location(self) -> str | None:
@@ -64,13 +69,28 @@ class CheckpointStore:
 
     def put(self, epoch: int, data: bytes, key: str = DEFAULT_KEY) -> Checkpoint | None:
         """Keep the bytes rank 0 sent as ``key``'s checkpoint after ``epoch`` epochs: on disk first (with
-        its sha256), then noted. The checkpoint kept, or None when it is older than the one kept."""
-        if self._older(key, epoch):
-            return None
-        checkpoint = self.files.write(key, epoch, data) if self.files is not None else Checkpoint(epoch, data)
-        with self._lock:
-            self._latest[key] = self._kept_form(checkpoint)
-        return checkpoint
+        its sha256), then noted. The checkpoint kept; the one already kept when these are the same bytes
+        again; None when it is older than the one kept (or another one of its epoch). A ``CheckpointError``
+        naming the folder and the reason when the disk refuses it (the previous one is kept)."""
+        with self._writing:
+            kept = self._not_newer(key, epoch, sha256_of(data))
+            if kept is not False:
+                return kept
+            if self.files is None:
+                checkpoint = Checkpoint(epoch, data)
+            else:
+                try:
+                    checkpoint = self.files.write(key, epoch, data)
+                except CheckpointError as error:
+                    raise CheckpointError(
+                        f"the driver cannot keep the checkpoint of {key or 'the run'} after epoch {epoch} in its "
+                        f"folder {self.location} ({error.reason}): free space there or make it writable, or give "
+                        "the run a checkpoint_dir (--checkpoint-dir) that rank 0 writes to itself",
+                        reason=error.reason,
+                    ) from None
+            with self._lock:
+                self._latest[key] = self._kept_form(checkpoint)
+            return checkpoint
 
     def record(self, key: str, checkpoint: Checkpoint) -> Checkpoint | None:
         """Note a checkpoint rank 0 wrote itself (direct); None when it is not one of this store's files
@@ -81,12 +101,14 @@ class CheckpointStore:
         if checkpoint.location != expected:
             logger.warning("a checkpoint reported at %s, not at %s; ignored", checkpoint.location, expected)
             return None
-        if self._older(key, checkpoint.epoch):
-            return None
-        kept = self.files.stored(checkpoint.epoch, checkpoint.location, checkpoint.sha256)
-        with self._lock:
-            self._latest[key] = kept
-        return kept
+        with self._writing:
+            kept = self._not_newer(key, checkpoint.epoch, checkpoint.sha256)
+            if kept is not False:
+                return kept
+            stored = self.files.stored(checkpoint.epoch, checkpoint.location, checkpoint.sha256)
+            with self._lock:
+                self._latest[key] = stored
+            return stored
 
     def epochs(self) -> dict[str, int]:
         """Every key's latest epoch (from memory, and from the files for keys not read yet). A direct store
@@ -100,13 +122,17 @@ class CheckpointStore:
         found = {key: self.latest(key) for key in sorted(keys)}
         return {key: checkpoint.epoch for key, checkpoint in found.items() if checkpoint is not None}
 
-    def _older(self, key: str, epoch: int) -> bool:
+    def _not_newer(self, key: str, epoch: int, sha256: str) -> Checkpoint | None | bool:
+        """False when a checkpoint after ``epoch`` epochs is newer than the one kept (it is to be kept);
+        else what to answer instead: the one kept when it holds these very bytes, None otherwise."""
         kept = self.latest(key)
-        if kept is not None and epoch < kept.epoch:
-            logger.warning("a checkpoint of %s after epoch %d came after the one after epoch %d; not taken",
-                           key or "the run", epoch, kept.epoch)
-            return True
-        return False
+        if kept is None or epoch > kept.epoch:
+            return False
+        if epoch == kept.epoch and (kept.sha256 or sha256_of(kept.data)) == sha256:
+            return kept  # the same checkpoint again (a report repeated): nothing to write
+        logger.warning("a checkpoint of %s after epoch %d came after the one after epoch %d; not taken",
+                       key or "the run", epoch, kept.epoch)
+        return None
 
     def _kept_form(self, checkpoint: Checkpoint | None) -> Checkpoint | None:
         """What memory holds: a file's location and sha256 (its bytes stay on disk), or the bytes themselves."""

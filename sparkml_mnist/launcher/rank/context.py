@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 from sparkml_mnist.errors import ConfigError, LaunchError
 from sparkml_mnist.launcher.backends import rank_backend
 from sparkml_mnist.launcher.checkpoints import CheckpointFiles
+from sparkml_mnist.launcher.failures import ReportRefusedError
 from sparkml_mnist.launcher.protocol import (
-    CHIEF_RANK, FETCH, REPORTED, Checkpoint, Heartbeat, checkpoint_from_frames, last_checkpoint_frame,
-    report_frames, valid_key,
+    CHIEF_RANK, FETCH, FETCH_FAILED, MAX_CHECKPOINT_BYTES, REPORT_FAILED, Checkpoint, Heartbeat, Message,
+    checkpoint_from_frames, fetch_answered, new_transfer_id, report_answered, report_frames, valid_key,
 )
 from sparkml_mnist.launcher.spec import RankSpec
 
@@ -39,6 +40,10 @@ def get_context() -> RankContext:
     if _current is None:
         raise LaunchError("get_context() is only available inside a function run by HorovodRunner.run()")
     return _current
+
+
+def _whose(key: str) -> str:
+    return repr(key) if key else "the run"
 
 
 def set_context(context: RankContext | None) -> None:
@@ -169,6 +174,10 @@ class RankContext:
         its bytes go to the driver (no shared filesystem is needed). ``key`` separates the things one
         run trains (up to 100 letters, digits, ``_.-``). Called with nothing, it only tells the watchdog
         this rank moved (no message is sent).
+
+        When the driver does not keep it, this raises: a ``ReportRefusedError`` (not retried) when no
+        retry can help (the driver's folder failed: full, not writable; a cap was reached), naming the
+        folder or the cap; else a ``LaunchError`` saying why (the attempt is retried).
         """
         with self._lock:
             self.heartbeat.progress += 1
@@ -184,10 +193,19 @@ class RankContext:
         files = self._checkpoint_files()
         if checkpoint is not None and files is not None and checkpoint.location is None:
             checkpoint = files.write(key, checkpoint.epoch, checkpoint.data)
-        frames = list(report_frames(key, metrics, checkpoint))
-        for frame in frames[:-1]:
-            channel.send(frame)
-        channel.request(frames[-1], lambda reply: reply.get("type") == REPORTED)
+        if checkpoint is not None and checkpoint.location is None and len(checkpoint.data) > MAX_CHECKPOINT_BYTES:
+            raise ReportRefusedError(
+                f"rank {self.rank}: the checkpoint of {_whose(key)} after epoch {checkpoint.epoch} holds "
+                f"{len(checkpoint.data)} bytes, over the MAX_CHECKPOINT_BYTES={MAX_CHECKPOINT_BYTES} the driver "
+                "takes over the channel: give the run a checkpoint_dir (rank 0 then writes it to storage itself) "
+                "or make the checkpoint smaller")
+        for frame in report_frames(key, metrics, checkpoint, new_transfer_id()):
+            if frame["seq"] + 1 < frame["total"]:
+                channel.send(frame)  # a chunk that does not leave is named in the driver's answer to the last
+                continue
+            answer = channel.request(frame, report_answered)[-1]
+            if answer.get("type") == REPORT_FAILED:
+                raise self._refused(f"the driver did not keep the report of {_whose(key)}", answer)
 
     def latest_checkpoint(self, key: str = "") -> Checkpoint | None:
         """The last checkpoint rank 0 reported under ``key`` in this run (an earlier attempt's), or None:
@@ -199,7 +217,10 @@ class RankContext:
                 raise LaunchError(f"latest_checkpoint({key!r}): the key takes up to 100 letters, digits, '_', '.' "
                                   "or '-'")
             return files.latest(key)
-        return checkpoint_from_frames(self._channel().request({"type": FETCH, "key": key}, last_checkpoint_frame))
+        frames = self._channel().request({"type": FETCH, "key": key}, fetch_answered)
+        if frames[-1].get("type") == FETCH_FAILED:
+            raise self._refused(f"the driver did not send the checkpoint of {_whose(key)}", frames[-1])
+        return checkpoint_from_frames(frames)
 
     def count_steps(self, steps: int = 1, examples: int | None = None) -> None:
         """Training steps taken (the launcher's Keras callbacks call this every batch): progress and rates."""
@@ -217,6 +238,12 @@ class RankContext:
         with self._lock:
             self.heartbeat.done = done
             return self.heartbeat.to_message()
+
+    def _refused(self, what: str, answer: Message) -> LaunchError:
+        """The error for a driver's failure answer: ``ReportRefusedError`` (final) or ``LaunchError``."""
+        reason = str(answer.get("reason") or "no reason given")
+        error = ReportRefusedError if answer.get("final") is True else LaunchError
+        return error(f"rank {self.rank}: {what}: {reason}")
 
     def _checkpoint_files(self) -> CheckpointFiles | None:
         location = self.spec.launch.checkpoint_dir

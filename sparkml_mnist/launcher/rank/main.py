@@ -10,6 +10,10 @@ TF_USE_LEGACY_KERAS in this process's environment.
 Protocol with the parent: when the function returned or raised, write ``record.json`` (and
 ``value.pkl``), write one byte to the status pipe, then wait until the parent closes stdin (all
 ranks finished: nobody leaves while others still drain collectives) and exit.
+
+Heartbeats go over a connection of their own: a report waiting for the driver's answer (a checkpoint
+being written on the driver) holds the function's connection, never the heartbeats, so the watchdog
+keeps hearing from the rank. That connection is also the one that notices a lost driver.
 """
 
 from __future__ import annotations
@@ -75,13 +79,14 @@ def main(workdir: Path) -> None:
     from sparkml_mnist.launcher import keras_flavour  # sets TF_USE_LEGACY_KERAS before anything imports TF
     from sparkml_mnist.launcher.rank import context as context_module
     from sparkml_mnist.launcher.channel import ChannelClient
-    from sparkml_mnist.launcher.failures import EXCEPTION, RankError, RankRecord, failure_event
+    from sparkml_mnist.launcher.failures import RankError, RankRecord, error_kind, failure_event
     from sparkml_mnist.launcher.protocol import Heartbeat
     from sparkml_mnist.launcher.spec import PARTITION_FILE, PAYLOAD_FILE, RECORD_FILE, VALUE_FILE, RankSpec
 
     spec = RankSpec.read(workdir)
     record = RankRecord(rank=spec.rank, host=spec.host, pid=os.getpid(), started_at=started_at)
-    client = ChannelClient(
+    client = ChannelClient(spec.launch.driver_host, spec.launch.driver_port, spec.rank, spec.channel_token)
+    beats = ChannelClient(  # its own connection: never waits behind a request of the function's
         spec.launch.driver_host, spec.launch.driver_port, spec.rank, spec.channel_token,
         give_up_after_s=spec.policy.driver_loss_timeout_s, on_lost=lambda reason: _abort(workdir, record, reason),
     )
@@ -93,7 +98,7 @@ def main(workdir: Path) -> None:
     context_module.set_context(context)
     finished = threading.Event()
     threading.Thread(
-        target=_heartbeats, args=(client, context, spec.policy.heartbeat_interval_s, finished), daemon=True
+        target=_heartbeats, args=(beats, context, spec.policy.heartbeat_interval_s, finished), daemon=True
     ).start()
 
     value_bytes = b""
@@ -107,8 +112,8 @@ def main(workdir: Path) -> None:
         value = function(**kwargs)
         value_bytes = cloudpickle.dumps(value) if spec.keep_value else cloudpickle.dumps(None)
     except BaseException as error:  # noqa: BLE001 - every failure must reach the driver with its traceback
-        record.error = RankError(
-            kind=EXCEPTION, error_type=type(error).__name__, message=str(error), traceback=traceback.format_exc(),
+        record.error = RankError(  # REFUSED (not retried) when the driver refused what no retry changes
+            kind=error_kind(error), error_type=type(error).__name__, message=str(error), traceback=traceback.format_exc(),
             steps=context.heartbeat.steps, progress=context.heartbeat.progress,
         )
         client.send(failure_event(spec.host, record.error))  # before the other ranks see this one go
@@ -133,6 +138,7 @@ def main(workdir: Path) -> None:
     if record.error is None:
         context.backend.shutdown()
     client.close()
+    beats.close()
     # Skip interpreter teardown: TensorFlow's runtime threads can make a normal exit slow or hang.
     os._exit(0)
 
