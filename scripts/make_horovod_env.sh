@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Horovod environment: a venv with TF 2.15, Horovod 0.28.1 (gloo, no MPI) and this package.
 #   bash scripts/make_horovod_env.sh [VENV]      (default: .venv-horovod beside this repository's setup.py)
-# Horovod ships only as source; the build takes ~6 minutes on 2 cores the first time and needs cmake and
+# Horovod ships only as source; the build takes ~2 minutes of compiling on 2 cores the first time and needs cmake and
 # g++. pip's wheel cache keeps the built wheel, so a later environment installs it in seconds.
 # One build at a time per VENV (a lock beside it): a second call waits for the first, then finds the
 # environment ready (a stamp of what it was built from) and returns at once. CI starts it in the
@@ -27,9 +27,20 @@ done
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip -q --disable-pip-version-check)
 "${pip[@]}" install -r "$repo/requirements/horovod-tf215.txt"
+# Horovod's setup.py configures CMake as RelWithDebInfo (-O2 -g); through this wrapper (HOROVOD_CMAKE) the
+# same -O2 without debug info: a fifth less compiling (161 against 204 CPU seconds measured) and a 1 MB
+# wheel instead of 16 MB.
+real_cmake="$(command -v cmake)"
+wrapper_dir="$(mktemp -d)"
+trap 'rm -rf "$wrapper_dir"' EXIT
+printf '%s\n' '#!/bin/sh' \
+  "case \" \$* \" in *\" --build \"*|*\" --version \"*) exec \"$real_cmake\" \"\$@\" ;; esac" \
+  "exec \"$real_cmake\" \"\$@\" -DCMAKE_CXX_FLAGS_RELWITHDEBINFO='-O2 -DNDEBUG' -DCMAKE_C_FLAGS_RELWITHDEBINFO='-O2 -DNDEBUG'" \
+  > "$wrapper_dir/cmake"
+chmod +x "$wrapper_dir/cmake"
 # --no-build-isolation: Horovod's build imports the TF installed above to find its headers and ABI.
-HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 \
-HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}" \
+HOROVOD_CMAKE="$wrapper_dir/cmake" HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}" \
   "${pip[@]}" install --no-build-isolation -c "$repo/requirements/horovod-tf215.txt" "horovod==0.28.1"
 "${pip[@]}" install -c "$repo/requirements/horovod-tf215.txt" -e "$repo"
 # The check the backend itself makes (Horovod's TensorFlow ops built, TF <= 2.15), then a real import.

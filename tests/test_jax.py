@@ -8,6 +8,7 @@ test module.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from sparkml_mnist import HorovodRunner
 
 from sparkml_mnist.cli import commands as cli
 from sparkml_mnist.launcher.backends import jax as jax_backend
-from sparkml_mnist.launcher.failures import RankFailedError
 from sparkml_mnist.launcher.policy import FailurePolicy
 from sparkml_mnist.launcher.spec import LaunchSpec, RankSpec
 from sparkml_mnist.errors import ConfigError
@@ -150,36 +150,75 @@ def test_jit_compile_is_not_refused_under_jax_which_always_compiles() -> None:
         check_xla(variant, Placement(size=2, on_driver=False, backend="tf"), on_gpus=False)
 
 
-@pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
-def test_a_plain_keras3_function_trains_data_parallel(spark, np_: int) -> None:
-    records = HorovodRunner(np=np_, spark=spark, backend="jax").run_all(global_batch_main, epochs=EPOCHS).records
-    first, second = (record.value for record in records)
+def tour_main(context: Any, epochs: int, refusals: bool) -> dict[str, Any]:
+    """One launch, several plain Keras 3 programs in a row (each rank's JAX starts once, the costly part):
+    global-batch fit, the refusals (unequal steps, a seed per rank) with their messages, own shards with
+    auto-sharding off, and a checkpoint round trip. The refusals are raised on every rank together (after
+    an all-gather, or JAX's own layout check), so the ranks can go on with the next program."""
+    from sparkml_mnist.errors import LaunchError
+
+    found: dict[str, Any] = {"global_batch": global_batch_main(epochs)}
+    if refusals:
+        for name, program in (("unequal_steps", lambda: unequal_steps_main(context)), ("seed_per_rank", seed_per_rank_main)):
+            try:
+                found[name] = program()
+            except LaunchError as error:
+                found[name] = f"LaunchError: {error}"
+        found["checkpoint"] = checkpoint_round_trip_main(context)
+    found["own_shard"] = own_shard_main(epochs)  # last: it sets a distribution without auto-sharding
+    return found
+
+
+def launch_tour(spark: Any, np_: int) -> list[dict[str, Any]]:
+    """Each rank's values of ``tour_main``; the refusals and the checkpoint round trip only in barrier tasks."""
+    runner = HorovodRunner(np=np_, spark=spark, backend="jax", policy=FailurePolicy(progress_timeout_s=SAFETY_TIMEOUT_S))
+    return [record.value for record in runner.run_all(tour_main, epochs=EPOCHS, refusals=np_ > 0).records]
+
+
+@pytest.fixture(scope="module")
+def barrier_tour(spark) -> list[dict[str, Any]]:
+    return launch_tour(spark, 2)
+
+
+@pytest.fixture(scope="module")
+def driver_tour(spark) -> list[dict[str, Any]]:
+    return launch_tour(spark, -2)
+
+
+@pytest.fixture(params=["barrier", "driver"])
+def tour(request) -> list[dict[str, Any]]:
+    """Both placements: Spark barrier tasks (np=2) and processes of the driver (np=-2)."""
+    return request.getfixturevalue(f"{request.param}_tour")
+
+
+def test_a_plain_keras3_function_trains_data_parallel(tour) -> None:
+    first, second = (rank["global_batch"] for rank in tour)
     assert first["backend"] == "jax" and first["legacy"] == "0" and first["tf_keras"].startswith("keras")
     assert first["steps"] == second["steps"] == ROWS // GLOBAL_BATCH  # global-batch semantics: B rows a step in all
     assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))
     assert first["loss"] == second["loss"] and first["loss"][-1] < first["loss"][0]
 
 
-@pytest.mark.parametrize("np_", [2, -2], ids=["barrier", "driver"])
-def test_own_shards_with_auto_sharding_off_train_together(spark, np_: int) -> None:
-    records = HorovodRunner(np=np_, spark=spark, backend="jax").run_all(own_shard_main, epochs=EPOCHS).records
-    first, second = (record.value for record in records)
+def test_own_shards_with_auto_sharding_off_train_together(tour) -> None:
+    first, second = (rank["own_shard"] for rank in tour)
     assert first["first_row"] != second["first_row"]  # different rows on each rank...
     assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))  # ...one model
     loss = first["history"]["loss"]
     assert loss[-1] < loss[0] and len(first["history"]["val_loss"]) == EPOCHS
 
 
-def test_unequal_steps_are_refused_before_training(spark) -> None:
-    runner = HorovodRunner(np=-2, spark=spark, backend="jax", policy=FailurePolicy(progress_timeout_s=SAFETY_TIMEOUT_S))
-    with pytest.raises(RankFailedError, match=r"different numbers of steps \(rank 0: 4, rank 1: 3\)"):
-        runner.run(unequal_steps_main)
+def test_unequal_steps_are_refused_before_training(barrier_tour) -> None:
+    """On every rank, before the dataset is built (``unequal_steps_main`` fails if it is); a rank's
+    LaunchError reaching the driver as RankFailedError is the launcher's own test (test_distributed_runner)."""
+    for rank in barrier_tour:
+        assert re.search(r"LaunchError: rank \d: the ranks would run different numbers of steps \(rank 0: 4, rank 1: 3\)",
+                         rank["unequal_steps"]), rank["unequal_steps"]
 
 
-def test_a_seed_per_rank_is_a_clear_error(spark) -> None:
-    runner = HorovodRunner(np=-2, spark=spark, backend="jax", policy=FailurePolicy(progress_timeout_s=SAFETY_TIMEOUT_S))
-    with pytest.raises(RankFailedError, match=r"initial value differs between the ranks.*same seed on every rank"):
-        runner.run(seed_per_rank_main)
+def test_a_seed_per_rank_is_a_clear_error(barrier_tour) -> None:
+    for rank in barrier_tour:
+        assert re.search(r"LaunchError: .*initial value differs between the ranks.*same seed on every rank",
+                         rank["seed_per_rank"]), rank["seed_per_rank"]
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +292,9 @@ def checkpoint_round_trip_main(context: Any) -> dict[str, Any]:
     }
 
 
-def test_a_checkpoint_restores_a_keras3_model_and_its_optimizer(spark) -> None:
+def test_a_checkpoint_restores_a_keras3_model_and_its_optimizer(barrier_tour) -> None:
     """What a retried jax attempt resumes from: weights and the optimizer's step and moments."""
-    runner = HorovodRunner(np=-2, spark=spark, backend="jax", policy=FailurePolicy(progress_timeout_s=SAFETY_TIMEOUT_S))
-    first, second = runner.run_all(checkpoint_round_trip_main).records
-    for value in (first.value, second.value):
+    for rank in barrier_tour:
+        value = rank["checkpoint"]
         assert value["keras"].startswith("3.") and value["weights"] and value["optimizer"]
         assert value["iterations"] == 2 and value["optimizer_variables"] > 2  # 32 rows, 16 a step; rate, moments

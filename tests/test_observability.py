@@ -188,14 +188,44 @@ def test_an_unreachable_tracking_server_is_a_warning_and_the_report_is_written(t
 # -- live progress ----------------------------------------------------------------------------------
 
 
-def test_the_driver_sees_every_ranks_steps_and_logs_them_now_and_then(spark, caplog, monkeypatch) -> None:
+class Keep(logging.Handler):
+    """What a library user's handler receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def watched_run(spark) -> tuple[Any, list[logging.LogRecord], list[logging.LogRecord]]:
+    """``keras_main`` at np=2, with a library user's handlers on the progress logger (lines every second)
+    and on the ranks' logger: (the run's result, progress records, rank line records)."""
     from sparkml_mnist.launcher.driver import board
 
-    caplog.set_level(logging.INFO, logger="sparkml_mnist.progress")
-    monkeypatch.setattr(board, "DEFAULT_INTERVAL_S", 1.0)
-    outcome = HorovodRunner(np=2, spark=spark).run_all(keras_main)
+    loggers = [logging.getLogger(name) for name in ("sparkml_mnist.progress", "sparkml_mnist.ranks")]
+    handlers = [Keep(), Keep()]
+    before = [logger.level for logger in loggers]
+    for logger, handler in zip(loggers, handlers):
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(board, "DEFAULT_INTERVAL_S", 1.0)
+            outcome = HorovodRunner(np=2, spark=spark).run_all(keras_main)
+    finally:
+        for logger, handler, level in zip(loggers, handlers, before):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    return outcome, handlers[0].records, handlers[1].records
+
+
+def test_the_driver_sees_every_ranks_steps_and_logs_them_now_and_then(watched_run) -> None:
+    outcome, progress, _ = watched_run
     records = outcome.records
-    lines = [r.getMessage() for r in caplog.records if r.name == "sparkml_mnist.progress"]
+    lines = [r.getMessage() for r in progress]
     for rank in (0, 1):
         steps = [int(line.split("step ")[1].split()[0]) for line in lines if f"rank {rank} (" in line and "step " in line]
         assert len(steps) >= 2 and steps == sorted(steps), lines  # periodic, in order
@@ -220,7 +250,7 @@ def test_the_board_names_a_straggler_and_renders_one_line_per_rank() -> None:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_a_terminal_shows_the_ranks_lines_updating_in_place(tmp_path: Path) -> None:
     session = f"sparkml-mnist-{os.getpid()}"
-    command = (f"{sys.executable} -m sparkml_mnist.cli train --variant variant3 --epochs 2 --np 2 "
+    command = (f"{sys.executable} -m sparkml_mnist.cli train --variant variant3 --epochs 1 --np 2 "
                f"--output {tmp_path / 'out'}; echo EXIT=$?; sleep 600")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command], check=True)
     screens = []
@@ -266,21 +296,8 @@ def test_verbose_shows_tensorflows_notices_and_times(trained_run) -> None:
     assert " sparkml_mnist.job.run: reading and checking " in trained_run.stderr  # time and logger name at -v
 
 
-def test_a_library_users_handler_gets_rank_lines_with_the_rank(spark) -> None:
-    received: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            received.append(record)
-
-    logger = logging.getLogger("sparkml_mnist.ranks")
-    handler = Keep()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        HorovodRunner(np=-2, spark=spark).run(keras_main)
-    finally:
-        logger.removeHandler(handler)
+def test_a_library_users_handler_gets_rank_lines_with_the_rank(watched_run) -> None:
+    _, _, received = watched_run
     epochs = [r for r in received if r.getMessage().startswith("epoch ")]
     assert len(epochs) == EPOCHS and all(r.rank == 0 and r.stream == "log" for r in epochs)
 
