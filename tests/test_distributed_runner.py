@@ -104,6 +104,9 @@ def crashing_main(pid_dir: str) -> None:
     write_pid(pid_dir)
     Path(pid_dir, f"workdir{get_context().rank}").write_text(sys.argv[-1])  # the task's folder for this rank
     if get_context().rank == 1:
+        deadline = time.monotonic() + GONE_WAIT_S  # crash only once rank 0 has written its folder's name
+        while not Path(pid_dir, "workdir0").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         sys.stderr.write("rank one about to crash\n")
         sys.stderr.flush()
         os._exit(7)

@@ -119,6 +119,7 @@ def test_each_rank_is_told_keras3_on_jax_and_rank_zeros_address() -> None:
     env = jax_backend.JaxDriverBackend().environment(spec_for(1, threads=1))
     assert env["KERAS_BACKEND"] == "jax" and env["TF_USE_LEGACY_KERAS"] == "0" and env["SPARKML_MNIST_KERAS"] == "3"
     assert env["KERAS_DISTRIBUTION_JOB_ADDRESSES"] == "127.0.0.1:5000"  # rank 0: JAX's coordinator
+    assert env["JAX_COORDINATOR_BIND_ADDRESS"] == "127.0.0.1:5000"  # listening there only, not on every interface
     assert (env["KERAS_DISTRIBUTION_NUM_PROCESSES"], env["KERAS_DISTRIBUTION_PROCESS_ID"]) == ("2", "1")
     assert env["JAX_PLATFORMS"] == "cpu" and "--xla_cpu_multi_thread_eigen=false" in env["XLA_FLAGS"]
     on_gpu = jax_backend.JaxDriverBackend().environment(spec_for(0, gpus=["3"], threads=1))
@@ -158,6 +159,14 @@ def tour_main(context: Any, epochs: int, refusals: bool) -> dict[str, Any]:
     from sparkml_mnist.errors import LaunchError
 
     found: dict[str, Any] = {"global_batch": global_batch_main(epochs)}
+    if context.rank == 0:  # JAX's coordination service runs in rank 0 since the distribution was set up
+        import os
+        import socket
+
+        from test_security import listeners
+
+        host, port = os.environ["KERAS_DISTRIBUTION_JOB_ADDRESSES"].rsplit(":", 1)
+        found["coordinator"] = {"address": socket.gethostbyname(host), "listeners": sorted(listeners(int(port)))}
     if refusals:
         for name, program in (("unequal_steps", lambda: unequal_steps_main(context)), ("seed_per_rank", seed_per_rank_main)):
             try:
@@ -205,6 +214,12 @@ def test_own_shards_with_auto_sharding_off_train_together(tour) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(first["weights"], second["weights"]))  # ...one model
     loss = first["history"]["loss"]
     assert loss[-1] < loss[0] and len(first["history"]["val_loss"]) == EPOCHS
+
+
+def test_jaxs_coordinator_listens_on_rank_zeros_address_only(tour) -> None:
+    """Not on every interface (JAX's default, ``[::]``): JAX_COORDINATOR_BIND_ADDRESS is rank 0's address."""
+    coordinator = tour[0]["coordinator"]
+    assert coordinator["listeners"] == [coordinator["address"]], coordinator
 
 
 def test_unequal_steps_are_refused_before_training(barrier_tour) -> None:

@@ -200,14 +200,14 @@ def test_a_fresh_state_folder_is_0700_even_under_a_permissive_umask(tmp_path: Pa
 
 def test_on_a_filesystem_without_owners_and_modes_the_state_folder_is_used(tmp_path: Path, monkeypatch) -> None:
     """A FUSE mount reporting fixed attributes (DBFS, UC volumes: 0777) does not keep the mode: not refused."""
-    from sparkml_mnist.job import state as state_module
+    from sparkml_mnist.job import state_folder as folder_checks
 
     output = tmp_path / "out"
     RunState.claim(output, load_run("sample")).release()
     state_folder(output).chmod(0o777)
     with pytest.raises(ConfigError, match="open to other users"):
         stored_run(output)
-    monkeypatch.setattr(state_module, "_keeps_owners_and_modes", lambda folder: False)
+    monkeypatch.setattr(folder_checks, "keeps_owners_and_modes", lambda folder: False)
     assert stored_run(output).name == "sample"
 
 

@@ -8,6 +8,7 @@ its guard is removed (no hello check, no frame cap, no connection cap, binding e
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -90,8 +91,10 @@ def listeners(port: int) -> set[str]:
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
                 if width == 8:
                     found.add(socket.inet_ntoa(struct.pack("<I", int(address, 16))))
-                else:
-                    found.add("::" if int(address, 16) == 0 else address)
+                else:  # four little-endian words; an IPv4-mapped address (::ffff:a.b.c.d) as its IPv4 form
+                    packed = b"".join(struct.pack("<I", int(address[i:i + 8], 16)) for i in range(0, 32, 8))
+                    ip = ipaddress.IPv6Address(packed)
+                    found.add(str(ip.ipv4_mapped or ip))
     return found
 
 
@@ -251,7 +254,7 @@ class _ConnectConf:
 
 @pytest.mark.parametrize("backend, listeners", [
     ("tf", "TensorFlow's gRPC server on each rank (every interface"),
-    ("jax", "JAX's coordinator on rank 0 (every interface) and XLA's collectives"),
+    ("jax", "JAX's coordinator on rank 0 (its address) and XLA's collectives"),
     ("horovod", "Gloo's ports on each rank"),
     (None, "TensorFlow's gRPC, Gloo, JAX's coordinator"),
 ])

@@ -19,15 +19,12 @@ inputs, are kept apart in credentials.json (0600), only when there are any, and 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
-import stat
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +37,9 @@ from sparkml_mnist.errors import ConfigError, SparkMnistError
 from sparkml_mnist.redact import redact_all
 from sparkml_mnist.report import VariantResult
 from sparkml_mnist.report.folder import remove_leftovers
+from sparkml_mnist.job.state_folder import (
+    StateError, entry, open_file, open_folder, read_json, write_json,
+)
 
 STATE_SUFFIX = ".state"
 LOCK_FILE = ".lock"
@@ -53,20 +53,8 @@ CHECKPOINTS_KEY = "checkpoints"  # state.json: this run's folder under its check
 MASKED_KEY = "masked"  # state.json: the settings shown masked ("run.train", "checkpoints"); credentials.json has them
 RUN_ID_CHARS = 12  # names this run's folder under a checkpoint_dir shared by several runs
 RESUMED = " (resumed)"
-PRIVATE_FOLDER_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
-SHARED_BITS = 0o077  # group and other permission bits: the state folder has none
 HOLDER_BYTES = 200  # the lock file names the run holding it: "pid N on HOST"
-PROBE_MARKER = ".probe-"  # a folder made beside the state for a moment: does this filesystem keep owners and modes?
-_PROBE_HEX_BYTES = 4
-_NO_LINKS = os.O_NOFOLLOW | os.O_CLOEXEC
-_NO_WAIT = os.O_NONBLOCK  # a FIFO where a file should be must not hang the open (its type is checked after)
-_LINK_ERRNOS = (errno.ELOOP, errno.EMLINK)  # open(O_NOFOLLOW) of a link (EMLINK on the BSDs)
 _PARTIAL_FILE = re.compile(rf"^\..+{re.escape(PARTIAL_SUFFIX)}$")  # ".<name>.partial": a write cut short
-
-
-class StateError(SparkMnistError):
-    """The run's state cannot be written or read (disk full, permissions); says what to change."""
 
 
 def state_folder(output: Path) -> Path:
@@ -74,148 +62,15 @@ def state_folder(output: Path) -> Path:
     return output.parent / f".{output.name}{STATE_SUFFIX}"
 
 
-# -- the folder and its files, checked ------------------------------------------------------------
-
-
-def _not_yours(folder: Path, path: Path, problem: str) -> ConfigError:
-    """A state folder (or a file in it) this run must not use: one line saying what to do."""
-    return ConfigError(f"{path}: {problem}, so it is not used (another user may have planted it); remove {folder}, "
-                       "or choose another --output")
-
-
-def _keeps_owners_and_modes(folder: Path) -> bool:
-    """Whether a folder made beside the state ``folder`` shows this user as its owner and mode 0700.
-
-    Not on a FUSE mount that reports fixed attributes (DBFS, Unity Catalog volumes on Databricks), where
-    access is the platform's business: there, owners and modes say nothing and are not checked.
-    """
-    probe = folder.with_name(f"{folder.name}{PROBE_MARKER}{secrets.token_hex(_PROBE_HEX_BYTES)}")
-    try:
-        os.mkdir(probe, PRIVATE_FOLDER_MODE)
-    except OSError:
-        return True  # cannot tell: keep the checks
-    try:
-        try:
-            os.chmod(probe, PRIVATE_FOLDER_MODE)
-        except OSError:
-            pass
-        info = os.lstat(probe)
-        return info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == PRIVATE_FOLDER_MODE
-    finally:
-        try:
-            os.rmdir(probe)
-        except OSError:
-            pass
-
-
-def _check_owned(folder: Path, path: Path, info: os.stat_result) -> None:
-    """``path`` (the state ``folder`` or a file in it) is this user's, and the folder open to nobody else,
-    where the filesystem keeps owners and modes."""
-    is_folder = path == folder
-    foreign = info.st_uid != os.getuid()
-    shared = is_folder and stat.S_IMODE(info.st_mode) & SHARED_BITS
-    if not (foreign or shared):
-        return
-    if not _keeps_owners_and_modes(folder):
-        return
-    if foreign:
-        what = "the run's state folder" if is_folder else "a file in the run's state"
-        raise _not_yours(folder, path, f"{what} belongs to another user (uid {info.st_uid}), not to uid {os.getuid()}")
-    mode = stat.S_IMODE(info.st_mode)
-    raise ConfigError(f"{path}: the run's state folder is open to other users (mode {mode:04o}, this tool makes it "
-                      f"{PRIVATE_FOLDER_MODE:04o}); if its contents are yours, `chmod {PRIVATE_FOLDER_MODE:o} {path}` "
-                      "and run again, else remove it or choose another --output")
-
-
-def _open_folder(folder: Path, create: bool) -> int | None:
-    """The state folder, opened without following a link and checked (None: there is none and ``create`` is False)."""
-    created = False
-    if create:
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(folder, PRIVATE_FOLDER_MODE)
-            created = True
-        except FileExistsError:
-            pass
-        except OSError as error:
-            raise StateError(f"cannot create the run's state folder {folder} ({error.strerror}); "
-                             "choose an --output on a writable disk") from None
-    try:
-        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | _NO_LINKS)
-    except FileNotFoundError:
-        if create:
-            raise StateError(f"{folder}: the run's state folder vanished while it was being made; run again") from None
-        return None
-    except OSError as error:
-        if error.errno in (errno.ENOTDIR, *_LINK_ERRNOS):
-            raise _not_yours(folder, folder, "the run's state folder is a link or not a folder") from None
-        raise StateError(f"cannot open the run's state folder {folder} ({error.strerror}); fix its permissions, "
-                         "or choose another --output") from None
-    try:
-        if created:
-            try:
-                os.fchmod(descriptor, PRIVATE_FOLDER_MODE)  # the umask may have taken bits away: exactly 0700
-            except OSError:
-                pass  # a filesystem without modes: checked below
-        _check_owned(folder, folder, os.fstat(descriptor))
-    except BaseException:
-        os.close(descriptor)
-        raise
-    return descriptor
-
-
-def _entry(folder_fd: int, folder: Path, name: str) -> os.stat_result | None:
-    """A file of the state as it is (never through a link), checked: a plain file of this user's, or None."""
-    try:
-        info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(info.st_mode):
-        raise _not_yours(folder, folder / name, "a link or not a plain file where the run's state keeps a file")
-    _check_owned(folder, folder / name, info)
-    return info
+# -- the state's own files ---------------------------------------------------------------------
 
 
 def _check_entries(folder_fd: int, folder: Path) -> bool:
     """The state's own files are plain files of this user's (a link or another's is refused); whether
     state.json is there (an unfinished run)."""
-    _entry(folder_fd, folder, LOCK_FILE)
-    _entry(folder_fd, folder, CREDENTIALS_FILE)
-    return _entry(folder_fd, folder, STATE_FILE) is not None
-
-
-def _open_file(folder_fd: int, folder: Path, name: str, flags: int) -> int:
-    """``name`` under the state folder, opened relative to it and never through a link, then checked."""
-    try:
-        descriptor = os.open(name, flags | _NO_LINKS | _NO_WAIT, PRIVATE_FILE_MODE, dir_fd=folder_fd)
-    except OSError as error:
-        if error.errno in _LINK_ERRNOS:
-            raise _not_yours(folder, folder / name, "a link where the run's state keeps a file") from None
-        raise
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise _not_yours(folder, folder / name, "not a plain file where the run's state keeps a file")
-        _check_owned(folder, folder / name, info)
-    except BaseException:
-        os.close(descriptor)
-        raise
-    return descriptor
-
-
-def _read_json(folder_fd: int, folder: Path, name: str) -> Any:
-    with os.fdopen(_open_file(folder_fd, folder, name, os.O_RDONLY), "rb") as file:
-        return json.loads(file.read().decode("utf-8"))
-
-
-def _write_json(folder_fd: int, folder: Path, name: str, document: Any) -> None:
-    """``name`` (relative to the state folder) replaced in one step: written under ``.<name>.partial`` first."""
-    head, _, tail = name.rpartition("/")
-    partial = f"{head}/.{tail}{PARTIAL_SUFFIX}" if head else f".{tail}{PARTIAL_SUFFIX}"
-    descriptor = _open_file(folder_fd, folder, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write((json.dumps(document, indent=1, default=str) + "\n").encode("utf-8"))
-    os.replace(partial, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    entry(folder_fd, folder, LOCK_FILE)
+    entry(folder_fd, folder, CREDENTIALS_FILE)
+    return entry(folder_fd, folder, STATE_FILE) is not None
 
 
 # -- state.json: the run's settings, masked -------------------------------------------------------
@@ -265,12 +120,12 @@ def _state_document(folder_fd: int, folder: Path, output: Path) -> dict[str, Any
     """state.json, with the values it shows masked put back from credentials.json."""
     path = folder / STATE_FILE
     try:
-        document = _read_json(folder_fd, folder, STATE_FILE)
+        document = read_json(folder_fd, folder, STATE_FILE)
         if not isinstance(document, dict) or not isinstance(document.get("run"), dict):
             raise ValueError("no run settings in it")
         if document.get(MASKED_KEY):
             try:
-                hidden = _read_json(folder_fd, folder, CREDENTIALS_FILE)
+                hidden = read_json(folder_fd, folder, CREDENTIALS_FILE)
             except FileNotFoundError:
                 raise ValueError(f"its {CREDENTIALS_FILE}, with the settings it shows masked, is missing") from None
             document = _unmasked(document, hidden)
@@ -285,7 +140,7 @@ def _state_document(folder_fd: int, folder: Path, output: Path) -> dict[str, Any
 
 def _stored_state(output: Path) -> dict[str, Any]:
     folder = state_folder(output)
-    folder_fd = _open_folder(folder, create=False)
+    folder_fd = open_folder(folder, create=False)
     if folder_fd is None:
         raise ConfigError(f"{output}: there is no unfinished run to resume (no {folder / STATE_FILE})")
     try:
@@ -317,7 +172,7 @@ def check_state_folder(output: Path) -> None:
     Reads nothing in it and changes nothing: a planted one is refused before Spark starts.
     """
     folder = state_folder(output)
-    folder_fd = _open_folder(folder, create=False)
+    folder_fd = open_folder(folder, create=False)
     if folder_fd is None:
         return
     try:
@@ -341,7 +196,7 @@ class RunState:
         its state folder is not this user's own). Leftovers of killed runs into ``output`` are then removed."""
         folder = state_folder(output)
         missing = ConfigError(f"{output}: there is no unfinished run to resume (no {folder / STATE_FILE})")
-        folder_fd = _open_folder(folder, create=not resume)
+        folder_fd = open_folder(folder, create=not resume)
         if folder_fd is None:
             raise missing
         try:
@@ -349,7 +204,7 @@ class RunState:
             if resume and not existed:
                 raise missing
             try:
-                lock_fd = _open_file(folder_fd, folder, LOCK_FILE, os.O_CREAT | os.O_RDWR)
+                lock_fd = open_file(folder_fd, folder, LOCK_FILE, os.O_CREAT | os.O_RDWR)
             except OSError as error:
                 raise StateError(f"cannot create the run's state folder {folder} ({error.strerror}); "
                                  "choose an --output on a writable disk") from None
@@ -398,7 +253,7 @@ class RunState:
             self.checkpoint_location = self._stored_checkpoints(output)
         if existed and overwrite and not resume:
             self._clear()
-        if _entry(self._folder_fd, folder, STATE_FILE) is not None:
+        if entry(self._folder_fd, folder, STATE_FILE) is not None:
             return
         if run.checkpoint_dir is not None:
             run_id = f"{output.absolute().name}-{uuid.uuid4().hex[:RUN_ID_CHARS]}"
@@ -407,8 +262,8 @@ class RunState:
                                          CHECKPOINTS_KEY: self.checkpoint_location})
         try:
             if hidden:  # first: a state.json that names masked settings always has them here
-                _write_json(self._folder_fd, folder, CREDENTIALS_FILE, hidden)
-            _write_json(self._folder_fd, folder, STATE_FILE, {**masked, MASKED_KEY: names})
+                write_json(self._folder_fd, folder, CREDENTIALS_FILE, hidden)
+            write_json(self._folder_fd, folder, STATE_FILE, {**masked, MASKED_KEY: names})
         except OSError as error:
             raise StateError(f"cannot write the run's state in {folder} ({error.strerror}); choose an "
                              "--output on a writable disk with free space") from None
@@ -452,7 +307,7 @@ class RunState:
         """A variant an earlier attempt of this run finished (result and model kept), else None."""
         folder = self.variant_folder(name)
         try:
-            saved = _read_json(self._folder_fd, self.folder, f"{VARIANTS_DIR}/{name}/{RESULT_FILE}")
+            saved = read_json(self._folder_fd, self.folder, f"{VARIANTS_DIR}/{name}/{RESULT_FILE}")
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
@@ -474,7 +329,7 @@ class RunState:
                     shutil.move(str(source), destination)
                 kept.append(destination)
             result.model_files = kept
-            _write_json(self._folder_fd, self.folder, f"{VARIANTS_DIR}/{result.name}/{RESULT_FILE}",
+            write_json(self._folder_fd, self.folder, f"{VARIANTS_DIR}/{result.name}/{RESULT_FILE}",
                         {"result": result.to_dict(), "model_files": [p.name for p in kept]})
         except OSError as error:
             raise StateError(f"cannot keep variant {result.name!r} in {folder} ({error.strerror}); free space or "

@@ -36,6 +36,7 @@ KERAS_BACKEND = "jax"
 COORDINATOR_RANK = 0
 # Keras's own variables for keras.distribution.initialize() (keras/src/distribution/distribution_lib.py)
 JOB_ADDRESSES_ENV = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
+COORDINATOR_BIND_ENV = "JAX_COORDINATOR_BIND_ADDRESS"  # read by jax.distributed.initialize
 NUM_PROCESSES_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"
 PROCESS_ID_ENV = "KERAS_DISTRIBUTION_PROCESS_ID"
 JAX_PLATFORMS_ENV = "JAX_PLATFORMS"
@@ -87,6 +88,8 @@ class JaxDriverBackend(DriverBackend):
         env = {
             **keras_flavour.keras3_environment(KERAS_BACKEND),
             JOB_ADDRESSES_ENV: spec.addresses[COORDINATOR_RANK],  # rank 0 hosts JAX's coordination service
+            # ...bound to that address only: JAX's default binds every interface ("[::]:<port>")
+            COORDINATOR_BIND_ENV: spec.addresses[COORDINATOR_RANK],
             NUM_PROCESSES_ENV: str(spec.size),
             PROCESS_ID_ENV: str(spec.rank),
         }

@@ -109,7 +109,7 @@ _UNREADABLE = object()  # a conf this session refuses to read (Spark Connect hid
 BACKEND_LISTENERS = {
     tf.NAME: "TensorFlow's gRPC server on each rank (every interface; it runs any graph it is sent)",
     horovod.NAME: "Gloo's ports on each rank (the interface of HOROVOD_GLOO_IFACE)",
-    jax.NAME: "JAX's coordinator on rank 0 (every interface) and XLA's collectives (Gloo on CPU, NCCL on GPU)",
+    jax.NAME: "JAX's coordinator on rank 0 (its address) and XLA's collectives (Gloo on CPU, NCCL on GPU)",
 }
 ANY_BACKEND_LISTENERS = "the collectives' servers on the ranks (TensorFlow's gRPC, Gloo, JAX's coordinator)"
 
@@ -128,8 +128,8 @@ def check_secured_cluster(spark: SparkSession, backend: str | None = None) -> st
     say once, on any other cluster, what the ranks listen on without authentication.
 
     The ranks' collective traffic (TensorFlow's gRPC, Gloo, JAX) is neither encrypted nor authenticated,
-    whatever Spark's own settings are, and TensorFlow's and JAX's servers listen on every interface of
-    the ranks' hosts. Returns the one warning line to log (None: nothing to say, e.g. on a local master).
+    whatever Spark's own settings are, and TensorFlow's servers listen on every interface of the ranks'
+    hosts. Returns the one warning line to log (None: nothing to say, e.g. on a local master).
     """
     listeners = BACKEND_LISTENERS.get(backend or "", ANY_BACKEND_LISTENERS)
     values = {key: _security_conf(spark, key) for key in SECURITY_CONFS}
