@@ -6,6 +6,7 @@ nor TensorFlow):
 - the launcher, sparkdl-compatible: ``HorovodRunner``, ``get_context``, ``log_to_driver``, ``LogCallback``
 - the data stage: ``read_libsvm``, ``load_libsvm``, ``shard_frame`` (also in ``sparkml_mnist.data``)
 - the job: ``run_job``, ``plan_job``, ``load_run``, ``load_variant``
+- scoring on the executors: ``predict(frame, model)`` (raw pixels -> ``prediction``, ``probability``)
 - errors: ``SparkMnistError`` and its family
 """
 
@@ -25,6 +26,7 @@ _EXPORTS = {
     "shard_frame": "sparkml_mnist.data.shards",
     "run_job": "sparkml_mnist.job.run",
     "plan_job": "sparkml_mnist.job.plan",
+    "predict": "sparkml_mnist.job.predict",
     "load_run": "sparkml_mnist.config.runs",
     "load_variant": "sparkml_mnist.config.variants",
     "SparkMnistError": "sparkml_mnist.errors",

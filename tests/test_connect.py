@@ -8,8 +8,8 @@ refuses with ``[SESSION_ALREADY_EXIST]`` (checked below, with the product's own 
 
 The client process runs every probe, records its outcome as JSON, and the tests below assert
 the behaviour we want: the data stage, a barrier ``mapInArrow`` over the hand-off, the launcher
-(pre-flight, ranks, the stall watchdog's cancel by operation tag) and the whole job through the
-command line with ``SPARK_REMOTE`` work over Connect; a wrong ``sc://`` URL ends with one line,
+(pre-flight, ranks, the stall watchdog's cancel by operation tag), the whole job through the
+command line with ``SPARK_REMOTE``, and scoring its model on the executors (``predict``) work over Connect; a wrong ``sc://`` URL ends with one line,
 not a traceback and not the Connect client's minutes of retries.
 
 Deselect with ``-m "not connect"``.
@@ -198,6 +198,22 @@ def _():
     return {"exit_code": code, "test_examples": variant and variant["test"]["num_examples"],
             "accuracy": variant and variant["test"]["accuracy"],
             "ranks": variant and [(r["rank"], r["pid"]) for r in variant["rank_records"]]}
+
+
+@probe("predict_cli")
+def _():
+    from sparkml_mnist.cli.commands import main
+
+    predictions = OUTPUT + "-predictions"  # the job's model above, the test file, scored on the executors
+    code = main(["predict", "--model", OUTPUT, "--data", paths["test"], "--output", predictions])
+    if code != 0:
+        return {"exit_code": code}
+    written = spark.read.parquet(predictions)
+    rows = written.collect()
+    report = json.load(open(os.path.join(OUTPUT, "report.json")))
+    return {"exit_code": code, "columns": written.columns, "rows": len(rows),
+            "accuracy": sum(row["label"] == row["prediction"] for row in rows) / len(rows),
+            "report_accuracy": report["variants"][0]["test"]["accuracy"]}
 '''
 
 
@@ -387,3 +403,10 @@ def test_the_job_runs_over_connect_through_the_cli(results):
     assert value["exit_code"] == 0, results["_log"]
     assert value["test_examples"] == TEST_ROWS
     assert [rank for rank, _ in value["ranks"]] == list(range(NP))
+
+
+def test_predict_scores_on_the_executors_over_connect_at_the_reports_accuracy(results):
+    value = works(results, "predict_cli")
+    assert value["exit_code"] == 0, results["_log"]
+    assert value["columns"] == ["row", "label", "prediction", "probability"] and value["rows"] == TEST_ROWS
+    assert value["accuracy"] == value["report_accuracy"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pyspark import cloudpickle
 from spark_processes import LOCALHOST, free_port
 
 from sparkml_mnist.config import load_run
+from sparkml_mnist.errors import ConfigError
 from sparkml_mnist.launcher import HorovodRunner
 from sparkml_mnist.launcher.driver.board import LiveBoard, straggler_summary
 from sparkml_mnist.launcher.protocol import Heartbeat
@@ -27,6 +29,7 @@ from sparkml_mnist.job.run import run_job
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 EPOCHS, STEPS = 2, 6
+REGISTERED_MODEL = "sparkml_mnist_test"
 SERVER_START_S = 120.0
 CLI_TIMEOUT_S = 600
 
@@ -85,10 +88,11 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
-def tracked_run(spark, tmp_path: Path, tracking_uri: str) -> tuple[Path, Any]:
+def tracked_run(spark, tmp_path: Path, tracking_uri: str, register_model: str | None = None) -> tuple[Path, Any]:
     from sparkml_mnist.job.tracking import Tracking
 
-    run = load_run("sample").with_overrides(variants="variant1", np=-1, epochs=EPOCHS, output=str(tmp_path / "out"))
+    run = load_run("sample").with_overrides(variants="variant1", np=-1, epochs=EPOCHS, output=str(tmp_path / "out"),
+                                            register_model=register_model)
     before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     tracking = Tracking(tracking_uri, experiment=f"test-{tmp_path.name}",
                         artifact_location=None if tracking_uri.startswith("http") else (tmp_path / "artifacts").as_uri())
@@ -103,7 +107,6 @@ def read_back(tracking_uri: str, tracking: Any, folder: Path, np_: int = -1) -> 
     import mlflow
     from mlflow import MlflowClient
 
-    from sparkml_mnist.data.libsvm import load_libsvm  # noqa: F401 - the test set below comes from the sample
     from sparkml_mnist.launcher.keras_flavour import keras
 
     client = MlflowClient(tracking_uri)
@@ -130,9 +133,10 @@ def read_back(tracking_uri: str, tracking: Any, folder: Path, np_: int = -1) -> 
         model = mlflow.pyfunc.load_model(child.data.tags["model_uri"])
     finally:
         mlflow.set_tracking_uri(None)  # exported for subprocesses: later tests' CLI runs must not log here
-    images = np.random.default_rng(3).random((4, 28, 28, 1), dtype=np.float32)
-    expected = keras().models.load_model(next(folder.rglob("variant1.keras")), compile=False).predict(images, verbose=0)
-    predicted = np.asarray(model.predict(images))
+    images = np.random.default_rng(3).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)  # raw pixels, as served
+    expected = keras().models.load_model(next(folder.rglob("variant1.keras")), compile=False).predict(
+        images.astype(np.float32) / 255.0, verbose=0)
+    predicted = np.asarray(model.predict({"pixels": images}))
     assert predicted.shape == (4, 10)
     np.testing.assert_array_equal(predicted.argmax(axis=1), expected.argmax(axis=1))
     assert model.metadata.signature is not None
@@ -140,8 +144,155 @@ def read_back(tracking_uri: str, tracking: Any, folder: Path, np_: int = -1) -> 
 
 @pytest.mark.mlflow
 def test_a_run_logged_to_an_mlflow_server_reads_back_whole(spark, tmp_path: Path, mlflow_server: str) -> None:
-    folder, tracking = tracked_run(spark, tmp_path, mlflow_server)
+    """Read back whole; each epoch logged when the driver heard it (not all at the end); the model registered."""
+    from mlflow import MlflowClient
+
+    from sparkml_mnist.job.tracking import REGISTERED_TAG, registered_name
+
+    folder, tracking = tracked_run(spark, tmp_path, mlflow_server, register_model=REGISTERED_MODEL)
+    client = MlflowClient(mlflow_server)
+    child = client.get_run(tracking.children["variant1"])
+    parent = client.get_run(child.data.tags["mlflow.parentRunId"])
+    history = json.loads((folder / "report.json").read_text())["variants"][0]["history"]
+    evaluated_at = client.get_metric_history(child.info.run_id, "test_accuracy")[0].timestamp
+    for key in history:  # loss, accuracy, val_loss, val_accuracy: one value per epoch, steps 1..E
+        logged = client.get_metric_history(child.info.run_id, key)
+        assert [m.step for m in logged] == list(range(1, EPOCHS + 1)), key
+        times = [m.timestamp for m in logged]
+        assert parent.info.start_time <= times[0] < times[-1] < evaluated_at < child.info.end_time, key  # live
+    name = registered_name(REGISTERED_MODEL, "variant1")
+    [version] = client.search_model_versions(f"name = '{name}'")
+    assert version.run_id == child.info.run_id and child.data.tags[REGISTERED_TAG] == f"{name}/{version.version}"
     read_back(mlflow_server, tracking, folder)
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory) -> str:
+    """A SQLite tracking store for the in-process MLflow tests (made once: its schema takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-local') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def forget_tracking_uri():
+    """Tracking.start sets MLflow's process-wide tracking URI: later tests in this process must not log there."""
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
+def epoch_report(epoch: int) -> dict[str, Any]:
+    """Rank 0's report of an epoch, as the job's EpochCallback (and LogCallback) sends it."""
+    return {"epoch": epoch, "loss": 1.0 / epoch, "accuracy": 1.0 - 0.5 / epoch}
+
+
+@pytest.mark.mlflow
+def test_a_stopped_or_failed_job_ends_its_runs_so_with_their_epochs_and_resume_continues_them(
+        local_store: str, tmp_path: Path, forget_tracking_uri: None) -> None:
+    """In-process, fake reports: KILLED (Ctrl-C/SIGTERM) then FAILED, each with the epochs heard; a resumed
+    run continues the same parent and child, logs only the epochs they lack, and ends FINISHED."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from sparkml_mnist.job.tracking import Tracking, ended_status
+
+    experiment, output = f"test-{tmp_path.name}", str(tmp_path / "out")
+    variants = {"variant1": {"optimizer": "adam"}, "variant2": {"optimizer": "sgd"}}
+    client = MlflowClient(local_store)
+
+    def tracking(resume: bool) -> Tracking:
+        made = Tracking(local_store, experiment=experiment, artifact_location=(tmp_path / "artifacts").as_uri())
+        made.start("sample", {"np": 2}, variants=variants, output=output, resume=resume)
+        assert made.enabled
+        return made
+
+    def steps(run_id: str) -> list[int]:
+        return [m.step for m in client.get_metric_history(run_id, "loss")]
+
+    first = tracking(resume=False)
+    parent = first.parent_id
+    first.on_report("variant1", 1, epoch_report(1), None)  # rank 1's: not logged (rank 0's is)
+    for epoch in (1, 2, 2):  # a retried attempt's repeat of epoch 2 is logged once
+        first.on_report("variant1", 0, epoch_report(epoch), None)
+    first.on_report("variant1.scored", 0, {"test": {}}, None)  # not an epoch
+    first.end(None, status=ended_status(KeyboardInterrupt("signal 15")))
+    child = first.children["variant1"]
+    assert set(first.children) == {"variant1"}  # variant2 never reached its first epoch: no child run
+    assert client.get_run(parent).info.status == client.get_run(child).info.status == "KILLED"
+    assert steps(child) == [1, 2]
+
+    second = tracking(resume=True)  # --resume: the same runs, running again
+    assert second.resumed and second.parent_id == parent and second.children == {"variant1": child}
+    assert client.get_run(parent).info.status == client.get_run(child).info.status == "RUNNING"
+    for epoch in (2, 3):  # epoch 2 again: the resumed ranks restart after the last checkpoint it had
+        second.on_report("variant1", 0, epoch_report(epoch), None)
+    second.end(None, status=ended_status(RuntimeError("rank 1 failed")))
+    assert client.get_run(parent).info.status == client.get_run(child).info.status == "FAILED"
+    assert steps(child) == [1, 2, 3]
+
+    third = tracking(resume=True)
+    third.on_report("variant1", 0, epoch_report(4), None)
+    for plot in ("loss.png", "confusion.png"):
+        (tmp_path / plot).write_bytes(b"png")
+    evaluation = SimpleNamespace(loss=0.1, accuracy=0.9, class_names=["0"], precision=[1.0], recall=[1.0], f1=[1.0])
+    history = {key: [epoch_report(epoch)[key] for epoch in range(1, 6)] for key in ("loss", "accuracy")}
+    result = SimpleNamespace(name="variant1", parameter_count=10, history=history, evaluation=evaluation,
+                             loss_plot="loss.png", confusion_plot="confusion.png")
+    third.variant(result, variants["variant1"], tmp_path, None)  # epoch 5 only from the history: it had 1..4
+    third.end(tmp_path)
+    assert client.get_run(parent).info.status == client.get_run(child).info.status == "FINISHED"
+    assert steps(child) == [1, 2, 3, 4, 5]
+    assert [m.value for m in client.get_metric_history(child, "accuracy")] == pytest.approx(history["accuracy"])
+    assert client.get_run(child).data.params == {"optimizer": "adam", "parameter_count": "10"}
+    fresh = tracking(resume=False)  # the same output without --resume: a run of its own
+    assert fresh.parent_id != parent and not fresh.resumed
+    fresh.end(None)
+
+
+@pytest.mark.mlflow
+def test_a_horovodrunner_users_listener_logs_log_callbacks_epochs_from_the_driver(local_store: str, tmp_path: Path):
+    """``HorovodRunner(on_report=MlflowEpochs())``, fed through the runner's own report path (no ranks)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sparkml_mnist.launcher import MlflowEpochs
+    from sparkml_mnist.launcher.driver.reports import RunReports
+    from sparkml_mnist.launcher.driver.store import CheckpointStore
+    from sparkml_mnist.launcher.mlflow_epochs import LOG_CALLBACK_KEY
+
+    mlflow.set_tracking_uri(local_store)
+    try:
+        experiment = mlflow.create_experiment(f"test-{tmp_path.name}", artifact_location=tmp_path.as_uri())
+        with mlflow.start_run(experiment_id=experiment) as run, MlflowEpochs() as epochs:
+            reports = RunReports(CheckpointStore(tmp_path / "store"), on_report=epochs)
+            for rank, key, epoch in [(0, LOG_CALLBACK_KEY, 1), (1, LOG_CALLBACK_KEY, 1), (0, "variant1", 1),
+                                     (0, LOG_CALLBACK_KEY, 1), (0, LOG_CALLBACK_KEY, 2)]:
+                reports.keep(rank, key, epoch_report(epoch), None)
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(local_store)
+    for key in ("loss", "accuracy"):
+        logged = client.get_metric_history(run.info.run_id, key)
+        assert [(m.step, m.value) for m in logged] == [(e, pytest.approx(epoch_report(e)[key])) for e in (1, 2)]
+    assert epochs.enabled
+    with pytest.raises(ConfigError, match="no MLflow run is active"):
+        MlflowEpochs()
+
+
+def test_a_registered_models_name_is_checked_before_spark_and_gets_the_variant(capsys) -> None:
+    from sparkml_mnist.cli import commands as cli
+    from sparkml_mnist.config.runs import model_name_problem
+
+    assert model_name_problem("mnist") is None and model_name_problem("main.ml.mnist-cnn") is None  # UC: 3 levels
+    assert all(model_name_problem(bad) for bad in ("ml.mnist", "a..b", "", "mnist cnn", "a/b", "x" * 201))
+    assert cli.main(["-q", "train", "--variant", "variant1", "--register-model", "ml.mnist"]) == cli.EXIT_USAGE
+    [line] = capsys.readouterr().err.splitlines()
+    assert "field 'register_model' (--register-model) 'ml.mnist' is not a model name" in line
+    if importlib.util.find_spec("mlflow") is not None:
+        from sparkml_mnist.job.tracking import registered_name
+
+        assert registered_name("main.ml.mnist", "variant-1.b") == "main.ml.mnist_variant_1_b"
 
 
 @pytest.mark.mlflow
@@ -150,8 +301,8 @@ def test_a_finished_run_logged_to_a_local_store_reads_back_whole(spark, trained_
     above), logged here from the session's trained run: a local store, with no job of its own."""
     from sparkml_mnist.data.libsvm import load_libsvm
     from sparkml_mnist.data.paths import sample_paths
-    from sparkml_mnist.data.tensors import collect_tensors
     from sparkml_mnist.job.plan import plan_job
+    from sparkml_mnist.job.run import signature_examples
     from sparkml_mnist.job.tracking import Tracking, log_variants, run_params, variant_params
     from sparkml_mnist.report import VariantResult, collect_versions
 
@@ -163,7 +314,7 @@ def test_a_finished_run_logged_to_a_local_store_reads_back_whole(spark, trained_
         deterministic=settings["deterministic"], output=str(tmp_path / "unused")))
     results = [VariantResult.from_dict(entry, sorted((folder / "models" / entry["name"]).glob("*.keras")))
                for entry in trained_run.report["variants"]]
-    x_sample = collect_tensors(load_libsvm(spark, sample_paths().test))[0][:5]
+    x_sample = signature_examples(load_libsvm(spark, sample_paths().test))  # raw pixels, as the job logs them
     uri = f"sqlite:///{tmp_path / 'local.db'}"
     tracking = Tracking(uri, experiment=f"test-{tmp_path.name}", artifact_location=(tmp_path / "artifacts").as_uri())
     tracking.start(plan.run.name, run_params(plan.run, plan.placement, collect_versions()))
@@ -200,13 +351,15 @@ class Keep(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def watched_run(spark) -> tuple[Any, list[logging.LogRecord], list[logging.LogRecord]]:
+def watched_run(spark) -> tuple[Any, list[logging.LogRecord], list[logging.LogRecord], list[tuple[str, int, dict]]]:
     """``keras_main`` at np=2, with a library user's handlers on the progress logger (lines every second)
-    and on the ranks' logger: (the run's result, progress records, rank line records)."""
+    and on the ranks' logger, and an ``on_report`` listener: (the run's result, progress records, rank line
+    records, the reports the listener heard)."""
     from sparkml_mnist.launcher.driver import board
 
     loggers = [logging.getLogger(name) for name in ("sparkml_mnist.progress", "sparkml_mnist.ranks")]
     handlers = [Keep(), Keep()]
+    heard: list[tuple[str, int, dict]] = []
     before = [logger.level for logger in loggers]
     for logger, handler in zip(loggers, handlers):
         logger.addHandler(handler)
@@ -214,16 +367,17 @@ def watched_run(spark) -> tuple[Any, list[logging.LogRecord], list[logging.LogRe
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(board, "DEFAULT_INTERVAL_S", 1.0)
-            outcome = HorovodRunner(np=2, spark=spark).run_all(keras_main)
+            outcome = HorovodRunner(np=2, spark=spark, on_report=lambda key, rank, metrics, checkpoint:
+                                    heard.append((key, rank, metrics))).run_all(keras_main)
     finally:
         for logger, handler, level in zip(loggers, handlers, before):
             logger.removeHandler(handler)
             logger.setLevel(level)
-    return outcome, handlers[0].records, handlers[1].records
+    return outcome, handlers[0].records, handlers[1].records, heard
 
 
 def test_the_driver_sees_every_ranks_steps_and_logs_them_now_and_then(watched_run) -> None:
-    outcome, progress, _ = watched_run
+    outcome, progress, _, _ = watched_run
     records = outcome.records
     lines = [r.getMessage() for r in progress]
     for rank in (0, 1):
@@ -297,9 +451,21 @@ def test_verbose_shows_tensorflows_notices_and_times(trained_run) -> None:
 
 
 def test_a_library_users_handler_gets_rank_lines_with_the_rank(watched_run) -> None:
-    _, _, received = watched_run
+    _, _, received, _ = watched_run
     epochs = [r for r in received if r.getMessage().startswith("epoch ")]
     assert len(epochs) == EPOCHS and all(r.rank == 0 and r.stream == "log" for r in epochs)
+
+
+def test_log_callback_reports_rank_0s_epochs_to_the_drivers_listener(watched_run) -> None:
+    """What ``MlflowEpochs`` logs for a HorovodRunner user: each epoch's exact logs, heard as it ends."""
+    from sparkml_mnist.launcher.mlflow_epochs import LOG_CALLBACK_KEY, epoch_metrics
+
+    _, _, received, heard = watched_run
+    epochs = [(rank, epoch_metrics(metrics)) for key, rank, metrics in heard if key == LOG_CALLBACK_KEY]
+    assert [(rank, found[0]) for rank, found in epochs] == [(0, epoch) for epoch in range(1, EPOCHS + 1)]
+    lines = [r.getMessage() for r in received if r.getMessage().startswith("epoch ")]
+    for (_, (_, values)), line in zip(epochs, lines):  # the same values as the epoch's line, unrounded
+        assert set(values) == {"loss"} and f"loss {values['loss']:.4f}" in line
 
 
 def test_the_cli_called_in_process_leaves_logging_as_it_found_it(capsys) -> None:

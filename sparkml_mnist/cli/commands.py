@@ -109,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mlflow", action="store_true", default=None,
                        help="log the run to MLflow (also on when MLFLOW_TRACKING_URI is set; needs the mlflow extra)")
     train.add_argument("--mlflow-experiment", metavar="NAME", help="MLflow experiment (default: sparkml-mnist)")
+    train.add_argument("--register-model", metavar="NAME",
+                       help="register each variant's model as NAME_<variant> in MLflow's model registry (turns "
+                            "--mlflow on; catalog.schema.model for Unity Catalog)")
     train.set_defaults(handler=_run_training)
     _add_download_command(commands)
+    _add_predict_command(commands)
     return parser
 
 
@@ -144,6 +148,49 @@ def _run_download(args: argparse.Namespace) -> None:
     print(f"ready: --data {args.dir}  (train: {paths.train}, test: {paths.test})")
 
 
+def _add_predict_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="score images with a trained model on Spark's executors; write the predictions",
+        description="Predict with a run's best model (or --variant), a .keras file or an MLflow model, on the "
+        "executors; write the input's columns (but the pixels) with prediction and probability to --output.",
+    )
+    _add_loudness(predict, argparse.SUPPRESS)
+    predict.add_argument("--model", required=True, metavar="M",
+                         help="a run's output folder, a .keras file, or an MLflow model (runs:/..., models:/..., "
+                         "a local MLflow model folder)")
+    predict.add_argument("--variant", metavar="NAME", help="which of the run's models (default: the best by test accuracy)")
+    predict.add_argument("--data", required=True, metavar="PATH",
+                         help="a LIBSVM file (read and checked as training reads it; 'sample': the bundled test "
+                         "sample), or Parquet/Delta with a column of raw pixels")
+    predict.add_argument("--data-format", metavar="FORMAT",
+                         help="libsvm, parquet or delta (default: from the path: .parquet or a folder of Parquet "
+                         "files is Parquet, a folder with _delta_log Delta, else LIBSVM)")
+    predict.add_argument("--column", metavar="NAME",
+                         help="the raw pixels: binary, 784 bytes a row, or an array of 784 values 0..255 "
+                         "(default: 'pixels', else the input's only such column)")
+    predict.add_argument("--output", required=True, metavar="PATH",
+                         help="where the predictions go, any Hadoop path (refused if it exists, unless --overwrite)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an earlier output of predictions")
+    predict.add_argument("--format", dest="output_format", default="parquet", metavar="FORMAT",
+                         help="parquet (default), or delta where the session has Delta Lake")
+    predict.add_argument("--master", help="Spark master, or sc://HOST:PORT for Spark Connect (default: spark-submit's or SPARK_REMOTE, else local[*])")
+    predict.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from sparkml_mnist.cli.session import create_spark
+    from sparkml_mnist.job.model_source import resolve_model
+    from sparkml_mnist.job.predict import check_output, predict_to_path
+
+    check_output(args.output, args.overwrite, args.data)  # before the model is loaded or Spark starts
+    model = resolve_model(args.model, args.variant)  # loaded and checked on the driver, before Spark starts
+    spark = create_spark(f"{PROGRAM} predict", master=args.master, verbose=args.verbose)
+    summary = predict_to_path(spark, model, args.data, args.output, overwrite=args.overwrite, column=args.column,
+                              data_format=args.data_format, output_format=args.output_format)
+    print(summary.line())
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("input (default: the bundled sample)")
     source.add_argument("--data", metavar="DIR", help="folder with mnist-digits-{train,test}.txt[.bz2]")
@@ -153,7 +200,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 RUN_SETTINGS = ("run_config", "variant", "np", "epochs", "max_steps_per_epoch", "data", "train", "test", "output",
                 "seed", "backend", "progress_timeout", "max_retries", "deterministic", "allreduce", "checkpoint_dir",
-                "overwrite")
+                "overwrite", "register_model")
 
 
 def _run_training(args: argparse.Namespace) -> None:
@@ -173,17 +220,17 @@ def _run_training(args: argparse.Namespace) -> None:
         plan = plan_job(stored_run(output), overwrite=stored_overwrite(output), resume=True)
     else:
         plan = plan_job(_run_config(args), overwrite=args.overwrite)  # every setting checked, before Spark starts
-    tracking = _tracking(args)  # an MLflow asked for but missing is a usage error, before Spark starts
+    tracking = _tracking(args, plan.run.register_model)  # MLflow asked for but missing: a usage error, before Spark
     spark = create_spark(f"{PROGRAM} train", master=args.master, verbose=args.verbose)
     folder = run_job(spark, plan, tracking=tracking)
     if args.quiet:  # the progress log (and its table) is off: the result still is the output
         print(_summary_table(folder))
 
 
-def _tracking(args: argparse.Namespace) -> Any:
+def _tracking(args: argparse.Namespace, register_model: str | None = None) -> Any:
     from sparkml_mnist.job.tracking import Tracking, tracking_wanted
 
-    if not tracking_wanted(args.mlflow) and not args.mlflow_experiment:
+    if not tracking_wanted(args.mlflow or bool(register_model)) and not args.mlflow_experiment:
         return None
     return Tracking(experiment=args.mlflow_experiment)
 
@@ -228,6 +275,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         deterministic=args.deterministic,
         allreduce=args.allreduce,
         checkpoint_dir=args.checkpoint_dir,
+        register_model=args.register_model,
     )
 
 

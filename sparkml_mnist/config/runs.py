@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,22 @@ def variant_names(value: Any) -> tuple[str, ...]:
     if len(set(value)) != len(value):
         raise ValueError(f"names a variant twice: {list(value)}")
     return tuple(value)
+
+
+# A registered model's name: one part for a workspace/OSS registry, or Unity Catalog's catalog.schema.model.
+MODEL_NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+MODEL_NAME_PARTS = (1, 3)
+MAX_MODEL_NAME_CHARS = 200  # leaves room for the "_<variant>" suffix under the registries' 255
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a registered model's name (None: it can): caught before Spark starts."""
+    parts = name.split(".")
+    if (len(parts) in MODEL_NAME_PARTS and all(MODEL_NAME_PART.match(part) for part in parts)
+            and len(name) <= MAX_MODEL_NAME_CHARS):
+        return None
+    return (f"(--register-model) {name!r} is not a model name: use letters, digits, '_' and '-' (up to "
+            f"{MAX_MODEL_NAME_CHARS} characters), or catalog.schema.model for Unity Catalog")
 
 
 def _not_negative(value: int) -> str | None:
@@ -58,6 +75,9 @@ class RunConfig:
     # Where rank 0 writes each epoch's checkpoint: a path every executor and the driver reach (/dbfs/...,
     # /Volumes/...) or a file:, hdfs:, s3a: URI. None: checkpoints travel to the driver's run state.
     checkpoint_dir: str | None = None
+    # Register each variant's logged model as "<register_model>_<variant>" in the MLflow model registry
+    # (turns MLflow tracking on); "catalog.schema.model" names a Unity Catalog model. None: nothing registered.
+    register_model: str | None = field(default=None, metadata=rule(model_name_problem))
     source: str = ""
 
     def validate(self) -> None:

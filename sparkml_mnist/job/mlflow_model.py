@@ -1,17 +1,19 @@
-"""The trained model as an MLflow pyfunc: ``mlflow.pyfunc.load_model(uri).predict(images)`` -> class probabilities.
+"""The trained model as an MLflow pyfunc: ``mlflow.pyfunc.load_model(uri).predict(raw pixels)`` -> class probabilities.
 
-Logged as "models from code" (MLflow runs this file when it loads the model; nothing is pickled): a thin
-wrapper, so the model loads with the Keras this package trains with (``keras_flavour``) in whatever
-process MLflow loads it; images may come as (n, 28, 28, 1) or as (n, 784) rows.
+Logged as "models from code" (MLflow runs this file when it loads the model; nothing is pickled) by
+``serving.log_pyfunc``: a thin wrapper, so the model loads with the Keras this package trains with
+(``keras_flavour``) in whatever process MLflow loads it. It takes raw pixels (0..255) in every form
+``serving.raw_pixel_rows`` reads: a ``pixels`` column of the data stage's 784 bytes or of 784 values a row
+(what ``mlflow.pyfunc.spark_udf`` hands it), or images as arrays, and scales them with training's own
+function, so its predictions are the ones the report counted.
 """
 
 from __future__ import annotations
 
 import mlflow.models
 import mlflow.pyfunc
-import numpy as np
 
-KERAS_ARTIFACT = "keras_model"
+from sparkml_mnist.job.serving import KERAS_ARTIFACT
 
 
 class KerasMnistClassifier(mlflow.pyfunc.PythonModel):
@@ -19,13 +21,14 @@ class KerasMnistClassifier(mlflow.pyfunc.PythonModel):
         from sparkml_mnist.config import load_data_spec
         from sparkml_mnist.launcher.keras_flavour import keras
 
-        self._shape = load_data_spec().image_shape
+        self._spec = load_data_spec()
         self._model = keras().models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        """Untyped on purpose: MLflow's type-hint schemas take lists only; the logged signature says (n, 28, 28, 1)."""
-        images = np.asarray(model_input, dtype=np.float32).reshape((-1, *self._shape))
-        return self._model.predict(images, verbose=0)
+        """Untyped on purpose: MLflow's type-hint schemas take lists only; the logged signature names ``pixels``."""
+        from sparkml_mnist.job.serving import class_probabilities
+
+        return class_probabilities(self._model, model_input, self._spec, source="the model's input")
 
 
 mlflow.models.set_model(KerasMnistClassifier())

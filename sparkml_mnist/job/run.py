@@ -32,12 +32,16 @@ from sparkml_mnist.job.plan import JobPlan, check_devices, plan_job
 from sparkml_mnist.launcher.backends.tf import NAME as TF_BACKEND
 from sparkml_mnist.launcher.driver import events as log_module
 from sparkml_mnist.launcher.driver.attempt import Attempt
+from sparkml_mnist.launcher.driver.reports import ReportListener
 from sparkml_mnist.launcher.policy import NO_COLLECTIVE_TIMEOUT, FailurePolicy
+from sparkml_mnist.launcher.protocol import Checkpoint
 from sparkml_mnist.launcher.runner import HorovodRunner
 from sparkml_mnist.redact import redact, redact_all
 from sparkml_mnist.report import ReportError, VariantResult, collect_versions, format_summary_table, write_report
 from sparkml_mnist.job.state import RunState
-from sparkml_mnist.job.tracking import TRACKING_URI_ENV, Tracking, log_variants, run_params, variant_params
+from sparkml_mnist.job.tracking import (
+    TRACKING_URI_ENV, Tracking, ended_status, log_variants, run_params, variant_params,
+)
 from sparkml_mnist.job.versions import enforce_versions
 from sparkml_mnist.training.scoring import scored_key
 
@@ -64,24 +68,24 @@ def run_job(
     enforce_versions(lambda message: logger.warning(message.removeprefix("warning: ")))
     plan = run if isinstance(run, JobPlan) else plan_job(run, overwrite)
     check_devices(plan, spark)
-    tracking = tracking if tracking is not None else _tracking_from_environment()
+    tracking = tracking if tracking is not None else _tracking_from_environment(plan.run.register_model)
     versions = {**collect_versions(), "python": platform.python_version()}
+    params = {v.name: variant_params(v, plan.placement, plan.run.seed, plan.run.deterministic) for v in plan.variants}
     with RunState.claim(plan.output, plan.run, resume=plan.resume, overwrite=plan.overwrite) as state:
-        if tracking is not None:
-            tracking.start(plan.run.name, run_params(plan.run, plan.placement, versions))
+        if tracking is not None:  # live from here: each variant's child run starts with its first epoch
+            tracking.start(plan.run.name, run_params(plan.run, plan.placement, versions), variants=params,
+                           output=str(plan.output.absolute()), resume=plan.resume, register_as=plan.run.register_model)
         try:
-            results, timings, x_sample = JobRun(spark, plan, state, say).train_all()
+            results, timings, x_sample = JobRun(spark, plan, state, say, tracking).train_all()
             timings["total_s"] = time.perf_counter() - started
             folder = _write(plan, results, timings, versions, state, say)
-        except BaseException:
-            if tracking is not None:
-                tracking.end(None, failed=True)
+        except BaseException as error:
+            if tracking is not None:  # its runs end FAILED, or KILLED (Ctrl-C, SIGTERM), with their epochs so far
+                tracking.end(None, status=ended_status(error))
             if not plan.resume and not state.holds_work():
                 state.complete()  # it failed before anything was kept (e.g. reading the data): nothing to resume
             raise
         if tracking is not None:
-            params = {v.name: variant_params(v, plan.placement, plan.run.seed, plan.run.deterministic)
-                      for v in plan.variants}
             log_variants(tracking, results, params, folder, x_sample)
             tracking.end(folder)
         state.complete()
@@ -111,13 +115,15 @@ def _write(plan: JobPlan, results: list[VariantResult], timings: dict[str, float
     return folder
 
 
-def _tracking_from_environment() -> Tracking | None:
-    if not os.environ.get(TRACKING_URI_ENV):
+def _tracking_from_environment(register_model: str | None = None) -> Tracking | None:
+    """MLflow when ``MLFLOW_TRACKING_URI`` is set, or the run registers its models (MLflow's default URI then)."""
+    if not os.environ.get(TRACKING_URI_ENV) and not register_model:
         return None
     try:
         return Tracking()
     except SparkMnistError as error:
-        logger.warning("%s is set but %s; the run goes on without tracking", TRACKING_URI_ENV, error)
+        why = f"{TRACKING_URI_ENV} is set" if os.environ.get(TRACKING_URI_ENV) else "register_model is given"
+        logger.warning("%s but %s; the run goes on without tracking", why, error)
         return None
 
 
@@ -125,8 +131,10 @@ class JobRun:
     """One run of the job: read the data once, keep what earlier attempts finished, train the rest in
     one barrier stage, where the ranks also score the test set; keep each variant as its sums come in."""
 
-    def __init__(self, spark: SparkSession, plan: JobPlan, state: RunState, say: Say) -> None:
+    def __init__(self, spark: SparkSession, plan: JobPlan, state: RunState, say: Say,
+                 tracking: Tracking | None = None) -> None:
         self.spark, self.plan, self.state, self.say = spark, plan, state, say
+        self.tracking = tracking  # hears every report too: rank 0's epochs go to MLflow as they come
 
     def train_all(self) -> tuple[list[VariantResult], dict[str, float], np.ndarray]:
         """Every variant's result (in the plan's order), the data stage's timings, a few test images."""
@@ -207,7 +215,7 @@ class JobRun:
             collective_timeout_s=NO_COLLECTIVE_TIMEOUT if placement.backend == TF_BACKEND else None,
         )
         runner = HorovodRunner(np=placement, data=frame, policy=policy, checkpoint_dir=self.state.checkpoints(),
-                               on_report=evaluator.on_report, spark=self.spark)
+                               on_report=self._listener(evaluator), spark=self.spark)
         evaluator.start()
         try:
             outcome = runner.run_all(train_variants, plans=plans, seed=run.seed, deterministic=run.deterministic,
@@ -233,11 +241,26 @@ class JobRun:
             finished[variant.name] = self.state.save_finished(result)  # again, now with what the ranks reported
         return finished
 
+    def _listener(self, evaluator: Evaluator) -> ReportListener:
+        """The runner's one report listener: the evaluator's, then tracking's (which only queues, never raises)."""
+        tracking = self.tracking
+        if tracking is None:
+            return evaluator.on_report
+
+        def on_report(key: str, rank: int, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
+            try:
+                evaluator.on_report(key, rank, metrics, checkpoint)
+            finally:
+                tracking.on_report(key, rank, metrics, checkpoint)
+
+        return on_report
+
 
 def signature_examples(test: LibsvmData) -> np.ndarray:
-    """The test file's first images, float32 as the model takes them: a ``limit()``, the set stays on the executors."""
+    """The test file's first images, raw ``uint8`` as the served model takes them: a ``limit()``, the set
+    stays on the executors."""
     first = test.frame.select(ROW_COLUMN, LABEL_COLUMN, PIXELS_COLUMN).orderBy(ROW_COLUMN).limit(SIGNATURE_EXAMPLES)
-    return images_and_labels(first.toArrow())[0]
+    return images_and_labels(first.toArrow(), scaled=False)[0]
 
 
 def _attempt_row(attempt: Attempt, key: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "log_to_driver": "sparkml_mnist.launcher.rank.context",
     "LogCallback": "sparkml_mnist.launcher.rank.callbacks",
     "ProgressCallback": "sparkml_mnist.launcher.rank.callbacks",
+    "MlflowEpochs": "sparkml_mnist.launcher.mlflow_epochs",  # on_report: LogCallback's epochs -> MLflow, live
     "RankRecord": "sparkml_mnist.launcher.failures",
     "RunResult": "sparkml_mnist.launcher.runner",
     "FailurePolicy": "sparkml_mnist.launcher.policy",

@@ -1,8 +1,10 @@
 """Keras callbacks for functions a ``HorovodRunner`` runs: progress for the watchdog, logs for the driver.
 
 ``LogCallback`` is sparkdl's (``from sparkdl.horovod.tensorflow.keras import LogCallback``): it
-streams epoch logs (and optionally batch logs) to the driver's output. Importing this module
-imports Keras (through ``keras_flavour``), so it is imported only inside a rank, or when asked for.
+streams epoch logs (and optionally batch logs) to the driver's output; rank 0 also reports each
+epoch's logs, which ``on_report=MlflowEpochs()`` (``launcher.mlflow_epochs``) logs to MLflow from the
+driver. Importing this module imports Keras (through ``keras_flavour``), so it is imported only inside a
+rank, or when asked for.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import time
 from typing import Any
 
 from sparkml_mnist.launcher import keras_flavour
+from sparkml_mnist.launcher.failures import ReportRefusedError
+from sparkml_mnist.launcher.mlflow_epochs import EPOCH_FIELD, LOG_CALLBACK_KEY
 from sparkml_mnist.launcher.rank.context import RankContext, get_context, log_to_driver
 
 _keras = keras_flavour.keras()
@@ -83,6 +87,7 @@ class LogCallback(ProgressCallback):
     def __init__(self, per_batch_log: bool = False) -> None:
         super().__init__()
         self.per_batch_log = per_batch_log
+        self._refused = False  # the driver refused the epoch reports once: lines only from then on
         self._epoch = 0
         self._started = time.perf_counter()
 
@@ -99,4 +104,19 @@ class LogCallback(ProgressCallback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.context.rank == CHIEF_RANK:
             seconds = time.perf_counter() - self._started
+            self._report_epoch(epoch + 1, logs)
             log_to_driver(f"epoch {epoch + 1}: {format_logs(logs)} ({seconds:.1f} s)")
+
+    def _report_epoch(self, epoch: int, logs: dict | None) -> None:
+        """The epoch's logs as a report too (exact values), for a driver-side listener such as ``MlflowEpochs``.
+
+        A refusal (the rank's cap on report keys reached) leaves the lines alone: said once, not raised.
+        """
+        if self._refused:
+            return
+        try:
+            self.context.report(LOG_CALLBACK_KEY, {EPOCH_FIELD: epoch,
+                                                   **{name: float(value) for name, value in (logs or {}).items()}})
+        except ReportRefusedError as error:
+            self._refused = True
+            log_to_driver(f"LogCallback: the epoch logs go on as lines only ({error})")
