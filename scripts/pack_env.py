@@ -6,9 +6,9 @@ dependencies and this package's wheel, packed with venv-pack.
     spark-submit --archives dist/sparkml-mnist-env-cpu.tar.gz#environment \\
         --conf spark.pyspark.python=./environment/bin/python ... jobs/train_mnist.py ...
 
-``--output`` names the format as venv-pack reads it: ``.tar.gz`` (the default, about 0.8 GB for the cpu
-flavour) or ``.tar``, ``.zip``, ``.tar.bz2``; Spark's ``--archives`` unpacks each. A plain ``.tar``
-(about 2.8 GB) packs in seconds where gzip takes minutes: worth it where the archive does not travel far.
+Keep ``.tar.gz`` (or ``.zip``): Spark unpacks a plain ``.tar`` with Hadoop's Java untar, which refuses
+the venv's ``bin/python`` link ("expanding bin/python3.11 would create entry outside of ..."), while a
+``.tar.gz`` goes through the system's ``tar`` (measured with Spark 4.3, a standalone cluster).
 
 Needs venv-pack in the Python that runs it (``pip install -e ".[pack]"``). The archive holds no Python
 interpreter: its ``bin/python`` links to the Python that built it, so every node needs that Python at

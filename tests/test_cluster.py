@@ -53,9 +53,6 @@ pytestmark = pytest.mark.cluster
 # The packed environment is cached here (git-ignored) across runs: scripts/pack_env.py reuses the venv
 # while setup.py is unchanged, and does nothing while the archive is newer than every packaged source.
 PACK_CACHE = REPO / ".venv-pack"
-# Uncompressed (venv-pack infers the format from the name; Spark's --archives unpacks .tar as .tar.gz): on
-# the 2-core CI machine gzip took 174 s of CPU for 2.8 GB, the plain tar 12 s. .ci/run builds the same file.
-PACKED_ARCHIVE = "sparkml-mnist-env-cpu.tar"
 ARCHIVE_ALIAS = "environment"  # the folder the archive is unpacked to in each executor's working dir
 PACK_TIMEOUT_S = 1800.0  # TensorFlow from an empty pip cache on a slow network, then the packing
 SAMPLE_TEST_ROWS = 1000  # the bundled sample's test file
@@ -71,7 +68,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def packed_env() -> Path:
-    archive = PACK_CACHE / PACKED_ARCHIVE
+    archive = PACK_CACHE / "sparkml-mnist-env-cpu.tar.gz"
     built = subprocess.run(
         [sys.executable, str(PACK_SCRIPT), "--venv", str(PACK_CACHE / "venv-cpu"), "--output", str(archive)],
         capture_output=True, text=True, timeout=PACK_TIMEOUT_S,
