@@ -26,11 +26,14 @@ def test_an_archive_built_from_the_same_sources_is_not_built_again(tmp_path, mon
         pack_env.pack_environment(output, "gpu", say=said.append)
     with pytest.raises(AssertionError, match="rebuilt"):
         pack_env.pack_environment(output, "cpu", force=True, say=said.append)
+    with pytest.raises(AssertionError, match="rebuilt"):  # stored instead of gzipped is another archive too
+        pack_env.pack_environment(output, "cpu", say=said.append, compress_level=0)
 
 
 def test_the_archive_key_follows_what_it_is_built_from():
-    keys = {pack_env.archive_key(flavour, prefix) for flavour in ("cpu", "gpu") for prefix in (None, "/usr")}
-    assert len(keys) == 4
+    keys = {pack_env.archive_key(flavour, prefix, level) for flavour in ("cpu", "gpu") for prefix in (None, "/usr")
+            for level in (0, pack_env.DEFAULT_COMPRESS_LEVEL)}
+    assert len(keys) == 8
     assert pack_env.archive_key("cpu", None) == pack_env.archive_key("cpu", None)
     sources = {path.relative_to(pack_env.REPO).as_posix() for path in pack_env.source_files()}
     assert {"setup.py", "sparkml_mnist/cli/commands.py", "conf/runs/lab.yaml"} <= sources
