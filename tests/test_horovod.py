@@ -314,6 +314,14 @@ def test_the_rank_points_gloo_at_its_proxy_which_reaches_the_drivers_store(monke
             backend.shutdown()
 
 
+def test_an_unknown_optimisation_level_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    env = {**os.environ, "SPARKML_MNIST_HOROVOD_OPT": "-O9"}
+    done = subprocess.run(["bash", str(MAKE_ENV_SCRIPT), str(tmp_path / "venv")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "SPARKML_MNIST_HOROVOD_OPT=-O9 is not one of" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no venv, no lock
+
+
 @pytest.fixture(scope="module")
 def horovod_python() -> str:
     """The Horovod environment's python: SPARKML_MNIST_HOROVOD_PYTHON, else built (or brought up to date)."""
