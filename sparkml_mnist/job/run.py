@@ -136,8 +136,9 @@ class JobRun:
         self.spark, self.plan, self.state, self.say = spark, plan, state, say
         self.tracking = tracking  # hears every report too: rank 0's epochs go to MLflow as they come
 
-    def train_all(self) -> tuple[list[VariantResult], dict[str, float], np.ndarray]:
-        """Every variant's result (in the plan's order), the data stage's timings, a few test images."""
+    def train_all(self) -> tuple[list[VariantResult], dict[str, float], np.ndarray | None]:
+        """Every variant's result (in the plan's order), the data stage's timings, a few test images (None
+        without MLflow tracking)."""
         paths, timings = self.plan.inputs, {}
         self.say(f"reading and checking {redact(paths.train)} and {redact(paths.test)}")
         clock = time.perf_counter()
@@ -145,7 +146,8 @@ class JobRun:
         test: LibsvmData | None = None
         try:
             test = load_libsvm(self.spark, paths.test)
-            x_sample = signature_examples(test)
+            # a few raw test images for MLflow's signature: a job of its own, made only when MLflow logs
+            x_sample = signature_examples(test) if self.tracking is not None else None
             timings["read_and_validate_s"] = time.perf_counter() - clock
             self.say(f"  {train.num_rows:,} training rows, {test.num_rows:,} test rows "
                      f"({timings['read_and_validate_s']:.1f} s)")
