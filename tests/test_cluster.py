@@ -53,9 +53,9 @@ pytestmark = pytest.mark.cluster
 # The packed environment is cached here (git-ignored) across runs: scripts/pack_env.py reuses the venv
 # while setup.py is unchanged, and does nothing while the archive is newer than every packaged source.
 PACK_CACHE = REPO / ".venv-pack"
-# Stored, not compressed (.ci/run builds it so in the background; the same level, or it is packed again):
-# gzip of the 2.8 GB venv took 174 s of the 2-core CI machine's CPU, which the suite itself needs.
-PACK_COMPRESS_LEVEL = 0
+# venv-pack's level, as .ci/run builds it in the background (another level would pack it again). Stored
+# (0) saves gzip's CPU, but the driver and both executors copy and unpack the 2.4 GB archive: a full disk.
+PACK_COMPRESS_LEVEL = 4
 ARCHIVE_ALIAS = "environment"  # the folder the archive is unpacked to in each executor's working dir
 PACK_TIMEOUT_S = 1800.0  # TensorFlow from an empty pip cache on a slow network, then the packing
 SAMPLE_TEST_ROWS = 1000  # the bundled sample's test file
