@@ -179,7 +179,10 @@ def test_spark_submit_runs_the_ranks_in_two_executor_jvms_and_a_killed_rank_resu
     variant = json.loads((output / "report.json").read_text())["variants"][0]
     attempts = variant["attempts"]
     assert [a["outcome"] for a in attempts] == ["failed", "succeeded"]
-    assert "rank 1" in attempts[0]["cause"] and "exited with code -9" in attempts[0]["cause"]
+    # The cause is the first failure the driver hears: rank 1's death (-9), or now and then rank 0's collective
+    # failing on its lost peer before that (seen once in CI: "rank 0 ... UnavailableError"). Either way one retry.
+    cause = attempts[0]["cause"]
+    assert ("rank 1" in cause and "exited with code -9" in cause) or ("rank 0" in cause and "UnavailableError" in cause), cause
     assert attempts[1]["resumed_from_epoch"] == 1  # epoch 2 was lost, epoch 1 was not
     assert attempts[1]["seconds_from_failure_to_first_step"] > 0
     assert all(len(values) == 2 for values in variant["history"].values())  # every epoch once
