@@ -23,7 +23,7 @@ from sparkml_mnist.data.shards import shard_frame
 from sparkml_mnist.launcher import HorovodRunner, get_context
 from sparkml_mnist.launcher.policy import FailurePolicy
 from sparkml_mnist.launcher.failures import CRASH, PreflightError, RankFailedError, RankStalledError
-from sparkml_mnist.launcher.task.process import sweep_work_folders
+from sparkml_mnist.launcher.task.process import OWNER_FILE, sweep_work_folders
 from rank_logs import rank_lines
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -298,8 +298,14 @@ def test_a_crashing_rank_reports_exit_code_and_stderr(spark, tmp_path: Path) -> 
     assert not crashed.exists(), "a crashed rank's task leaves no work folder"
     # Rank 0's task was ended with the run (Spark kills its Python worker: no cleanup runs there); the next
     # task started in that folder sweeps what a task that is gone left behind, and nothing that is alive.
-    if ended.exists():
-        assert ended in sweep_work_folders(ended.parent)
+    try:
+        owner = int((ended / OWNER_FILE).read_text())
+    except FileNotFoundError:
+        owner = None  # its task's cleanup ran after all
+    if owner is not None:
+        assert wait_until_gone([owner]) == [], "Spark ends a killed task's Python worker"
+        if ended.exists():
+            assert ended in sweep_work_folders(ended.parent)
     assert not ended.exists()
 
 
