@@ -236,6 +236,62 @@ def baseline(steps: int, with_imports: bool) -> None:
     print(json.dumps({"vmhwm_kb": vmhwm_kb(), "package": sparkml_mnist.__file__}))
 
 
+def sklearn_end_to_end(train: str, test: str, steps: int) -> None:
+    """The one-process way without Spark: sklearn reads both files, tf_keras fits variant 1 for the job's
+    capped steps (and validation steps) on all of the machine's cores, then scores the whole test set.
+
+    The same work as the job's run at that scale except the report and plots; prints wall seconds per
+    phase and this process's VmHWM.
+    """
+    started = time.perf_counter()
+    import numpy as np
+    from sklearn.datasets import load_svmlight_file
+
+    from sparkml_mnist.config import load_variant
+    from sparkml_mnist.launcher import keras_flavour
+    from sparkml_mnist.training.models import build_model
+
+    keras_flavour.tensorflow()
+    imported = time.perf_counter()
+    variant = load_variant(VARIANT)
+
+    def images(path: str) -> tuple[Any, Any]:
+        x, y = load_svmlight_file(path, n_features=PIXELS, dtype=np.float32)
+        dense = x.toarray()
+        dense /= np.float32(255)  # in place: one dense copy, as a careful user would
+        return dense.reshape(-1, SIDE, SIDE, 1), y.astype(np.int64)
+
+    x_train, y_train = images(train)
+    x_test, y_test = images(test)
+    read = time.perf_counter()
+    held_out = int(len(x_train) * variant.validation_split)  # Keras's validation_split: the last rows
+    eye = np.eye(10, dtype=np.float32)
+    model = build_model(variant)
+    model.fit(x_train[:-held_out], eye[y_train[:-held_out]], batch_size=128, epochs=1, steps_per_epoch=steps,
+              validation_data=(x_train[-held_out:][: steps * 128], eye[y_train[-held_out:][: steps * 128]]),
+              verbose=0)
+    trained = time.perf_counter()
+    accuracy = float((model.predict(x_test, batch_size=1024, verbose=0).argmax(axis=1) == y_test).mean())
+    scored = time.perf_counter()
+    print(json.dumps({"vmhwm_kb": vmhwm_kb(), "imports_s": imported - started, "read_s": read - imported,
+                      "train_s": trained - read, "evaluate_s": scored - trained, "test_accuracy": accuracy}))
+
+
+def measure_sklearn(files: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``sklearn_end_to_end`` in a fresh process, timed from outside like the job's run."""
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", CUDA_VISIBLE_DEVICES="-1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    command = [sys.executable, str(Path(__file__).resolve()), "_sklearn", files["train"]["path"],
+               files["test"]["path"], str(steps)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "peak_rss_mb": measured.pop("vmhwm_kb") / 1024, **measured}
+
+
 # --- the orchestrator ----------------------------------------------------------------------------
 
 
@@ -407,6 +463,26 @@ def measure_baseline(source: Path | None, steps: int, with_imports: bool) -> dic
     return {"rss_mb": measured["vmhwm_kb"] / 1024, "package": measured["package"].rsplit("/sparkml_mnist/", 1)[0]}
 
 
+def measure_sklearn_scales(result: dict[str, Any], args: argparse.Namespace, scales: list[int]) -> None:
+    """The ``sklearn`` entry at each scale, and beside it the job's ``after`` run of the same scale."""
+    kept = result.setdefault("sklearn", {})
+    kept["note"] = ("one process: load_svmlight_file (train, test), dense float32, tf_keras variant 1 fitted "
+                    "for the same capped steps and validation steps on all cores, the whole test set scored; "
+                    "no report or plots")
+    for scale in scales:
+        files = make_scaled(args.data, args.cache, scale)
+        measured = measure_sklearn(files, args.steps)
+        job = result.get("after", {}).get(f"x{scale}")
+        if job:
+            measured["job_wall_s"] = job["wall_s"]
+            measured["job_over_sklearn_wall"] = job["wall_s"] / measured["wall_s"]
+            measured["job_driver_peak_rss_mb"] = job["driver_peak_rss_mb"]
+            measured["job_rank_peak_rss_mb"] = max(job["rank_peak_rss_mb"])
+        kept[f"x{scale}"] = measured
+        print(f"sklearn x{scale}: " + json.dumps(measured), flush=True)
+        RESULT_FILE.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def targets(result: dict[str, Any]) -> dict[str, Any]:
     """The issue's three figures, from ``after`` (and ``before``'s x16 evaluation); ``before``'s own beside them."""
     found = figures(result.get("after", {}))
@@ -442,6 +518,9 @@ def figures(after: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "_driver":
         driver_wrapper(sys.argv[2], sys.argv[3:])
+    if len(sys.argv) > 4 and sys.argv[1] == "_sklearn":
+        sklearn_end_to_end(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
     if len(sys.argv) > 2 and sys.argv[1] == "_baseline":
         baseline(int(sys.argv[2]), with_imports=sys.argv[3:] == ["imports"])
         return
@@ -455,6 +534,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "sparkml-mnist-scale",
                         help="where the scaled files are made (outside the repository)")
     parser.add_argument("--driver-memory", help="spark.driver.memory for the runs (default: Spark's, 1g)")
+    parser.add_argument("--sklearn", action="store_true",
+                        help="measure the one-process way (sklearn reads, tf_keras fits) at each scale instead "
+                             "(kept under sklearn; the job's runs are left as they are)")
     parser.add_argument("--note", default="", help="what the measured code is, in words (kept in the results)")
     args = parser.parse_args()
     scales = [int(part) for part in args.scales.split(",")]
@@ -470,6 +552,9 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "steps": args.steps,
     })
+    if args.sklearn:
+        measure_sklearn_scales(result, args, scales)
+        return
     label = result.setdefault(args.label, {})
     label.update({"source": commit_of(checkout), "note": args.note})
     for with_imports, key in ((False, "baseline_rss_mb"), (True, "baseline_with_pyarrow_rss_mb")):

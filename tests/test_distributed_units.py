@@ -292,6 +292,33 @@ def test_the_spec_a_rank_reads_is_the_launch_without_its_secret(tmp_path) -> Non
     assert (read.local_rank, read.local_size, read.addresses[2]) == (1, 2, "a:12") and not read.keep_value
 
 
+def _rank(rank: int, hosts: list[str], threads: int, pin: bool = True, gpus: tuple[str, ...] = ()):
+    from sparkml_mnist.launcher.policy import FailurePolicy
+    from sparkml_mnist.launcher.spec import LaunchSpec
+
+    launch = LaunchSpec(size=len(hosts), backend="tf", policy=FailurePolicy(), driver_host="d", driver_port=7,
+                        threads=threads, pin_cores=pin)
+    return launch.for_rank(rank, hosts, list(range(10, 10 + len(hosts))), list(gpus))
+
+
+def test_ranks_that_split_a_machines_cores_each_keep_their_own() -> None:
+    from sparkml_mnist.launcher.rank.main import RANK_CORES_ENV
+    from sparkml_mnist.launcher.task.process import child_environment, rank_cores
+
+    two_hosts = ["a", "a", "b", "b"]  # ranks 0 and 1 share host a, 2 and 3 host b
+    assert [rank_cores(_rank(r, two_hosts, 1), {4, 5}) for r in range(4)] == [[4], [5], [4], [5]]
+    assert [rank_cores(_rank(r, ["a", "a"], 2), {0, 1, 2, 3}) for r in (0, 1)] == [[0, 1], [2, 3]]
+    assert rank_cores(_rank(0, ["a", "a"], 1), {0, 1, 2, 3}) is None  # two cores left free: not pinned
+    assert rank_cores(_rank(0, ["a", "a"], 4), {0, 1, 2, 3}) is None  # more threads than cores
+    assert rank_cores(_rank(0, ["a", "b"], 1), {0}) is None  # alone on its host
+    machine = sorted(os.sched_getaffinity(0))
+    split = _rank(1, ["a"] * len(machine), 1)
+    if len(machine) > 1:
+        assert child_environment(split, {})[RANK_CORES_ENV] == str(machine[1])
+    assert RANK_CORES_ENV not in child_environment(_rank(1, ["a"] * len(machine), 1, pin=False), {})  # a cluster
+    assert RANK_CORES_ENV not in child_environment(_rank(1, ["a"] * len(machine), 1, gpus=("0",)), {})
+
+
 # --------------------------------------------------------------------------------------------
 # Where the driver's channel listens (README "Security")
 # --------------------------------------------------------------------------------------------

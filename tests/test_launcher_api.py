@@ -41,7 +41,7 @@ def partition_main(context: Any) -> dict[str, Any]:
     strategy = context.strategy
     total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(mine)), axis=None)
     return {"ids": table.column("id").to_pylist(), "words": table.column("word").to_pylist(),
-            "columns": table.column_names, "total": float(total.numpy())}
+            "columns": table.column_names, "total": float(total.numpy()), "cores": sorted(os.sched_getaffinity(0))}
 
 
 def chatty_main() -> None:
@@ -109,6 +109,11 @@ def test_a_users_own_dataframe_reaches_each_rank_as_its_partition(words, np_: in
     assert values[1]["words"] == ["word5", "word6", "word7", "word8", "word9"]
     assert all(value["columns"] == ["id", "word", "value"] for value in values)
     assert all(value["total"] == sum(i / 2 for i in range(ROWS)) for value in values)
+    machine = sorted(os.sched_getaffinity(0))
+    if len(machine) == 2:  # local[2] and the driver split this machine's two cores: one each, kept
+        assert [value["cores"] for value in values] == [[machine[0]], [machine[1]]]
+    elif np_ > 0:  # two 1-core tasks leave the other cores free: the scheduler places them
+        assert all(value["cores"] == machine for value in values)
 
 
 def test_a_dataframe_without_one_partition_per_rank_is_refused_before_anything_runs(words) -> None:

@@ -57,6 +57,9 @@ class RankDevices:
     threads: int
     on_gpus: bool
     driver_gpus: tuple[tuple[str, ...], ...] = ()  # rank -> its GPU addresses (driver processes only)
+    # Each CPU rank on cores of its own: only where the run's ranks are all that train on the machine (a
+    # local master, or processes on the driver). On a cluster's executors other tasks share the cores.
+    pin_cores: bool = False
 
 
 def rank_devices(placement: Placement, spark: Any) -> RankDevices:
@@ -66,7 +69,8 @@ def rank_devices(placement: Placement, spark: Any) -> RankDevices:
     Driver processes: one of the driver's GPUs each when there are enough for every rank, else none.
     """
     if not placement.on_driver:
-        return RankDevices(threads=resources.task_cpus(spark), on_gpus=resources.task_gpus(spark) > 0)
+        return RankDevices(threads=resources.task_cpus(spark), on_gpus=resources.task_gpus(spark) > 0,
+                           pin_cores=resources.is_local_master(spark))
     gpus = resources.driver_gpus(spark)
     cores = resources.driver_cores()
     if placement.size > cores:
@@ -75,4 +79,5 @@ def rank_devices(placement: Placement, spark: Any) -> RankDevices:
             "Use np>=-%d, or np>0 to run on executors", placement.size, placement.size, cores, cores,
         )
     per_rank = tuple((gpu,) for gpu in gpus[: placement.size]) if len(gpus) >= placement.size else ()
-    return RankDevices(threads=max(1, cores // placement.size), on_gpus=bool(per_rank), driver_gpus=per_rank)
+    return RankDevices(threads=max(1, cores // placement.size), on_gpus=bool(per_rank), driver_gpus=per_rank,
+                       pin_cores=True)

@@ -37,6 +37,7 @@ class LaunchSpec:
     keep_all_values: bool = False  # run_all(): every rank's return value comes back, not only rank 0's
     forward_output: bool = False  # the ranks' stdout/stderr lines go to the driver (driver_log_verbosity="all")
     threads: int | None = None
+    pin_cores: bool = False  # each CPU rank on ``threads`` cores of its own (placement.RankDevices.pin_cores)
     backend_options: dict[str, Any] = field(default_factory=dict)  # from the backend's driver session
     checkpoint_dir: str | None = None  # where rank 0 writes checkpoints and every rank reads them; None: the driver's
     secret: str = field(default="", repr=False)  # the run's channel secret; "" once it reached the task

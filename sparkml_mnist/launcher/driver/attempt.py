@@ -100,7 +100,7 @@ class AttemptLauncher:
                     size=placement.size, backend=placement.backend, policy=policy, driver_host=connect_host,
                     driver_port=server.port, attempt=attempt.number, has_data=self.data is not None,
                     keep_all_values=self.keep_all_values, forward_output=self.forward_output,
-                    threads=devices.threads, backend_options=options,
+                    threads=devices.threads, pin_cores=devices.pin_cores, backend_options=options,
                     checkpoint_dir=self.reports.store.rank_location, secret=secret,
                 )
                 if placement.on_driver:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 PARENT_PID_ENV = "SPARKML_MNIST_PARENT_PID"
 STATUS_FD_ENV = "SPARKML_MNIST_STATUS_FD"
+RANK_CORES_ENV = "SPARKML_MNIST_RANK_CORES"  # "0,1": the cores this rank keeps to (task.process.rank_cores)
 _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 _LIBC = "libc.so.6"
 DONE_BYTE = b"1"
@@ -74,6 +75,9 @@ def _abort(workdir: Path, record: Any, reason: str) -> None:
 def main(workdir: Path) -> None:
     parent = os.environ.get(PARENT_PID_ENV)
     die_with_parent(int(parent) if parent else None)
+    cores = os.environ.get(RANK_CORES_ENV)
+    if cores:  # before any thread starts: TensorFlow's and gRPC's threads inherit it
+        os.sched_setaffinity(0, {int(core) for core in cores.split(",")})
     started_at = time.time()
 
     from sparkml_mnist.launcher import keras_flavour  # sets TF_USE_LEGACY_KERAS before anything imports TF

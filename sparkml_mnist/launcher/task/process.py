@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from sparkml_mnist.launcher.rank.main import PARENT_PID_ENV, STATUS_FD_ENV
+from sparkml_mnist.launcher.rank.main import PARENT_PID_ENV, RANK_CORES_ENV, STATUS_FD_ENV
 from sparkml_mnist.launcher.failures import CRASH, RankError, RankRecord
 from sparkml_mnist.launcher.spec import PAYLOAD_FILE, RECORD_FILE, VALUE_FILE, RankSpec
 
@@ -117,6 +117,9 @@ def child_environment(spec: RankSpec, backend_env: dict[str, str]) -> dict[str, 
     if spec.threads and not spec.gpus:
         for name in THREAD_ENVS:  # ranks sharing a machine split its cores instead of oversubscribing
             env[name] = str(spec.threads)
+        cores = rank_cores(spec) if spec.launch.pin_cores else None
+        if cores:
+            env[RANK_CORES_ENV] = ",".join(str(core) for core in cores)
     env.setdefault(TF_LOG_LEVEL_ENV, TF_LOG_LEVEL_DEFAULT)
     env["PYTHONUNBUFFERED"] = "1"
     env[PARENT_PID_ENV] = str(os.getpid())
@@ -124,6 +127,21 @@ def child_environment(spec: RankSpec, backend_env: dict[str, str]) -> dict[str, 
     if shipped:  # the rank's interpreter must import the package (and the user's code) as this one does
         env["PYTHONPATH"] = os.pathsep.join([*shipped, *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def rank_cores(spec: RankSpec, available: set[int] | None = None) -> list[int] | None:
+    """The cores this rank keeps to: its local rank's ``threads`` of the cores this task may use.
+
+    Two 1-core ranks left to the scheduler keep moving between the cores, each with its communication
+    threads; pinned, each keeps its own (benchmarks/RESULTS.md, "tf's synchronisation"). Only when the
+    machine's ranks split every core between them: a run that leaves cores free leaves the scheduler to
+    place them (another program may be pinned there too), and one rank alone has nobody to split with.
+    """
+    cores = sorted(available if available is not None else os.sched_getaffinity(0))
+    threads = spec.threads or 0
+    if spec.local_size < 2 or threads < 1 or spec.local_size * threads != len(cores):
+        return None
+    return cores[spec.local_rank * threads:(spec.local_rank + 1) * threads]
 
 
 def shipped_code_paths() -> list[str]:
