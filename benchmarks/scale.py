@@ -264,12 +264,11 @@ def sklearn_end_to_end(train: str, test: str, steps: int) -> None:
     x_train, y_train = images(train)
     x_test, y_test = images(test)
     read = time.perf_counter()
-    held_out = int(len(x_train) * variant.validation_split)  # Keras's validation_split: the last rows
+    cut = len(x_train) - int(len(x_train) * variant.validation_split)  # Keras's validation_split: the last rows
     eye = np.eye(10, dtype=np.float32)
     model = build_model(variant)
-    model.fit(x_train[:-held_out], eye[y_train[:-held_out]], batch_size=128, epochs=1, steps_per_epoch=steps,
-              validation_data=(x_train[-held_out:][: steps * 128], eye[y_train[-held_out:][: steps * 128]]),
-              verbose=0)
+    model.fit(x_train[:cut], eye[y_train[:cut]], batch_size=128, epochs=1, steps_per_epoch=steps,
+              validation_data=(x_train[cut:][: steps * 128], eye[y_train[cut:][: steps * 128]]), verbose=0)
     trained = time.perf_counter()
     accuracy = float((model.predict(x_test, batch_size=1024, verbose=0).argmax(axis=1) == y_test).mean())
     scored = time.perf_counter()
@@ -466,6 +465,8 @@ def measure_baseline(source: Path | None, steps: int, with_imports: bool) -> dic
 def measure_sklearn_scales(result: dict[str, Any], args: argparse.Namespace, scales: list[int]) -> None:
     """The ``sklearn`` entry at each scale, and beside it the job's ``after`` run of the same scale."""
     kept = result.setdefault("sklearn", {})
+    kept["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    kept["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     kept["note"] = ("one process: load_svmlight_file (train, test), dense float32, tf_keras variant 1 fitted "
                     "for the same capped steps and validation steps on all cores, the whole test set scored; "
                     "no report or plots")
@@ -544,6 +545,9 @@ def main() -> None:
     expected = str(checkout)
 
     result = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() else {}
+    if args.sklearn:  # the job runs' header (their date, machine) stays theirs
+        measure_sklearn_scales(result, args, scales)
+        return
     result.update({
         "command": f"sparkml-mnist train --variant {VARIANT} --np {NP} --epochs 1 --max-steps-per-epoch "
                    f"{args.steps} --train <xK train> --test <xK test>   (benchmarks/scale.py)",
@@ -552,9 +556,6 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "steps": args.steps,
     })
-    if args.sklearn:
-        measure_sklearn_scales(result, args, scales)
-        return
     label = result.setdefault(args.label, {})
     label.update({"source": commit_of(checkout), "note": args.note})
     for with_imports, key in ((False, "baseline_rss_mb"), (True, "baseline_with_pyarrow_rss_mb")):

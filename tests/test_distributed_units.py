@@ -319,6 +319,16 @@ def test_ranks_that_split_a_machines_cores_each_keep_their_own() -> None:
     assert RANK_CORES_ENV not in child_environment(_rank(1, ["a"] * len(machine), 1, gpus=("0",)), {})
 
 
+@pytest.mark.parametrize("value", ["x", "99999"], ids=["not_a_number", "no_such_core"])
+def test_cores_a_rank_cannot_keep_to_leave_one_line_and_the_scheduler(value: str, capsys) -> None:
+    from sparkml_mnist.launcher.rank.main import RANK_CORES_ENV, keep_to_cores
+
+    before = os.sched_getaffinity(0)
+    keep_to_cores(value)
+    assert os.sched_getaffinity(0) == before
+    assert capsys.readouterr().err.startswith(f"{RANK_CORES_ENV}={value!r} not applied (")
+
+
 # --------------------------------------------------------------------------------------------
 # Where the driver's channel listens (README "Security")
 # --------------------------------------------------------------------------------------------

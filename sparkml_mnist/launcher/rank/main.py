@@ -47,6 +47,19 @@ def die_with_parent(expected_parent: int | None) -> None:
         os._exit(1)
 
 
+def keep_to_cores(cores: str | None) -> None:
+    """Pin this process to ``cores`` ("0,1") before any thread starts: TensorFlow's and gRPC's inherit it.
+
+    A speed-up only: a value the machine refuses (a cpuset that changed) leaves one line and the scheduler.
+    """
+    if not cores:
+        return
+    try:
+        os.sched_setaffinity(0, {int(core) for core in cores.split(",")})
+    except (ValueError, OSError) as error:
+        sys.stderr.write(f"{RANK_CORES_ENV}={cores!r} not applied ({error}); the scheduler places this rank\n")
+
+
 def _heartbeats(client: Any, context: Any, interval_s: float, finished: threading.Event) -> None:
     """Beat every ``interval_s`` with the rank's counters; a last beat says done."""
     while True:
@@ -75,9 +88,7 @@ def _abort(workdir: Path, record: Any, reason: str) -> None:
 def main(workdir: Path) -> None:
     parent = os.environ.get(PARENT_PID_ENV)
     die_with_parent(int(parent) if parent else None)
-    cores = os.environ.get(RANK_CORES_ENV)
-    if cores:  # before any thread starts: TensorFlow's and gRPC's threads inherit it
-        os.sched_setaffinity(0, {int(core) for core in cores.split(",")})
+    keep_to_cores(os.environ.get(RANK_CORES_ENV))
     started_at = time.time()
 
     from sparkml_mnist.launcher import keras_flavour  # sets TF_USE_LEGACY_KERAS before anything imports TF

@@ -137,6 +137,8 @@ def rank_cores(spec: RankSpec, available: set[int] | None = None) -> list[int] |
     machine's ranks split every core between them: a run that leaves cores free leaves the scheduler to
     place them (another program may be pinned there too), and one rank alone has nobody to split with.
     """
+    if available is None and not hasattr(os, "sched_getaffinity"):  # not Linux: left to the scheduler
+        return None
     cores = sorted(available if available is not None else os.sched_getaffinity(0))
     threads = spec.threads or 0
     if spec.local_size < 2 or threads < 1 or spec.local_size * threads != len(cores):
