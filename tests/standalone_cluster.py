@@ -24,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterator
 
+from sparkml_mnist.config.platform import load_platform_settings
 from spark_processes import LOCALHOST, POLL_S, STOP_TIMEOUT_S, free_port, marked_pids, spark_home, stop_group, tail
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,12 @@ JOB_TIMEOUT_S = 540.0
 PID_LINE = re.compile(r"Started daemon with process name: (\d+)@")
 EXECUTOR_LOG_CHARS = 1500
 # The job's settings on the cluster: two one-core executors, small shuffles, an event log to read.
+# The quick JIT that the CLI gives the driver JVM it starts (conf/platform.yaml's local_jvm): for every
+# JVM of the test cluster, which live for a minute or two on a 2-core machine the suite keeps busy.
+QUICK_JIT = load_platform_settings().local_jvm.java_options
 SUBMIT_CONF = {
+    "spark.driver.extraJavaOptions": QUICK_JIT,
+    "spark.executor.extraJavaOptions": QUICK_JIT,
     "spark.executor.cores": "1",
     "spark.cores.max": "2",
     "spark.executor.memory": "1g",
@@ -120,6 +126,7 @@ def cluster_env(root: Path, marker: str) -> dict[str, str]:
         "SPARK_CONF_DIR": str(conf_dir),
         "SPARK_LOCAL_IP": LOCALHOST,
         "SPARK_LOCAL_HOSTNAME": LOCALHOST,
+        "SPARK_DAEMON_JAVA_OPTS": QUICK_JIT,  # the Master's and the Workers'
         MARKER_ENV: marker,
     })
     return env

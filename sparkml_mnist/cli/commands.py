@@ -185,7 +185,7 @@ def _run_predict(args: argparse.Namespace) -> None:
 
     check_output(args.output, args.overwrite, args.data)  # before the model is loaded or Spark starts
     model = resolve_model(args.model, args.variant)  # loaded and checked on the driver, before Spark starts
-    spark = create_spark(f"{PROGRAM} predict", master=args.master, verbose=args.verbose)
+    spark = create_spark(f"{PROGRAM} predict", master=args.master, verbose=args.verbose, write_class_archive=True)
     summary = predict_to_path(spark, model, args.data, args.output, overwrite=args.overwrite, column=args.column,
                               data_format=args.data_format, output_format=args.output_format)
     print(summary.line())
@@ -221,7 +221,7 @@ def _run_training(args: argparse.Namespace) -> None:
     else:
         plan = plan_job(_run_config(args), overwrite=args.overwrite)  # every setting checked, before Spark starts
     tracking = _tracking(args, plan.run.register_model)  # MLflow asked for but missing: a usage error, before Spark
-    spark = create_spark(f"{PROGRAM} train", master=args.master, verbose=args.verbose)
+    spark = create_spark(f"{PROGRAM} train", master=args.master, verbose=args.verbose, write_class_archive=True)
     folder = run_job(spark, plan, tracking=tracking)
     if args.quiet:  # the progress log (and its table) is off: the result still is the output
         print(_summary_table(folder))
@@ -297,7 +297,7 @@ def _run_data_preview(args: argparse.Namespace) -> None:
     if args.np < 1:
         raise ConfigError(f"--np must be a positive number of shards, got {args.np}")
     paths = _input_paths(args)
-    spark = create_spark(f"{PROGRAM} data", master=args.master)
+    spark = create_spark(f"{PROGRAM} data", master=args.master, write_class_archive=True)
     train = _preview_file(spark, "train", paths.train)
     _preview_file(spark, "test", paths.test)
     plan = plan_shards(train.num_rows, args.np, args.validation_split, paths.train)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from pyspark import SparkConf
@@ -12,6 +14,8 @@ from pyspark.errors import PySparkException
 from pyspark.sql import SparkSession
 from pyspark.sql.utils import is_remote
 
+from sparkml_mnist.cli import jvm
+from sparkml_mnist.config.platform import load_platform_settings
 from sparkml_mnist.errors import ConfigError
 
 LOCAL_MASTER = "local[*]"
@@ -23,18 +27,26 @@ QUIET_LOG4J_FILE = "log4j2-quiet.properties"
 # Spark's console progress bar interleaves with the job's own per-epoch progress lines.
 DEFAULT_CONF = {"spark.ui.showConsoleProgress": "false"}
 REMOTE_ENV = "SPARK_REMOTE"
+GATEWAY_PORT_ENV = "PYSPARK_GATEWAY_PORT"  # set by spark-submit for the Python it runs: its JVM is already up
 REMOTE_SCHEME = "sc://"
 CONNECT_DEFAULT_PORT = 15002
 CONNECT_PROBE_TIMEOUT_S = 10.0
 
 
 def create_spark(
-    app_name: str, master: str | None = None, conf: dict[str, str] | None = None, verbose: bool = False
+    app_name: str,
+    master: str | None = None,
+    conf: dict[str, str] | None = None,
+    verbose: bool = False,
+    write_class_archive: bool = False,
 ) -> SparkSession:
     """Get or create the session; ``local[*]`` only when neither the caller nor spark-submit set a master.
 
     ``master="sc://HOST:PORT"``, or ``SPARK_REMOTE`` when no master is given, opens a Spark Connect
     session instead; a process that already holds a Connect session (a notebook) gets that one.
+    A JVM this call starts gets ``conf/platform.yaml``'s ``local_jvm`` options and maps the class
+    archive when there is one; with ``write_class_archive`` (the CLI) and none there yet, it writes
+    it as it exits (sparkml_mnist.cli.jvm).
     """
     remote = master if master and master.startswith(REMOTE_SCHEME) else None
     if master is None:
@@ -49,23 +61,55 @@ def create_spark(
     chosen = master or submitted_master or LOCAL_MASTER
     if not submitted_master or master:
         builder = builder.master(chosen)
-    if not verbose and not _jvm_running():  # Spark's start-up and task-failure lines off the console
-        builder = builder.config(DRIVER_JAVA_OPTIONS, _with_quiet_log4j(SparkConf().get(DRIVER_JAVA_OPTIONS, "")))
+    settings = {**DEFAULT_CONF, **(conf or {})}
+    archive = None
+    if _launches_jvm():
+        options = settings.get(DRIVER_JAVA_OPTIONS) or SparkConf().get(DRIVER_JAVA_OPTIONS, "")
+        if not verbose:  # Spark's start-up and task-failure lines off the console
+            options = _with_quiet_log4j(options)
+        jvm_settings = load_platform_settings().local_jvm
+        path = class_archive_path() if jvm_settings.class_archive else None
+        archive = jvm.plan_archive(path, write_class_archive) if path is not None else None
+        settings[DRIVER_JAVA_OPTIONS] = jvm.java_options(options, jvm_settings, archive)
     if chosen.startswith("local") and not os.environ.get("PYSPARK_PYTHON"):
         # Local Python workers must run this interpreter (its venv has pyarrow, TF), not "python3".
         os.environ["PYSPARK_PYTHON"] = sys.executable
-    for key, value in {**DEFAULT_CONF, **(conf or {})}.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    for key, value in settings.items():
+        if value or key != DRIVER_JAVA_OPTIONS:
+            builder = builder.config(key, value)
+    try:
+        spark = builder.getOrCreate()
+    except BaseException:
+        jvm.release(archive)
+        raise
+    if archive is not None and archive.writing is not None:
+        process = getattr(_gateway(), "proc", None)
+        jvm.started(archive, process.pid if process is not None else None)
     if not is_remote():  # Spark Connect has no SparkContext; its server owns the logs
         spark.sparkContext.setLogLevel(VERBOSE_LOG_LEVEL if verbose else QUIET_LOG_LEVEL)
     return spark
 
 
-def _jvm_running() -> bool:
+def _gateway() -> Any:
     from pyspark import SparkContext
 
-    return SparkContext._gateway is not None  # type: ignore[attr-defined]
+    return SparkContext._gateway  # type: ignore[attr-defined]
+
+
+def _launches_jvm() -> bool:
+    """Whether the session about to be made starts its JVM here (not spark-submit's, not an earlier one)."""
+    return _gateway() is None and GATEWAY_PORT_ENV not in os.environ
+
+
+def class_archive_path() -> Path | None:
+    """This machine's class archive for the JVM this process would start (None: no cache folder, no java)."""
+    import pyspark
+
+    folder, java = jvm.cache_folder(), jvm.java_runner()
+    if folder is None or java is None:
+        return None
+    spark_home = os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
+    return jvm.archive_path(folder, java, spark_home, pyspark.__version__)
 
 
 def _with_quiet_log4j(options: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from sparkml_mnist.config import default_conf_file, load_data_spec
-from sparkml_mnist.config.loader import load_file, rule
+from sparkml_mnist.config.loader import load_file, positive, rule
 from sparkml_mnist.errors import ConfigError
 
 DATABRICKS_RUNTIME_ENV = "DATABRICKS_RUNTIME_VERSION"  # set by Databricks in every driver and executor process
@@ -37,10 +37,20 @@ def _as_fuse_path(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class LocalJvmSettings:
+    """``local_jvm``: the driver JVM that the CLI starts itself (sparkml_mnist.cli.jvm)."""
+
+    java_options: str
+    class_archive: bool
+    archive_write_timeout_s: float = field(metadata=rule(positive))
+
+
+@dataclass(frozen=True)
 class PlatformSettings:
     """``conf/platform.yaml``: defaults that only apply on a given platform."""
 
     databricks_output_root: str = field(metadata=rule(convert=_as_fuse_path))
+    local_jvm: LocalJvmSettings
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,137 @@
+"""The driver JVM the CLI starts: C1 only, and Spark's classes from an archive the first run writes.
+
+The archive's rules are checked on files (who writes, who maps, what a killed writer leaves); one
+fresh CLI process writes a real archive and a second process maps it (its JVM's memory maps name it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparkml_mnist.cli import jvm
+from sparkml_mnist.config.platform import LocalJvmSettings
+
+SETTINGS = LocalJvmSettings(java_options="-XX:TieredStopAtLevel=1", class_archive=True, archive_write_timeout_s=120)
+WRITE_WAIT_S = 240.0
+DEAD_PID = 2**22 + 12345  # above Linux's pid_max default: never a live process
+
+
+def whole_archive(path: Path) -> None:
+    path.write_bytes(jvm.DYNAMIC_ARCHIVE_MAGIC + b"\0" * 64)
+
+
+def test_the_user_s_own_options_decide_where_they_speak():
+    plan = jvm.ArchivePlan(Path("/c/a.jsa"), "-XX:SharedArchiveFile=/c/a.jsa -Xlog:cds*=off")
+    assert jvm.java_options("", SETTINGS, plan) == "-XX:TieredStopAtLevel=1 -XX:SharedArchiveFile=/c/a.jsa -Xlog:cds*=off"
+    assert jvm.java_options("-Dx=1 -XX:TieredStopAtLevel=4", SETTINGS, plan) == (
+        "-Dx=1 -XX:TieredStopAtLevel=4 -XX:SharedArchiveFile=/c/a.jsa -Xlog:cds*=off"
+    )
+    assert jvm.java_options("-Xshare:off", SETTINGS, plan) == "-Xshare:off -XX:TieredStopAtLevel=1"
+    assert jvm.java_options("", LocalJvmSettings("", False, 1), None) == ""
+
+
+def test_the_cache_folder_follows_the_environment(tmp_path):
+    assert jvm.cache_folder({jvm.CACHE_ENV: "None"}) is None
+    assert jvm.cache_folder({jvm.CACHE_ENV: str(tmp_path)}) == tmp_path
+    assert jvm.cache_folder({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "sparkml-mnist" / "jvm"
+
+
+def test_one_archive_per_java_and_spark(tmp_path):
+    java = tmp_path / "java"
+    java.write_text("")
+    first = jvm.archive_path(tmp_path, str(java), "/spark", "4.3.0")
+    assert first == jvm.archive_path(tmp_path, str(java), "/spark", "4.3.0")
+    assert first != jvm.archive_path(tmp_path, str(java), "/other-spark", "4.3.0")
+    assert first != jvm.archive_path(tmp_path, str(java), "/spark", "4.3.1")
+    os.utime(java, ns=(1, 1))  # a Java updated in place
+    assert first != jvm.archive_path(tmp_path, str(java), "/spark", "4.3.0")
+
+
+def test_only_a_writer_claims_and_one_at_a_time(tmp_path):
+    archive = tmp_path / "cache" / "spark.jsa"
+    assert jvm.plan_archive(archive, write=False) == jvm.ArchivePlan(archive)  # nothing to map, nothing claimed
+    plan = jvm.plan_archive(archive, write=True)
+    assert plan.writing == tmp_path / "cache" / f"spark.jsa.{os.getpid()}.writing"
+    assert plan.options.startswith(f"-XX:ArchiveClassesAtExit={plan.writing} ")
+    assert plan.lock.read_text() == str(os.getpid())
+    assert jvm.plan_archive(archive, write=True) == jvm.ArchivePlan(archive)  # the lock's holder lives: no second writer
+    jvm.release(plan)
+    assert not plan.lock.exists()
+
+
+def test_a_finished_writer_s_file_is_put_in_place_and_mapped(tmp_path):
+    archive = tmp_path / "spark.jsa"
+    (tmp_path / "spark.jsa.lock").write_text(f"{DEAD_PID} {DEAD_PID + 1}")
+    whole_archive(tmp_path / f"spark.jsa.{DEAD_PID}.writing")
+    plan = jvm.plan_archive(archive, write=False)
+    assert plan.options == f"-XX:SharedArchiveFile={archive} {jvm.QUIET_ARCHIVE_OPTIONS}"
+    assert archive.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["spark.jsa"]
+
+
+def test_a_writer_killed_while_writing_leaves_nothing_that_is_mapped(tmp_path):
+    archive = tmp_path / "spark.jsa"
+    (tmp_path / "spark.jsa.lock").write_text(str(DEAD_PID))
+    (tmp_path / f"spark.jsa.{DEAD_PID}.writing").write_bytes(b"\0" * 4096)  # Java writes the header last
+    assert jvm.plan_archive(archive, write=False) == jvm.ArchivePlan(archive)
+    assert list(tmp_path.iterdir()) == []
+    plan = jvm.plan_archive(archive, write=True)  # the next CLI run writes it again
+    assert plan.writing is not None and plan.lock.is_file()
+
+
+def test_a_live_writer_s_file_is_left_alone(tmp_path):
+    archive = tmp_path / "spark.jsa"
+    (tmp_path / "spark.jsa.lock").write_text(f"{DEAD_PID} {os.getpid()}")  # its JVM is still writing
+    writing = tmp_path / f"spark.jsa.{DEAD_PID}.writing"
+    whole_archive(writing)
+    assert jvm.plan_archive(archive, write=True) == jvm.ArchivePlan(archive)
+    assert writing.is_file() and not archive.exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_only_costs_the_archive(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert jvm.plan_archive(blocked / "spark.jsa", write=True) == jvm.ArchivePlan(blocked / "spark.jsa")
+
+
+MAPPED_PROBE = """
+import json, sys
+from pyspark import SparkContext
+from sparkml_mnist.cli.session import class_archive_path, create_spark
+spark = create_spark("probe", master="local[1]")
+pid = SparkContext._gateway.proc.pid
+maps = open(f"/proc/{pid}/maps").read()
+print(json.dumps({"archive": str(class_archive_path()), "mapped": str(class_archive_path()) in maps,
+                  "options": spark.sparkContext.getConf().get("spark.driver.extraJavaOptions")}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the JVM's memory maps from /proc")
+def test_the_first_cli_run_writes_the_archive_and_the_next_jvm_maps_it(tmp_path):
+    env = {**os.environ, jvm.CACHE_ENV: str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-m", "sparkml_mnist.cli", "data"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "6,000 valid rows" in first.stdout and "cds" not in first.stdout + first.stderr
+    (lock,) = (tmp_path / "cache").glob("*.jsa.lock")
+    python_pid, jvm_pid = (int(value) for value in lock.read_text().split())
+    deadline = time.monotonic() + WRITE_WAIT_S  # the JVM writes as it exits, after the CLI process ended
+    while Path(f"/proc/{jvm_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (written,) = (tmp_path / "cache").glob(f"*.jsa.{python_pid}.writing")
+    assert jvm.is_whole_archive(written)
+
+    second = subprocess.run([sys.executable, "-c", MAPPED_PROBE], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    seen = json.loads(second.stdout.strip().splitlines()[-1])
+    assert seen["archive"] == str(written.with_name(written.name[: -len(f".{python_pid}{jvm.WRITING_SUFFIX}")]))
+    assert Path(seen["archive"]).is_file() and not written.exists() and not lock.exists()
+    assert seen["mapped"], seen  # the JVM did not refuse it
+    assert "-XX:TieredStopAtLevel=1" in seen["options"] and f"-XX:SharedArchiveFile={seen['archive']}" in seen["options"]
