@@ -192,3 +192,17 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_one_line_before_spark_starts
     assert f"field 'checkpoint_dir' (--checkpoint-dir) '{bad}': cannot create the folder (" in err
     assert main(["train", "--resume", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path)]) == EXIT_USAGE
     assert "drop --checkpoint-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["data"], ["train", "--variant", "variant1", "--output"]])
+def test_the_cli_s_sessions_write_the_jvm_s_class_archive_when_there_is_none(monkeypatch, tmp_path, capsys, command):
+    seen = {}
+
+    def no_spark(*args, **kwargs):
+        seen.update(kwargs)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr("sparkml_mnist.cli.session.create_spark", no_spark)
+    argv = [*command, str(tmp_path / "out")] if command[-1] == "--output" else command
+    assert main(argv) == EXIT_USAGE
+    assert seen["write_class_archive"] is True  # library callers and the tests' session only map it

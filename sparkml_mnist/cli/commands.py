@@ -4,6 +4,7 @@ code that tells a scheduler whether retrying can help (see ``EXIT_*`` and README
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 import threading
@@ -204,7 +205,6 @@ RUN_SETTINGS = ("run_config", "variant", "np", "epochs", "max_steps_per_epoch", 
 
 
 def _run_training(args: argparse.Namespace) -> None:
-    from sparkml_mnist.job.run import run_job
     from sparkml_mnist.job.plan import plan_job
     from sparkml_mnist.cli.session import create_spark
 
@@ -221,10 +221,32 @@ def _run_training(args: argparse.Namespace) -> None:
     else:
         plan = plan_job(_run_config(args), overwrite=args.overwrite)  # every setting checked, before Spark starts
     tracking = _tracking(args, plan.run.register_model)  # MLflow asked for but missing: a usage error, before Spark
+    job_modules = _import_aside(JOB_MODULE)
     spark = create_spark(f"{PROGRAM} train", master=args.master, verbose=args.verbose, write_class_archive=True)
+    job_modules.join()
+    from sparkml_mnist.job.run import run_job
+
     folder = run_job(spark, plan, tracking=tracking)
     if args.quiet:  # the progress log (and its table) is off: the result still is the output
         print(_summary_table(folder))
+
+
+JOB_MODULE = "sparkml_mnist.job.run"
+
+
+def _import_aside(module: str) -> threading.Thread:
+    """Import ``module`` in a thread while this one waits for the JVM to start (about 1 s of scikit-learn and
+    matplotlib on the other core). A failure is left to the caller's own import, which raises it in full."""
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException:  # noqa: BLE001 - raised again, with its traceback, by the caller's import
+            pass
+
+    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _tracking(args: argparse.Namespace, register_model: str | None = None) -> Any:
