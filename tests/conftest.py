@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 import pytest
 
+from sparkml_mnist.cli.jvm import OPTIONS_ENV
 from sparkml_mnist.data.paths import DATA_DIR_ENV
+from spark_processes import QUICK_JIT
 
 # Two slots, as CI's two cores: barrier stages of two tasks fit, three do not.
 TEST_MASTER = "local[2]"
@@ -59,6 +61,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # name: the workers (started from the JVM that this process launches) need this folder on their path.
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+# The driver JVMs this suite's sessions and CLI processes start get the quick JIT (spark_processes.QUICK_JIT
+# says why; conf/platform.yaml why it is not the product's default). A value set outside is kept.
+os.environ.setdefault(OPTIONS_ENV, QUICK_JIT)
 
 
 @pytest.fixture(scope="session")

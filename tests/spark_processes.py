@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 
 LOCALHOST = "127.0.0.1"
+# The suite's JVMs live seconds to a minute or two with little data, on a 2-core machine the suite keeps
+# busy: only the quick C1 compiler (no C2 compile threads). Not the product's default: it halves the speed
+# of a local read of full MNIST (conf/platform.yaml, benchmarks/RESULTS.md).
+QUICK_JIT = "-XX:TieredStopAtLevel=1"
 STOP_TIMEOUT_S = 20.0
 POLL_S = 0.5
 LOG_TAIL_CHARS = 4000

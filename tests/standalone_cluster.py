@@ -24,8 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterator
 
-from sparkml_mnist.config.platform import load_platform_settings
-from spark_processes import LOCALHOST, POLL_S, STOP_TIMEOUT_S, free_port, marked_pids, spark_home, stop_group, tail
+from spark_processes import LOCALHOST, POLL_S, QUICK_JIT, STOP_TIMEOUT_S, free_port, marked_pids, spark_home, stop_group, tail
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_SCRIPT = REPO / "scripts" / "pack_env.py"  # also builds the wheel (build_wheel)
@@ -38,9 +37,6 @@ JOB_TIMEOUT_S = 540.0
 PID_LINE = re.compile(r"Started daemon with process name: (\d+)@")
 EXECUTOR_LOG_CHARS = 1500
 # The job's settings on the cluster: two one-core executors, small shuffles, an event log to read.
-# The quick JIT that the CLI gives the driver JVM it starts (conf/platform.yaml's local_jvm): for every
-# JVM of the test cluster, which live for a minute or two on a 2-core machine the suite keeps busy.
-QUICK_JIT = load_platform_settings().local_jvm.java_options
 SUBMIT_CONF = {
     "spark.driver.extraJavaOptions": QUICK_JIT,
     "spark.executor.extraJavaOptions": QUICK_JIT,

@@ -26,11 +26,11 @@ import time
 import uuid
 
 import pytest
-from sparkml_mnist.config.platform import load_platform_settings
 from spark_processes import (
     LOCALHOST,
     LOG_TAIL_CHARS,
     POLL_S,
+    QUICK_JIT,
     free_port,
     marked_pids,
     spark_home,
@@ -244,8 +244,7 @@ def connect_url(tmp_path_factory):
         "--conf", f"spark.driver.host={LOCALHOST}",
         "--conf", "spark.ui.enabled=false",
         "--conf", "spark.sql.shuffle.partitions=4",
-        # the quick JIT the CLI gives the JVMs it starts (conf/platform.yaml's local_jvm)
-        "--conf", f"spark.driver.extraJavaOptions={load_platform_settings().local_jvm.java_options}",
+        "--conf", f"spark.driver.extraJavaOptions={QUICK_JIT}",
         "spark-internal",
     ]
     log = root / "server.err"

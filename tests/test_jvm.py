@@ -6,6 +6,7 @@ fresh process's JVM writes a real archive and a second process's JVM maps it (it
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from sparkml_mnist.cli import jvm
 from sparkml_mnist.config.platform import LocalJvmSettings
 
-SETTINGS = LocalJvmSettings(java_options="-XX:TieredStopAtLevel=1", class_archive=True, archive_write_timeout_s=120)
+SETTINGS = LocalJvmSettings(java_options="-XX:TieredStopAtLevel=1", class_archive=True)
 WRITE_WAIT_S = 240.0
 DEAD_PID = 2**22 + 12345  # above Linux's pid_max default: never a live process
 
@@ -29,12 +30,20 @@ def whole_archive(path: Path) -> None:
 
 def test_the_user_s_own_options_decide_where_they_speak():
     plan = jvm.ArchivePlan(Path("/c/a.jsa"), "-XX:SharedArchiveFile=/c/a.jsa -Xlog:cds*=off")
-    assert jvm.java_options("", SETTINGS, plan) == "-XX:TieredStopAtLevel=1 -XX:SharedArchiveFile=/c/a.jsa -Xlog:cds*=off"
-    assert jvm.java_options("-Dx=1 -XX:TieredStopAtLevel=4", SETTINGS, plan) == (
+    options = functools.partial(jvm.java_options, environ={})
+    assert options("", SETTINGS, plan) == "-XX:TieredStopAtLevel=1 -XX:SharedArchiveFile=/c/a.jsa -Xlog:cds*=off"
+    assert options("-Dx=1 -XX:TieredStopAtLevel=4", SETTINGS, plan) == (
         "-Dx=1 -XX:TieredStopAtLevel=4 -XX:SharedArchiveFile=/c/a.jsa -Xlog:cds*=off"
     )
-    assert jvm.java_options("-Xshare:off", SETTINGS, plan) == "-Xshare:off -XX:TieredStopAtLevel=1"
-    assert jvm.java_options("", LocalJvmSettings("", False, 1), None) == ""
+    assert options("-Xshare:off", SETTINGS, plan) == "-Xshare:off -XX:TieredStopAtLevel=1"
+    assert options("", LocalJvmSettings("", False), None) == ""
+
+
+def test_the_environment_s_options_replace_the_conf_file_s():
+    settings = LocalJvmSettings("-XX:TieredStopAtLevel=1", True)
+    assert jvm.java_options("-Dx=1", settings, None, {jvm.OPTIONS_ENV: "-Xss2m"}) == "-Dx=1 -Xss2m"
+    assert jvm.java_options("-Dx=1", settings, None, {jvm.OPTIONS_ENV: ""}) == "-Dx=1"
+    assert jvm.java_options("", LocalJvmSettings("", True), None, {}) == ""  # the product's default: none
 
 
 def test_the_cache_folder_follows_the_environment(tmp_path):
@@ -117,7 +126,7 @@ print(json.dumps({"archive": str(class_archive_path()), "mapped": str(class_arch
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the JVM's memory maps from /proc")
 def test_a_writer_s_jvm_writes_the_archive_as_it_exits_and_the_next_jvm_maps_it(tmp_path):
-    env = {**os.environ, jvm.CACHE_ENV: str(tmp_path / "cache")}
+    env = {**os.environ, jvm.CACHE_ENV: str(tmp_path / "cache"), jvm.OPTIONS_ENV: "-XX:TieredStopAtLevel=1"}
     first = subprocess.run([sys.executable, "-c", WRITER], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "cds" not in first.stdout + first.stderr

@@ -1,18 +1,16 @@
-"""The driver JVM this process starts itself: a quicker JIT, and Spark's classes mapped from an archive.
+"""The driver JVM this process starts itself: Spark's classes mapped from an archive, and its options.
 
-A run on local Spark spends its first seconds in a fresh JVM loading and compiling Spark's classes, on
-the cores the ranks need next (about 5.5 s for the session and 7.5 s for the first read of the bundled
-sample on a 2-core machine, benchmarks/RESULTS.md). Two of Java's own features (Java 13+) cut that to
-about 2 and 4.5 s:
-
-- ``-XX:TieredStopAtLevel=1``: only the quick C1 compiler. The driver JVM plans and moves data; it runs
-  no hot loop long enough for C2's slower, better code to pay for its compile threads.
-- AppCDS: a JVM started with ``-XX:ArchiveClassesAtExit=F`` writes the classes it loaded to ``F`` when
-  it exits; later JVMs started with ``-XX:SharedArchiveFile=F`` map them instead of loading them again.
+A run on local Spark spends its first seconds in a fresh JVM loading Spark's classes, on the cores the
+ranks need next (about 5.5 s for the session and 7.5 s for the first read of the bundled sample on a
+2-core machine, benchmarks/RESULTS.md). Java's AppCDS (Java 13+) cuts that to about 3 and 5.5 s: a JVM
+started with ``-XX:ArchiveClassesAtExit=F`` writes the classes it loaded to ``F`` when it exits, and
+later JVMs started with ``-XX:SharedArchiveFile=F`` map them instead of loading them again.
+``conf/platform.yaml``'s ``local_jvm.java_options`` (or ``SPARKML_MNIST_JVM_OPTIONS``) add options of
+one's own, e.g. the quick C1 compiler only for short runs on little data.
 
 The first CLI run on a machine (per Java and Spark install) writes the archive: it claims a lock, and its
 JVM writes a file of its own as it exits, after the run (about 15 s of one core, in the background at
-a lower priority: nothing waits for it). The next run finds that JVM gone and the file whole (Java
+a lower priority; only a pipe on the CLI's output, which that JVM inherits, stays open until it is done). The next run finds that JVM gone and the file whole (Java
 writes the archive's header last, so a JVM killed while writing leaves a file without one), moves it
 into place and maps it. A JVM that finds an archive from another Java or another Spark ignores it
 (``-Xshare:auto``, the default; its notice is silenced), so a stale archive costs speed, never a run.
@@ -35,6 +33,7 @@ from sparkml_mnist.config.platform import LocalJvmSettings
 
 CACHE_ENV = "SPARKML_MNIST_JVM_CACHE"  # the archive's folder; "none" turns the archive off
 NO_CACHE = "none"
+OPTIONS_ENV = "SPARKML_MNIST_JVM_OPTIONS"  # replaces conf/platform.yaml's local_jvm.java_options
 CACHE_SUBFOLDER = ("sparkml-mnist", "jvm")
 ARCHIVE_SUFFIX = ".jsa"
 LOCK_SUFFIX = ".lock"
@@ -206,11 +205,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def java_options(existing: str, settings: LocalJvmSettings, plan: ArchivePlan | None) -> str:
-    """``existing`` driver options plus ours, except where the user's own already decide."""
+def java_options(
+    existing: str, settings: LocalJvmSettings, plan: ArchivePlan | None, environ: Mapping[str, str] | None = None
+) -> str:
+    """``existing`` driver options plus ours (``SPARKML_MNIST_JVM_OPTIONS``, else the settings'), and the
+    archive's, except where the user's own already decide."""
+    environ = os.environ if environ is None else environ
+    own = environ.get(OPTIONS_ENV, settings.java_options).strip()
     options = [existing.strip()] if existing.strip() else []
-    if settings.java_options and not any(flag in existing for flag in JIT_OPTIONS):
-        options.append(settings.java_options)
+    if own and not any(flag in existing for flag in JIT_OPTIONS):
+        options.append(own)
     if plan is not None and plan.options and not any(flag in existing for flag in SHARING_OPTIONS):
         options.append(plan.options)
     return " ".join(options)
