@@ -121,6 +121,6 @@ def test_platform_conf_errors_name_the_file_and_field(tmp_path, text, says):
 def test_platform_conf_accepts_a_dbfs_uri(tmp_path):
     conf = tmp_path / "databricks.yaml"
     conf.write_text("databricks_output_root: dbfs:/r\n"
-                    "local_jvm: {java_options: '', class_archive: false}\n")
+                    "local_jvm: {java_options: '', class_archive: false, keep_unused_archive_days: 1}\n")
     settings = databricks.load_platform_settings(str(conf))
     assert databricks.default_output_dir("lab", ON_DATABRICKS, settings) == "/dbfs/r/lab"

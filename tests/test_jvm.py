@@ -19,7 +19,7 @@ import pytest
 from sparkml_mnist.cli import jvm
 from sparkml_mnist.config.platform import LocalJvmSettings
 
-SETTINGS = LocalJvmSettings(java_options="-XX:TieredStopAtLevel=1", class_archive=True)
+SETTINGS = LocalJvmSettings(java_options="-XX:TieredStopAtLevel=1", class_archive=True, keep_unused_archive_days=30)
 WRITE_WAIT_S = 240.0
 DEAD_PID = 2**22 + 12345  # above Linux's pid_max default: never a live process
 
@@ -36,14 +36,14 @@ def test_the_user_s_own_options_decide_where_they_speak():
         "-Dx=1 -XX:TieredStopAtLevel=4 -XX:SharedArchiveFile=/c/a.jsa -Xlog:cds*=off"
     )
     assert options("-Xshare:off", SETTINGS, plan) == "-Xshare:off -XX:TieredStopAtLevel=1"
-    assert options("", LocalJvmSettings("", False), None) == ""
+    assert options("", LocalJvmSettings("", False, 30), None) == ""
 
 
 def test_the_environment_s_options_replace_the_conf_file_s():
-    settings = LocalJvmSettings("-XX:TieredStopAtLevel=1", True)
+    settings = LocalJvmSettings("-XX:TieredStopAtLevel=1", True, 30)
     assert jvm.java_options("-Dx=1", settings, None, {jvm.OPTIONS_ENV: "-Xss2m"}) == "-Dx=1 -Xss2m"
     assert jvm.java_options("-Dx=1", settings, None, {jvm.OPTIONS_ENV: ""}) == "-Dx=1"
-    assert jvm.java_options("", LocalJvmSettings("", True), None, {}) == ""  # the product's default: none
+    assert jvm.java_options("", LocalJvmSettings("", True, 30), None, {}) == ""  # the product's default: none
 
 
 def test_the_cache_folder_follows_the_environment(tmp_path):
@@ -73,6 +73,19 @@ def test_only_a_writer_claims_and_one_at_a_time(tmp_path):
     assert jvm.plan_archive(archive, write=True) == jvm.ArchivePlan(archive)  # the lock's holder lives: no second writer
     jvm.release(plan)
     assert not plan.lock.exists()
+
+
+def test_a_writer_removes_archives_no_jvm_has_mapped_for_a_month(tmp_path):
+    old, recent, foreign = tmp_path / "spark-old.jsa", tmp_path / "spark-recent.jsa", tmp_path / "notes.txt"
+    for path in (old, recent, foreign):
+        path.write_bytes(b"x")
+    month_ago = time.time() - 31 * 86_400
+    for path in (old, foreign):
+        os.utime(path, (month_ago, month_ago))
+    assert jvm.plan_archive(tmp_path / "spark.jsa", write=False, unused_days=30).writing is None
+    assert old.exists()  # only a writer tidies
+    assert jvm.plan_archive(tmp_path / "spark.jsa", write=True, unused_days=30).writing is not None
+    assert not old.exists() and recent.exists() and foreign.exists()
 
 
 def test_a_finished_writer_s_file_is_put_in_place_and_mapped(tmp_path):

@@ -40,6 +40,7 @@ LOCK_SUFFIX = ".lock"
 WRITING_SUFFIX = ".writing"
 DYNAMIC_ARCHIVE_MAGIC = (0xF00BABA8).to_bytes(4, "little")  # HotSpot's CDS_DYNAMIC_ARCHIVE_MAGIC
 WRITER_NICENESS = 10
+SECONDS_A_DAY = 86_400
 FRESH_LOCK_S = 5.0  # a lock without a readable pid yet: being written, unless older than this
 # An archive that does not fit (another Java, moved jars) is dropped with a notice on stdout; the
 # class path's check has its own tag.
@@ -86,8 +87,12 @@ def archive_path(folder: Path, java: str, spark_home: str, spark_version: str) -
     return folder / f"spark-{spark_version}-{hashlib.sha256(key.encode()).hexdigest()[:16]}{ARCHIVE_SUFFIX}"
 
 
-def plan_archive(archive: Path, write: bool) -> ArchivePlan:
-    """Map ``archive`` when it exists (or a finished writer left it); else, with ``write``, claim writing it."""
+def plan_archive(archive: Path, write: bool, unused_days: float | None = None) -> ArchivePlan:
+    """Map ``archive`` when it exists (or a finished writer left it); else, with ``write``, claim writing it.
+
+    A writer also removes the folder's other archives that no JVM has mapped for ``unused_days`` (those
+    of a deleted virtual environment or an older Spark: 170 MB each).
+    """
     lock = archive.with_name(archive.name + LOCK_SUFFIX)
     try:
         if not archive.is_file() and not _holder_alive(lock):
@@ -100,6 +105,8 @@ def plan_archive(archive: Path, write: bool) -> ArchivePlan:
         archive.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not _claim(lock):
             return ArchivePlan(archive)
+        if unused_days is not None:
+            _remove_unused(archive, unused_days)
     except OSError:  # a read-only or foreign cache folder: run without an archive
         return ArchivePlan(archive)
     writing = archive.with_name(f"{archive.name}.{os.getpid()}{WRITING_SUFFIX}")
@@ -143,6 +150,17 @@ def _promote_finished(archive: Path) -> None:
             else:
                 leftover.unlink(missing_ok=True)
         except OSError:  # another process moved or removed it first
+            pass
+
+
+def _remove_unused(keep: Path, days: float) -> None:
+    """Other archives not read for ``days`` (mapping a file sets its access time, at most daily under relatime)."""
+    cutoff = time.time() - days * SECONDS_A_DAY
+    for other in keep.parent.glob(f"*{ARCHIVE_SUFFIX}"):
+        try:
+            if other != keep and other.stat().st_atime < cutoff:
+                other.unlink()
+        except OSError:  # gone already, or not ours to remove
             pass
 
 

@@ -69,7 +69,10 @@ def create_spark(
             options = _with_quiet_log4j(options)
         jvm_settings = load_platform_settings().local_jvm
         path = class_archive_path() if jvm_settings.class_archive else None
-        archive = jvm.plan_archive(path, write_class_archive) if path is not None else None
+        archive = (
+            jvm.plan_archive(path, write_class_archive, jvm_settings.keep_unused_archive_days)
+            if path is not None else None
+        )
         settings[DRIVER_JAVA_OPTIONS] = jvm.java_options(options, jvm_settings, archive)
     if chosen.startswith("local") and not os.environ.get("PYSPARK_PYTHON"):
         # Local Python workers must run this interpreter (its venv has pyarrow, TF), not "python3".

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from sparkml_mnist.config import default_conf_file, load_data_spec
-from sparkml_mnist.config.loader import load_file, rule
+from sparkml_mnist.config.loader import load_file, positive, rule
 from sparkml_mnist.errors import ConfigError
 
 DATABRICKS_RUNTIME_ENV = "DATABRICKS_RUNTIME_VERSION"  # set by Databricks in every driver and executor process
@@ -42,6 +42,7 @@ class LocalJvmSettings:
 
     java_options: str
     class_archive: bool
+    keep_unused_archive_days: float = field(metadata=rule(positive))
 
 
 @dataclass(frozen=True)
