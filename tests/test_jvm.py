@@ -52,6 +52,14 @@ def test_the_cache_folder_follows_the_environment(tmp_path):
     assert jvm.cache_folder({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "sparkml-mnist" / "jvm"
 
 
+def test_a_process_without_a_home_runs_without_the_archive(monkeypatch):
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert jvm.cache_folder({}) is None
+
+
 def test_one_archive_per_java_and_spark(tmp_path):
     java = tmp_path / "java"
     java.write_text("")

@@ -68,7 +68,12 @@ def cache_folder(environ: Mapping[str, str] | None = None) -> Path | None:
         return None
     if chosen:
         return Path(chosen)
-    base = environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    base = environ.get("XDG_CACHE_HOME", "").strip()
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers): no archive
+            return None
     return Path(base, *CACHE_SUBFOLDER)
 
 
