@@ -83,6 +83,27 @@ def test_only_a_writer_claims_and_one_at_a_time(tmp_path):
     assert not plan.lock.exists()
 
 
+def test_a_stale_claim_without_a_pid_is_taken_over_but_a_fresh_one_is_not(tmp_path):
+    archive = tmp_path / "spark.jsa"
+    lock = tmp_path / "spark.jsa.lock"
+    lock.write_text("")  # a claimer between creating the lock and writing its pid
+    assert jvm.plan_archive(archive, write=True) == jvm.ArchivePlan(archive)
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))  # ... or one that died there
+    assert jvm.plan_archive(archive, write=True).writing is not None
+
+
+def test_java_options_the_jvm_refuses_are_one_line_naming_them(tmp_path):
+    env = {**os.environ, jvm.CACHE_ENV: str(tmp_path / "cache"), jvm.OPTIONS_ENV: "-Xmxbogus"}
+    done = subprocess.run([sys.executable, "-m", "sparkml_mnist.cli", "data"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("sparkml-mnist")]
+    assert len(ours) == 1 and "Traceback" not in done.stderr
+    assert "the driver JVM exited as it started" in ours[0] and "-Xmxbogus" in ours[0] and jvm.OPTIONS_ENV in ours[0]
+    assert not list((tmp_path / "cache").glob("*.lock"))  # the claim went with it
+
+
 def test_a_writer_removes_archives_no_jvm_has_mapped_for_a_month(tmp_path):
     old, recent, foreign = tmp_path / "spark-old.jsa", tmp_path / "spark-recent.jsa", tmp_path / "notes.txt"
     for path in (old, recent, foreign):

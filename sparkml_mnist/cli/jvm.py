@@ -10,9 +10,9 @@ one's own, e.g. the quick C1 compiler only for short runs on little data.
 
 The first CLI run on a machine (per Java and Spark install) writes the archive: it claims a lock, and its
 JVM writes a file of its own as it exits, after the run (about 15 s of one core, in the background at
-a lower priority; only a pipe on the CLI's output, which that JVM inherits, stays open until it is done). The next run finds that JVM gone and the file whole (Java
-writes the archive's header last, so a JVM killed while writing leaves a file without one), moves it
-into place and maps it. A JVM that finds an archive from another Java or another Spark ignores it
+a lower priority; only a pipe on the CLI's output, which that JVM inherits, stays open until it is
+done). The next run finds that JVM gone and the file whole (Java writes the archive's header last, so a
+JVM killed while writing leaves a file without one), moves it into place and maps it. A JVM that finds an archive from another Java or another Spark ignores it
 (``-Xshare:auto``, the default; its notice is silenced), so a stale archive costs speed, never a run.
 Only a JVM this process launches is touched: spark-submit's, Databricks' and the executors' keep
 their own options.
@@ -207,13 +207,11 @@ def _holder_alive(lock: Path) -> bool:
         pids = [int(value) for value in lock.read_text().split()]
     except FileNotFoundError:
         return False
-    except (OSError, ValueError):  # being written this instant, or garbage: judge by its age
-        return time_since_modified(lock) < FRESH_LOCK_S
+    except (OSError, ValueError):  # garbage: judge by its age
+        pids = []
+    if not pids:  # created, its pid not written yet (or garbage): a claim in progress unless it is old
+        return time.time() - _modified(lock) < FRESH_LOCK_S
     return any(_alive(pid) for pid in pids)
-
-
-def time_since_modified(path: Path) -> float:
-    return time.time() - _modified(path)
 
 
 def _alive(pid: int) -> bool:

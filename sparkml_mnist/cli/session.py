@@ -27,6 +27,7 @@ QUIET_LOG4J_FILE = "log4j2-quiet.properties"
 # Spark's console progress bar interleaves with the job's own per-epoch progress lines.
 DEFAULT_CONF = {"spark.ui.showConsoleProgress": "false"}
 REMOTE_ENV = "SPARK_REMOTE"
+JVM_START_FAILED = "JAVA_GATEWAY_EXITED"  # PySpark's error condition: the JVM ended before it answered
 GATEWAY_PORT_ENV = "PYSPARK_GATEWAY_PORT"  # set by spark-submit for the Python it runs: its JVM is already up
 REMOTE_SCHEME = "sc://"
 CONNECT_DEFAULT_PORT = 15002
@@ -63,7 +64,8 @@ def create_spark(
         builder = builder.master(chosen)
     settings = {**DEFAULT_CONF, **(conf or {})}
     archive = None
-    if _launches_jvm():
+    launching = _launches_jvm()
+    if launching:
         options = settings.get(DRIVER_JAVA_OPTIONS) or SparkConf().get(DRIVER_JAVA_OPTIONS, "")
         if not verbose:  # Spark's start-up and task-failure lines off the console
             options = _with_quiet_log4j(options)
@@ -82,8 +84,15 @@ def create_spark(
             builder = builder.config(key, value)
     try:
         spark = builder.getOrCreate()
-    except BaseException:
+    except BaseException as error:
         jvm.release(archive)
+        if launching and getattr(error, "getCondition", lambda: None)() == JVM_START_FAILED:
+            raise ConfigError(
+                f"the driver JVM exited as it started (what spark-submit or Java said is above), with the options "
+                f"{settings.get(DRIVER_JAVA_OPTIONS)!r}: check Java 17 is installed (JAVA_HOME or java on PATH), "
+                f"and the options of {jvm.OPTIONS_ENV} or conf/platform.yaml's local_jvm.java_options and "
+                f"{DRIVER_JAVA_OPTIONS}"
+            ) from None
         raise
     if archive is not None and archive.writing is not None:
         process = getattr(_gateway(), "proc", None)
