@@ -33,6 +33,9 @@ REGISTERED_MODEL = "sparkml_mnist_test"
 # A bound on a hang, not a speed check: the server starts at the suite's busiest moment (the Horovod build and
 # the packed environment's install run beside it); a run on an overloaded machine took just over 120 s.
 SERVER_START_S = 300.0
+# One client at a time: one worker process instead of MLflow's default four, each of which imports MLflow
+# (about 9 CPU-seconds and 4 s of the server's start on the 2-core CI machine).
+SERVER_WORKERS = 1
 CLI_TIMEOUT_S = 600
 
 
@@ -69,7 +72,7 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", LOCALHOST, "--port", str(port),
+        [sys.executable, "-m", "mlflow", "server", "--host", LOCALHOST, "--port", str(port), "--workers", str(SERVER_WORKERS),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
