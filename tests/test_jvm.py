@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkml_mnist.cli import jvm
+from sparkml_mnist.cli import jvm, session
 from sparkml_mnist.config.platform import LocalJvmSettings
 
 SETTINGS = LocalJvmSettings(java_options="-XX:TieredStopAtLevel=1", class_archive=True, keep_unused_archive_days=30)
@@ -37,6 +37,49 @@ def test_the_user_s_own_options_decide_where_they_speak():
     )
     assert options("-Xshare:off", SETTINGS, plan) == "-Xshare:off -XX:TieredStopAtLevel=1"
     assert options("", LocalJvmSettings("", False, 30), None) == ""
+
+
+def test_spark_defaults_conf_s_driver_options_are_kept_beside_ours(tmp_path, monkeypatch):
+    """A ``--conf`` replaces spark-defaults.conf's value of the same key, so the file's options are read and kept
+    (by hand: its ``-D`` property reached a fresh JVM only after this; before, the JVM had none of it)."""
+    (tmp_path / session.SPARK_DEFAULTS_FILE).write_text(
+        "# a comment\n! another\n\nspark.master   local[1]\nspark.driver.extraJavaOptions  -Dproxy=on -Xss4m  \n"
+        "spark.executor.memory=2g\nspark.driver.memory: 3g\n"
+    )
+    assert session.spark_defaults(tmp_path) == {
+        "spark.master": "local[1]", "spark.driver.extraJavaOptions": "-Dproxy=on -Xss4m",
+        "spark.executor.memory": "2g", "spark.driver.memory": "3g",
+    }
+    monkeypatch.setenv(session.SPARK_CONF_DIR_ENV, str(tmp_path))
+    assert session.users_driver_options({}) == "-Dproxy=on -Xss4m"
+    assert session.users_driver_options({session.DRIVER_JAVA_OPTIONS: "-Dmine=1"}) == "-Dmine=1"  # the caller's wins
+    assert jvm.java_options(session.users_driver_options({}), SETTINGS, None, {}) == (
+        "-Dproxy=on -Xss4m -XX:TieredStopAtLevel=1"
+    )
+    monkeypatch.setenv(session.SPARK_CONF_DIR_ENV, str(tmp_path / "none-here"))
+    assert session.users_driver_options({}) == ""
+
+
+def test_a_folder_on_the_jvm_s_class_path_means_no_archive(tmp_path, monkeypatch):
+    """Java refuses to write (and to map) an archive over a class path with a folder holding files: by hand, a
+    CLI run with a spark-defaults.conf in SPARK_CONF_DIR ended with "Error occurred during initialization of
+    VM: Cannot have non-empty directory in paths" and tried again each run; now it plans no archive."""
+    monkeypatch.delenv(session.SPARK_CONF_DIR_ENV, raising=False)
+    empty, conf = tmp_path / "empty", tmp_path / "conf"
+    empty.mkdir()
+    conf.mkdir()
+    assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(empty)}) == []
+    assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(tmp_path / "none")}) == []
+    (conf / session.SPARK_DEFAULTS_FILE).write_text("spark.master local[1]\n")
+    assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(conf)}) == [str(conf)]
+    assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(empty), "HADOOP_CONF_DIR": "/etc/hadoop"}) == [
+        "/etc/hadoop"
+    ]
+    assert session.classpath_folders({session.DRIVER_CLASSPATH: "/opt/x"}, {session.SPARK_CONF_DIR_ENV: str(empty)}) == [
+        "/opt/x"
+    ]
+    (empty / session.SPARK_DEFAULTS_FILE).write_text("spark.driver.extraClassPath /opt/y\n")
+    assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(empty)}) == [str(empty), "/opt/y"]
 
 
 def test_the_environment_s_options_replace_the_conf_file_s():

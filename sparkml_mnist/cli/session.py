@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from pyspark import SparkConf
@@ -32,6 +33,16 @@ GATEWAY_PORT_ENV = "PYSPARK_GATEWAY_PORT"  # set by spark-submit for the Python 
 REMOTE_SCHEME = "sc://"
 CONNECT_DEFAULT_PORT = 15002
 CONNECT_PROBE_TIMEOUT_S = 10.0
+SPARK_CONF_DIR_ENV = "SPARK_CONF_DIR"
+SPARK_DEFAULTS_FILE = "spark-defaults.conf"
+# A line of Java's properties format as Spark reads spark-defaults.conf: the key ends at the first blank, '=' or ':'.
+PROPERTY_LINE = re.compile(r"^(?P<key>[^\s=:]+)\s*[=:\s]\s*(?P<value>.*)$")
+PROPERTY_COMMENTS = ("#", "!")
+# What puts folders on the driver JVM's class path (spark-class and Spark's launcher): Java cannot write or map a
+# class archive over a class path with a folder that holds files ("Cannot have non-empty directory in paths").
+CLASSPATH_FOLDER_ENVS = ("HADOOP_CONF_DIR", "YARN_CONF_DIR")
+CLASSPATH_ENVS = ("SPARK_DIST_CLASSPATH", "SPARK_CLASSPATH")
+DRIVER_CLASSPATH = "spark.driver.extraClassPath"
 
 
 def create_spark(
@@ -66,11 +77,11 @@ def create_spark(
     archive = None
     launching = _launches_jvm()
     if launching:
-        options = settings.get(DRIVER_JAVA_OPTIONS) or SparkConf().get(DRIVER_JAVA_OPTIONS, "")
+        options = users_driver_options(settings)
         if not verbose:  # Spark's start-up and task-failure lines off the console
             options = _with_quiet_log4j(options)
         jvm_settings = load_platform_settings().local_jvm
-        path = class_archive_path() if jvm_settings.class_archive else None
+        path = class_archive_path() if jvm_settings.class_archive and not classpath_folders(settings) else None
         archive = (
             jvm.plan_archive(path, write_class_archive, jvm_settings.keep_unused_archive_days)
             if path is not None else None
@@ -120,8 +131,54 @@ def class_archive_path() -> Path | None:
     folder, java = jvm.cache_folder(), jvm.java_runner()
     if folder is None or java is None:
         return None
-    spark_home = os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__)
-    return jvm.archive_path(folder, java, spark_home, pyspark.__version__)
+    return jvm.archive_path(folder, java, str(spark_home()), pyspark.__version__)
+
+
+def classpath_folders(settings: dict[str, str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """What would put a folder on the driver JVM's class path: the Spark conf folder when it holds files,
+    Hadoop's and YARN's, or an extra class path. With one, Java refuses to write the class archive (it says
+    so as the JVM exits) and does not map it, so the JVM runs without one."""
+    environ = os.environ if environ is None else environ
+    conf_dir = Path(environ.get(SPARK_CONF_DIR_ENV) or spark_home() / "conf")
+    folders = [str(conf_dir)] if conf_dir.is_dir() and any(conf_dir.iterdir()) else []
+    folders += [environ[name] for name in CLASSPATH_FOLDER_ENVS if environ.get(name)]
+    folders += [environ[name] for name in CLASSPATH_ENVS if environ.get(name)]
+    extra = settings.get(DRIVER_CLASSPATH) or SparkConf().get(DRIVER_CLASSPATH, None) or \
+        spark_defaults(conf_dir).get(DRIVER_CLASSPATH)
+    return [*folders, extra] if extra else folders
+
+
+def users_driver_options(settings: dict[str, str]) -> str:
+    """The driver's Java options the JVM would get without this module: the caller's conf, else a
+    ``spark.*`` property set before the JVM, else spark-defaults.conf's (replaced, not merged, by a ``--conf``)."""
+    return (settings.get(DRIVER_JAVA_OPTIONS) or SparkConf().get(DRIVER_JAVA_OPTIONS, None)
+            or spark_defaults().get(DRIVER_JAVA_OPTIONS, ""))
+
+
+def spark_home() -> Path:
+    """The Spark installation spark-submit runs from: SPARK_HOME, else pip's pyspark package."""
+    import pyspark
+
+    return Path(os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__))
+
+
+def spark_defaults(conf_dir: Path | None = None) -> dict[str, str]:
+    """The properties of the spark-defaults.conf spark-submit reads (``SPARK_CONF_DIR``, else Spark's conf/).
+
+    The options this module gives the JVM go as ``--conf``, which replaces that file's value of the same key:
+    so what the file says is read here and kept, ours added to it. Values are trimmed, as Spark trims them.
+    """
+    folder = conf_dir or Path(os.environ.get(SPARK_CONF_DIR_ENV) or spark_home() / "conf")
+    try:
+        text = (folder / SPARK_DEFAULTS_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:  # no such file (pip's pyspark has none), or unreadable: spark-submit reads nothing either
+        return {}
+    properties = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(PROPERTY_COMMENTS) and (match := PROPERTY_LINE.match(line)):
+            properties[match["key"]] = match["value"].strip()
+    return properties
 
 
 def _with_quiet_log4j(options: str) -> str:
