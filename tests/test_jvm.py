@@ -51,6 +51,7 @@ def test_spark_defaults_conf_s_driver_options_are_kept_beside_ours(tmp_path, mon
         "spark.executor.memory": "2g", "spark.driver.memory": "3g",
     }
     monkeypatch.setenv(session.SPARK_CONF_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(session, "SparkConf", dict)  # as before a JVM: this worker's session's JVM would answer
     assert session.users_driver_options({}) == "-Dproxy=on -Xss4m"
     assert session.users_driver_options({session.DRIVER_JAVA_OPTIONS: "-Dmine=1"}) == "-Dmine=1"  # the caller's wins
     assert jvm.java_options(session.users_driver_options({}), SETTINGS, None, {}) == (
@@ -65,6 +66,7 @@ def test_a_folder_on_the_jvm_s_class_path_means_no_archive(tmp_path, monkeypatch
     CLI run with a spark-defaults.conf in SPARK_CONF_DIR ended with "Error occurred during initialization of
     VM: Cannot have non-empty directory in paths" and tried again each run; now it plans no archive."""
     monkeypatch.delenv(session.SPARK_CONF_DIR_ENV, raising=False)
+    monkeypatch.setattr(session, "SparkConf", dict)  # as before a JVM
     empty, conf = tmp_path / "empty", tmp_path / "conf"
     empty.mkdir()
     conf.mkdir()
