@@ -211,6 +211,14 @@ print(json.dumps({"archive": str(class_archive_path()), "mapped": str(class_arch
 """
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (/proc/PID/stat's state)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the JVM's memory maps from /proc")
 def test_a_writer_s_jvm_writes_the_archive_as_it_exits_and_the_next_jvm_maps_it(tmp_path):
     env = {**os.environ, jvm.CACHE_ENV: str(tmp_path / "cache"), jvm.OPTIONS_ENV: "-XX:TieredStopAtLevel=1"}
@@ -219,6 +227,7 @@ def test_a_writer_s_jvm_writes_the_archive_as_it_exits_and_the_next_jvm_maps_it(
     assert "cds" not in first.stdout + first.stderr
     (lock,) = (tmp_path / "cache").glob("*.jsa.lock")
     python_pid, jvm_pid = (int(value) for value in lock.read_text().split())
+    assert running(jvm_pid), "the output's pipes closed only once the writing JVM was done"  # `| tee` waited ~12 s
     deadline = time.monotonic() + WRITE_WAIT_S  # the JVM writes as it exits, after its Python process ended
     while Path(f"/proc/{jvm_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)

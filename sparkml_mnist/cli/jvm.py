@@ -10,8 +10,8 @@ one's own, e.g. the quick C1 compiler only for short runs on little data.
 
 The first CLI run on a machine (per Java and Spark install) writes the archive: it claims a lock, and its
 JVM writes a file of its own as it exits, after the run (about 15 s of one core, in the background at
-a lower priority; only a pipe on the CLI's output, which that JVM inherits, stays open until it is
-done). The next run finds that JVM gone and the file whole (Java writes the archive's header last, so a
+a lower priority; the CLI closes that JVM's stdout and stderr as it exits, so a pipe on its output
+ends with the run). The next run finds that JVM gone and the file whole (Java writes the archive's header last, so a
 JVM killed while writing leaves a file without one), moves it into place and maps it. A JVM that finds an archive from another Java or another Spark ignores it
 (``-Xshare:auto``, the default; its notice is silenced), so a stale archive costs speed, never a run.
 Only a JVM this process launches is touched: spark-submit's, Databricks' and the executors' keep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -108,6 +109,7 @@ def create_spark(
     if archive is not None and archive.writing is not None:
         process = getattr(_gateway(), "proc", None)
         jvm.started(archive, process.pid if process is not None else None)
+        atexit.register(_close_jvm_console)
     if not is_remote():  # Spark Connect has no SparkContext; its server owns the logs
         spark.sparkContext.setLogLevel(VERBOSE_LOG_LEVEL if verbose else QUIET_LOG_LEVEL)
     return spark
@@ -117,6 +119,18 @@ def _gateway() -> Any:
     from pyspark import SparkContext
 
     return SparkContext._gateway  # type: ignore[attr-defined]
+
+
+def _close_jvm_console() -> None:
+    """At this process's exit: the JVM that writes the class archive outlives it by about 15 s, holding this
+    process's stdout and stderr, so a pipe on the CLI's output (``| tee``) would wait for it. Its own
+    streams are closed first; nothing of the run is left to print, and Java's archive notices are off."""
+    gateway = _gateway()
+    try:
+        gateway.jvm.System.out.close()
+        gateway.jvm.System.err.close()
+    except Exception:  # noqa: BLE001 - the gateway is gone already: the JVM exits with this process anyway
+        pass
 
 
 def _launches_jvm() -> bool:
