@@ -74,14 +74,11 @@ def test_a_folder_on_the_jvm_s_class_path_means_no_archive(tmp_path, monkeypatch
     assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(tmp_path / "none")}) == []
     (conf / session.SPARK_DEFAULTS_FILE).write_text("spark.master local[1]\n")
     assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(conf)}) == [str(conf)]
-    assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(empty), "HADOOP_CONF_DIR": "/etc/hadoop"}) == [
-        "/etc/hadoop"
-    ]
-    assert session.classpath_folders({session.DRIVER_CLASSPATH: "/opt/x"}, {session.SPARK_CONF_DIR_ENV: str(empty)}) == [
-        "/opt/x"
-    ]
+    empty_conf = {session.SPARK_CONF_DIR_ENV: str(empty)}
+    assert session.classpath_folders({}, {**empty_conf, "HADOOP_CONF_DIR": "/etc/hadoop"}) == ["/etc/hadoop"]
+    assert session.classpath_folders({session.DRIVER_CLASSPATH: "/opt/x"}, empty_conf) == ["/opt/x"]
     (empty / session.SPARK_DEFAULTS_FILE).write_text("spark.driver.extraClassPath /opt/y\n")
-    assert session.classpath_folders({}, {session.SPARK_CONF_DIR_ENV: str(empty)}) == [str(empty), "/opt/y"]
+    assert session.classpath_folders({}, empty_conf) == [str(empty), "/opt/y"]
 
 
 def test_the_environment_s_options_replace_the_conf_file_s():

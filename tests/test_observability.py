@@ -72,7 +72,8 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", LOCALHOST, "--port", str(port), "--workers", str(SERVER_WORKERS),
+        [sys.executable, "-m", "mlflow", "server", "--host", LOCALHOST, "--port", str(port),
+         "--workers", str(SERVER_WORKERS),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )

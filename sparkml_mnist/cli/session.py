@@ -153,7 +153,7 @@ def classpath_folders(settings: dict[str, str], environ: Mapping[str, str] | Non
     Hadoop's and YARN's, or an extra class path. With one, Java refuses to write the class archive (it says
     so as the JVM exits) and does not map it, so the JVM runs without one."""
     environ = os.environ if environ is None else environ
-    conf_dir = Path(environ.get(SPARK_CONF_DIR_ENV) or spark_home() / "conf")
+    conf_dir = spark_conf_dir(environ)
     folders = [str(conf_dir)] if conf_dir.is_dir() and any(conf_dir.iterdir()) else []
     folders += [environ[name] for name in CLASSPATH_FOLDER_ENVS if environ.get(name)]
     folders += [environ[name] for name in CLASSPATH_ENVS if environ.get(name)]
@@ -176,15 +176,20 @@ def spark_home() -> Path:
     return Path(os.environ.get("SPARK_HOME") or os.path.dirname(pyspark.__file__))
 
 
+def spark_conf_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The conf folder spark-submit reads (and puts on the JVM's class path): SPARK_CONF_DIR, else Spark's conf/."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get(SPARK_CONF_DIR_ENV) or spark_home() / "conf")
+
+
 def spark_defaults(conf_dir: Path | None = None) -> dict[str, str]:
     """The properties of the spark-defaults.conf spark-submit reads (``SPARK_CONF_DIR``, else Spark's conf/).
 
     The options this module gives the JVM go as ``--conf``, which replaces that file's value of the same key:
     so what the file says is read here and kept, ours added to it. Values are trimmed, as Spark trims them.
     """
-    folder = conf_dir or Path(os.environ.get(SPARK_CONF_DIR_ENV) or spark_home() / "conf")
     try:
-        text = (folder / SPARK_DEFAULTS_FILE).read_text(encoding="utf-8", errors="replace")
+        text = ((conf_dir or spark_conf_dir()) / SPARK_DEFAULTS_FILE).read_text(encoding="utf-8", errors="replace")
     except OSError:  # no such file (pip's pyspark has none), or unreadable: spark-submit reads nothing either
         return {}
     properties = {}
